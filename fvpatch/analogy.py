@@ -311,7 +311,9 @@ def solve(session: Session, bank: Bank, cfv_map: CFVMap, a: str, b: str, c: str,
     w = cfv_map.learned(scores)
     r = session.run(QA.query(c), patches=[Patch(bank.tensor, compose(bank, w), -1, "add")], max_tokens=max_tokens)
     order = np.argsort(-w)
-    return Solution(r.text.split("\n")[0].strip(), r.text, [(bank.names[i], float(w[i])) for i in order],
+    # a base model runs on after the answer (`dogs, cats and`): the answer is the first line up to a comma
+    answer = r.text.split("\n")[0].split(",")[0].split(";")[0].strip()
+    return Solution(answer, r.text, [(bank.names[i], float(w[i])) for i in order],
                     {name: float(s) for name, s in zip(bank.names, scores)})
 
 

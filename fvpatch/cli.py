@@ -370,17 +370,20 @@ def vectors_list(as_json):
       fvpatch vectors list
       fvpatch patch -p "Q: hot\\nA:" --vector antonym.ffv -n 3
     """
+    from fvpatch.bank import NAMES_KEY
     from fvpatch.shipped import shipped_vectors
 
     rows = []
     for path in shipped_vectors():
         vf = vectorfile.load(path)
-        acc = vf.meta.get("fvpatch.test_top1")
-        rows.append({"name": path.stem, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": vf.meta.get("fvpatch.task", ""),
-                     "test_top1": float(acc) if acc else None, "test_n": int(vf.meta.get("fvpatch.test_n", 0)) or None, "path": str(path)})
-    header = f"{'name':<28} {'tensor':<9} {'mode':<8} {'task':<20} top-1 (llama.cpp, held-out)"
-    lines = [header] + [f"{r['name']:<28} {r['tensor']:<9} {r['mode']:<8} {r['task'] or '-':<20} "
-                        + (f"{r['test_top1']:.0%} of {r['test_n']}" if r["test_top1"] is not None else "-") for r in rows]
+        top1 = vf.meta.get("fvpatch.test_top1")
+        task = vf.meta.get("fvpatch.task") or (f"bank of {len(vf.rows)} relations" if NAMES_KEY in vf.meta else "")
+        rows.append({"name": path.stem, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": task,
+                     "test_top1": float(top1) if top1 else None, "test_n": int(vf.meta.get("fvpatch.test_n", 0)) or None, "path": str(path)})
+    wn, wt = max([4, *(len(r["name"]) for r in rows)]), max([4, *(len(r["task"]) for r in rows)])
+    acc = lambda r: "-" if r["test_top1"] is None else f"{r['test_top1']:.0%} of {r['test_n']}"
+    lines = [f"{'name':<{wn}}  {'tensor':<9} {'mode':<8} {'task':<{wt}}  top-1 (llama.cpp, held-out)"]
+    lines += [f"{r['name']:<{wn}}  {r['tensor']:<9} {r['mode']:<8} {r['task'] or '-':<{wt}}  {acc(r)}" for r in rows]
     emit(as_json, {"vectors": rows}, lines if rows else ["no vectors shipped in vectors/"])
 
 

@@ -157,7 +157,8 @@ class Session(ModelFile):
         """`hooks=False` opens the model without the eval callback: plain generation at full speed, no save/patch.
         `n_seq` bounds how many sequences `answer_logprobs` packs into one decode. `exact=True` keeps K and V
         in f32 and turns flash attention off (which rounds Q to f16): slower, but an f32 model then matches an
-        f32 reference to float rounding."""
+        f32 reference to float rounding. `n_threads` defaults to $OMP_NUM_THREADS when set (the one knob that
+        also sets PyTorch's threads), else every core."""
         super().__init__(path, n_gpu_layers=n_gpu_layers)
         self.n_ubatch = n_ubatch
 
@@ -170,7 +171,7 @@ class Session(ModelFile):
         if exact:
             cparams.type_k = cparams.type_v = ll.GGML_TYPE_F32
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         self.hooks = hooks
         if hooks:
