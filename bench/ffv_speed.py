@@ -1,8 +1,10 @@
 """Wall time to train one FFV from 20 pairs on the default model, with the default config, on this machine.
 
-Times separately: loading the PyTorch model (cached conversion), the `fv` init (causal mediation over 20
-10-shot prompts), and the training loop (steps, early stopping, valid evaluations); reports seconds per
-step and the load average, since a shared machine stretches every number. Target: under 120 s in all.
+Times separately: loading the PyTorch model (cached conversion, not counted), encoding plus the init
+(the default `taskvec`: 20 10-shot prompts), and the training loop (steps, early stopping, valid
+evaluations); reports seconds per step and the load average, since a shared machine stretches every
+number. Target: under 120 s in all. On a machine whose cores other jobs also use, pass --threads 1:
+torch's worker threads spin-wait for each other and every step can take 20x longer.
 
     .venv/bin/python bench/ffv_speed.py [--task antonym] [--threads N]
 """
@@ -40,7 +42,7 @@ def main():
     total = t3 - t1
     print(f"{args.task}, 20 pairs, layer {cfg.layer}, init {cfg.init}, {torch.get_num_threads()} torch threads on {os.cpu_count()} cores")
     print(f"load model         {t1 - t0:6.1f} s (not counted)")
-    print(f"encode + fv init   {t2 - t1:6.1f} s")
+    print(f"encode + init      {t2 - t1:6.1f} s  ({cfg.init})")
     print(f"training           {t3 - t2:6.1f} s  ({hist.step[-1]} steps, {len(hist.valid_step)} valid evals, {(t3 - t2) / hist.step[-1]:.2f} s/step all in)")
     print(f"one relation       {total:6.1f} s  = {total / 120:.2f}x the 120 s target")
     print(f"load average       {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (2 = both cores busy; more = shared)")

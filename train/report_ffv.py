@@ -3,9 +3,10 @@
     .venv/bin/python -m train.report_ffv [--threads 1]
 
 For each core task it trains, on the task's first 20 train pairs (early stopping on up to 50 valid pairs),
-the FFV (default config) and a random-init FFV, keeps the initial function vector, and scores on up to
-`--n-test` held-out TEST pairs, through PyTorch and through llama.cpp on the Q4_K_M GGUF:
-zero-shot, 10-shot ICL (demos drawn from the same 20 pairs), zero-shot + FV, + random-init FFV, + FFV.
+the FFV (default config) and a random-init FFV, and scores on up to `--n-test` held-out TEST pairs, through
+PyTorch and through llama.cpp on the Q4_K_M GGUF: zero-shot, 10-shot ICL (demos drawn from the same 20 pairs),
+and zero-shot plus: the function vector of the 20 pairs at the FFV's layer, the shipped function vector
+(vectors/gemma-3-270m/<task>.fv, its own layer), the FFV's starting vector, the random-init FFV, the FFV.
 For the bank it trains FFVs of ten more relations at the same layer and scores them in llama.cpp.
 
 Writes vectors/gemma-3-270m/<task>.ffv.safetensors (with the llama.cpp test top-1 in their metadata),
@@ -27,6 +28,7 @@ from fvpatch.models import default_model_path
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
+from train.cma import fv_file
 from train.evaluate import torch_predictor
 from train.ffv import Config, initial_vector, prepare, train_ffv
 from train.model import load_model
@@ -36,7 +38,8 @@ RESULTS = ROOT / "results" / "ffv"
 BANK_DIR = ROOT / "vectors" / "gemma-3-270m"
 BANK_EXTRA = ("capitalize_first_letter", "lowercase_first_letter", "english-german", "english-spanish", "synonym",
               "next_item", "prev_item", "landmark-country", "person-occupation", "person-sport")
-CONDITIONS = ("zero_shot", "icl_10shot", "fv", "ffv_random", "ffv")
+CONDITIONS = ("zero_shot", "icl_10shot", "fv", "fv_own_layer", "init", "ffv_random", "ffv")
+HEADERS = ("zero-shot", "10-shot ICL", "FV (layer L)", "FV (own layer)", "initial vector", "random-init FFV", "FFV")
 K = 10
 
 
@@ -58,11 +61,6 @@ def score(predicts: dict, items, vectors: dict) -> dict:
     return out
 
 
-def fv_file(lm, v0, layer, name) -> vectorfile.VectorFile:
-    meta = {"fvpatch.method": "function-vector (Todd et al. 2023), from the 20 training pairs", "fvpatch.task": name}
-    return vectorfile.VectorFile(f"l_out-{layer}", v0.cpu().numpy(), [-1], lm.fingerprint, mode="add", meta=meta)
-
-
 def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool) -> dict:
     task = load_task(name)
     data = prepare(lm, task, tpl)
@@ -75,12 +73,18 @@ def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool) -> dict:
            "valid_loss": float(ffv.meta["fvpatch.valid_loss"]), "curve": asdict(hist)}
     vectors = {"ffv": ffv}
     if core:
-        fv = fv_file(lm, initial_vector(lm, data.task, tpl, replace(cfg, init="fv"), data.train), cfg.layer, name)
+        fv = fv_file(lm, initial_vector(lm, data.task, tpl, replace(cfg, init="fv"), data.train), cfg.layer,
+                     {"fvpatch.method": "function-vector (Todd et al. 2023), from the 20 training pairs", "fvpatch.task": name})
+        init = fv_file(lm, initial_vector(lm, data.task, tpl, cfg, data.train), cfg.layer,
+                       {"fvpatch.method": f"FFV starting point ({cfg.init})", "fvpatch.task": name})
         rnd, rhist = train_ffv(lm, data, tpl, replace(cfg, init="random"))
-        vectors = {"icl_10shot": None, "fv": fv, "ffv_random": rnd, "ffv": ffv}
+        # the function-vector section's FV: its own valid-chosen layer and head count, from the whole train split
+        own = vectorfile.load(BANK_DIR / f"{name}.fv.safetensors")
+        vectors = {"icl_10shot": None, "fv": fv, "fv_own_layer": own, "init": init, "ffv_random": rnd, "ffv": ffv}
+        row["fv_own_layer"] = own.tensor
         row["random_curve"] = asdict(rhist)
-        row["norms"] = {c: float(np.linalg.norm(vectors[c].rows)) for c in ("fv", "ffv_random", "ffv")}
-        for cond in ("fv", "ffv_random"):
+        row["norms"] = {c: float(np.linalg.norm(vectors[c].rows)) for c in ("fv", "init", "ffv_random", "ffv")}
+        for cond in ("fv", "init", "ffv_random"):
             vectorfile.save(vectors[cond], RESULTS / "vectors" / f"{name}.{cond}.safetensors", overwrite=True)
     row["acc"] = score(predicts if core else {"llamacpp": predicts["llamacpp"]}, items, vectors)
     if core:
@@ -92,7 +96,7 @@ def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool) -> dict:
     return row
 
 
-def plot_curves(rows: list[dict], path: Path):
+def plot_curves(rows: list[dict], init: str, path: Path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +104,7 @@ def plot_curves(rows: list[dict], path: Path):
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7), sharex=True)
     for ax, r in zip(axes.flat, rows):
-        for key, label, color in (("curve", "FFV (fv init)", "C0"), ("random_curve", "random init", "C3")):
+        for key, label, color in (("curve", f"FFV ({init} init)", "C0"), ("random_curve", "random init", "C3")):
             c = r[key]
             ax.plot(c["step"], c["train_loss"], color=color, lw=1, label=f"{label} train")
             ax.plot(c["valid_step"], c["valid_loss"], color=color, lw=2, ls="--", marker="o", ms=3, label=f"{label} valid")
@@ -122,7 +126,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Fine-tuned function vectors (FFV) on Gemma 3 270M",
         "",
-        f"Regenerate: `.venv/bin/python -m train.report_ffv`. Model: `{report['model']['file']}` (llama.cpp) and the same weights "
+        f"Regenerate: `.venv/bin/python -m train.report_ffv --threads 1`. Model: `{report['model']['file']}` (llama.cpp) and the same weights "
         "dequantized in PyTorch. Each relation: its first 20 train pairs to learn from (the FV, the FFVs and the 10-shot "
         "demos all use only these), up to 50 valid pairs for early stopping, scored on held-out TEST pairs never used "
         "for anything else. Top-1 = the answer's first token is the argmax after `Q: x\\nA:`.",
@@ -132,8 +136,8 @@ def markdown(report: dict) -> str:
         "",
         "## Core tasks: top-1 on test pairs, llama.cpp (Q4_K_M) / PyTorch",
         "",
-        "| task | n | zero-shot | 10-shot ICL | FV | random-init FFV | FFV | FFV >= ICL (llama.cpp) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | n | " + " | ".join(HEADERS).replace("layer L", f"layer {cfg['layer']}") + " | FFV >= ICL (llama.cpp) |",
+        "|---|---|" + "---|" * len(HEADERS) + "---|",
     ]
     for r in report["core"]:
         a, t = r["acc"]["llamacpp"], r["acc"]["torch"]
@@ -143,7 +147,7 @@ def markdown(report: dict) -> str:
     lines.append("| **mean** | | " + " | ".join(f"**{pct(mean['llamacpp'][c])} / {pct(mean['torch'][c])}**" for c in CONDITIONS) + " | "
                  + f"{report['ffv_beats_icl']}/6 |")
     lines += ["", "Retention (llama.cpp accuracy / PyTorch accuracy):", "",
-              "| task | " + " | ".join(CONDITIONS) + " |", "|---|" + "---|" * len(CONDITIONS)]
+              "| task | " + " | ".join(HEADERS) + " |", "|---|" + "---|" * len(CONDITIONS)]
     for r in report["core"]:
         lines.append(f"| {r['task']} | " + " | ".join("-" if r["retention"][c] is None else f"{r['retention'][c]:.2f}" for c in CONDITIONS) + " |")
     lines += ["", "FFV training (seconds include the init; the machine was shared with other jobs, so they are upper bounds):", "",
@@ -192,7 +196,7 @@ def main():
     (RESULTS / "report.json").write_text(json.dumps(report, indent=1))
     (RESULTS / "report.md").write_text(markdown(report))
     if len(core) == len(CORE_TASKS):
-        plot_curves(core, RESULTS / "loss_curves.png")
+        plot_curves(core, cfg.init, RESULTS / "loss_curves.png")
     print(markdown(report))
 
 
