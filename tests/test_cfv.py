@@ -164,3 +164,18 @@ def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_ban
     assert "| CFV, learned map |" in r.output and json.loads((tmp_path / "r.json").read_text())["n"] == 2
     r = runner.invoke(main, ["analogy", "hot:cold", "--model", str(tiny_gguf), "--bank", str(bank_file)])
     assert r.exit_code != 0 and "expected an analogy" in r.output
+
+
+@pytest.mark.slow
+def test_shipped_bank_is_the_shipped_ffvs_and_solves_an_analogy(gemma_path):
+    from fvpatch.bank import BANK_FILE, FFV_DIR
+    from fvpatch.cli import main
+
+    shipped, folder = load_bank(BANK_FILE), load_bank(FFV_DIR)
+    assert shipped.names == folder.names and len(shipped) >= 16
+    np.testing.assert_array_equal(shipped.vectors, folder.vectors)  # a bank refit after the FFVs changed would differ
+    CFVMap.from_bank(shipped)
+    r = CliRunner().invoke(main, ["analogy", "hot:cold::tall:?", "--model", str(gemma_path), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["answer"] == "short" and out["weights"][0]["relation"] == "antonym"
