@@ -20,6 +20,10 @@ demo: setup
 	$(FVPATCH) patch -p "France ->" --patch l_out-10 out/capital.safetensors --compare -n 8
 	# a shipped function vector (causal mediation, present -> past) on a zero-shot prompt
 	$(FVPATCH) patch -p "$$(printf 'Q: walk\nA:')" --vector present-past.fv --compare -n 3
+	# a shipped fine-tuned function vector (20 antonym pairs; `maximal` is a held-out test word), then an
+	# analogy solved by composing the bank of 16 such vectors
+	$(FVPATCH) patch -p "$$(printf 'Q: maximal\nA:')" --vector antonym.ffv --compare -n 2
+	$(FVPATCH) analogy "hot:cold::tall:?" --top 3
 
 test: setup
 	$(PY) -m pytest -q
