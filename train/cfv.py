@@ -50,7 +50,7 @@ def map_logits(weight: torch.Tensor, bias: torch.Tensor, scores: torch.Tensor) -
 
 @dataclass
 class FitConfig:
-    objective: str = "answer"
+    objective: str = "relation"
     l2: float = 0.01  # times ||W - I/T||^2 + ||b||^2
     lr: float = 0.02
     steps: int = 100

@@ -67,7 +67,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 @train.command()
 @click.option("--bank", "bank_path", type=click.Path(exists=True), default=None, help="Folder of .ffv.safetensors or a bank file (default: the shipped FFVs of the default model).")
 @click.option("--n-train", type=int, default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on).")
-@click.option("--objective", type=click.Choice(["answer", "relation"]), default="answer", show_default=True, help="Maximize log P(D | C, CFV), or the weight of the analogy's relation.")
+@click.option("--objective", type=click.Choice(["answer", "relation"]), default="relation", show_default=True, help="Maximize log P(D | C, CFV), or the weight of the analogy's relation.")
 @click.option("--l2", type=float, default=0.01, show_default=True, help="Penalty on the map's squared distance from the unlearned softmax(s/T).")
 @click.option("--lr", type=float, default=0.02, show_default=True, help="Adam learning rate.")
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
@@ -138,7 +138,7 @@ def analogy(data, n_test, seed, bank_path, model, out, force):
         check_fingerprint(bank.model, s.fingerprint(), force)
         result = evaluate(s, bank, cfv_map, analogies)
     result["relation_accuracy"] = relation_accuracy(result["items"])
-    result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": str(bank_path or BANK_FILE),
+    result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": str(bank_path) if bank_path else f"shipped {BANK_FILE.name}",
                        "relations": bank.names, "tensor": bank.tensor, "model": bank.model.get("file")}
     click.echo(f"{result['n']} analogies ({result['n_open']} open), {len(bank)} relations at {bank.tensor}")
     click.echo(table(result))
