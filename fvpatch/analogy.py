@@ -153,6 +153,10 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _masked_softmax(logits: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    return softmax(logits if keep is None else np.where(keep, logits, -np.inf))
+
+
 @dataclass
 class CFVMap:
     weight: np.ndarray  # (k, k), acting on scores centred over the bank
@@ -160,12 +164,13 @@ class CFVMap:
     temperature: float  # of the unlearned softmax(s / T)
     meta: dict[str, str] = field(default_factory=dict)  # how it was fit
 
-    def learned(self, scores: np.ndarray) -> np.ndarray:
+    def learned(self, scores: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """Weights over the bank; `keep` (bool, like scores) gives the relations left out a weight of 0."""
         s = np.asarray(scores, np.float64)
-        return softmax((s - s.mean(-1, keepdims=True)) @ self.weight.T + self.bias)
+        return _masked_softmax((s - s.mean(-1, keepdims=True)) @ self.weight.T + self.bias, keep)
 
-    def unlearned(self, scores: np.ndarray) -> np.ndarray:
-        return softmax(np.asarray(scores, np.float64) / self.temperature)
+    def unlearned(self, scores: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        return _masked_softmax(np.asarray(scores, np.float64) / self.temperature, keep)
 
     def to_meta(self) -> dict[str, str]:
         return {
@@ -221,16 +226,35 @@ def bank_scores(session: Session, bank: Bank, pairs: list[Pair], progress: bool 
     return out
 
 
-def condition_vectors(bank: Bank, cfv_map: CFVMap, scores: np.ndarray, relations: list[str]) -> dict[str, np.ndarray]:
-    """The vector each patched condition adds for source pairs with these scores: condition -> (n, d).
-    `oracle_ffv`, the bank vector of the analogy's own relation, exists when every relation is in the bank."""
+def leave_own_out(bank: Bank, scores: np.ndarray, relations: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and a keep-mask as if each analogy's own relation were missing from the bank: its score becomes the
+    mean of the others (so, centred, it moves no other weight through the learned map) and its weight is 0."""
+    unknown = sorted(set(relations) - set(bank.names))
+    if unknown:
+        raise ValueError(f"leaving the own relation out needs analogies of the bank's relations; not in the bank: {unknown}")
+    rows, own = np.arange(len(scores)), np.array([bank.names.index(r) for r in relations])
+    keep = np.ones(scores.shape, bool)
+    keep[rows, own] = False
+    s = scores.copy()
+    s[rows, own] = np.where(keep, scores, 0).sum(-1) / keep.sum(-1)
+    return s, keep
+
+
+def condition_weights(bank: Bank, cfv_map: CFVMap, scores: np.ndarray, relations: list[str], leave_out: bool = False) -> dict[str, np.ndarray]:
+    """The bank weights of each patched condition for source pairs with these scores: condition -> (n, k).
+    `oracle_ffv`, the analogy's own relation, exists when every relation is in the bank and none is left out."""
+    keep = None
+    if leave_out:
+        scores, keep = leave_own_out(bank, scores, relations)
+    one_hot = lambda idx: np.eye(len(bank))[idx]
+    best = scores if keep is None else np.where(keep, scores, -np.inf)
     out = {
-        "best_ffv": bank.vectors[scores.argmax(-1)],
-        "cfv_unlearned": compose(bank, cfv_map.unlearned(scores)),
-        "cfv_learned": compose(bank, cfv_map.learned(scores)),
+        "best_ffv": one_hot(best.argmax(-1)),
+        "cfv_unlearned": cfv_map.unlearned(scores, keep),
+        "cfv_learned": cfv_map.learned(scores, keep),
     }
-    if all(r in bank.names for r in relations):
-        out["oracle_ffv"] = bank.vectors[[bank.names.index(r) for r in relations]]
+    if not leave_out and all(r in bank.names for r in relations):
+        out["oracle_ffv"] = one_hot([bank.names.index(r) for r in relations])
     return out
 
 
@@ -243,18 +267,21 @@ def _word_match(text: str, d: str) -> bool:
     return t.startswith(d) and (len(t) == len(d) or not t[len(d)].isalnum())
 
 
-def evaluate(session: Session, bank: Bank, cfv_map: CFVMap, analogies: list[Analogy], conditions=CONDITIONS, progress: bool = True) -> dict:
-    """Multiple-choice accuracy of every condition, and open-completion accuracy (first token, exact word) on open analogies."""
+def evaluate(session: Session, bank: Bank, cfv_map: CFVMap, analogies: list[Analogy], conditions=CONDITIONS, progress: bool = True,
+             leave_out: bool = False) -> dict:
+    """Multiple-choice accuracy of every condition, and open-completion accuracy (first token, exact word) on open analogies.
+    `leave_out` solves each analogy without its own relation's vector: can the others compose it?"""
     unknown = set(conditions) - set(CONDITIONS)
     if unknown:
         raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
     scores = bank_scores(session, bank, [(x.a, x.b) for x in analogies], progress)
-    vectors = condition_vectors(bank, cfv_map, scores, [x.relation for x in analogies])
+    weights = condition_weights(bank, cfv_map, scores, [x.relation for x in analogies], leave_out)
+    vectors = {cond: compose(bank, w) for cond, w in weights.items()}
     conditions = [c for c in conditions if c != "oracle_ffv" or c in vectors]  # no oracle without known relations
     records = []
     for n, x in enumerate(tqdm(analogies, desc="analogies", disable=not progress, leave=False)):
         rec = {"stem": [x.a, x.b], "choice": [list(ch) for ch in x.choices], "answer": x.answer, "relation": x.relation,
-               "best_relation": bank.names[int(scores[n].argmax())], "top_learned": bank.names[int(cfv_map.learned(scores[n]).argmax())],
+               "best_relation": bank.names[int(weights["best_ffv"][n].argmax())], "top_learned": bank.names[int(weights["cfv_learned"][n].argmax())],
                "mc": {}, "first_token": {}, "exact": {}, "completion": {}}
         patches = {cond: [Patch(bank.tensor, vectors[cond][n], -1, "add")] if cond in vectors else [] for cond in conditions}
         items, owner = [], []

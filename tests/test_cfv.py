@@ -11,6 +11,7 @@ from fvpatch.analogy import (
     CFVMap,
     bank_scores,
     compose,
+    condition_weights,
     encode,
     evaluate,
     generate,
@@ -162,8 +163,34 @@ def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_ban
     r = runner.invoke(main, ["eval", "analogy", "--data", str(data), "--model", str(tiny_gguf), "--bank", str(bank_file), "--out", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     assert "| CFV, learned map |" in r.output and json.loads((tmp_path / "r.json").read_text())["n"] == 2
+    r = runner.invoke(main, ["eval", "analogy", "--data", str(data), "--model", str(tiny_gguf), "--bank", str(bank_file), "--leave-own-out"])
+    assert r.exit_code == 0 and "| CFV, learned map |" in r.output and "oracle" not in r.output, r.output
     r = runner.invoke(main, ["analogy", "hot:cold", "--model", str(tiny_gguf), "--bank", str(bank_file)])
     assert r.exit_code != 0 and "expected an analogy" in r.output
+
+
+def test_leaving_the_own_relation_out():
+    rng = np.random.default_rng(0)
+    k, relations = len(RELATIONS), ["capitalize", "antonym", "capitalize"]
+    bank = Bank(RELATIONS, rng.standard_normal((k, 8)), "l_out-1", {})
+    cfv_map = CFVMap(np.eye(k) * 2 + 0.1 * rng.standard_normal((k, k)), 0.1 * rng.standard_normal(k), 0.5)
+    scores = -rng.uniform(0, 10, (3, k))
+    own = [RELATIONS.index(r) for r in relations]
+    scores[range(3), own] = 0.0  # the own relation explains A:B best
+    w = condition_weights(bank, cfv_map, scores, relations, leave_out=True)
+    assert "oracle_ffv" not in w
+    for n, i in enumerate(own):
+        others = [j for j in range(k) if j != i]
+        for cond in ("best_ffv", "cfv_unlearned", "cfv_learned"):
+            assert w[cond][n, i] == 0 and w[cond][n].sum() == pytest.approx(1.0)
+        assert w["best_ffv"][n, others].argmax() == np.argmax(scores[n, others])
+        np.testing.assert_allclose(w["cfv_unlearned"][n, others], CFVMap(np.eye(k - 1), np.zeros(k - 1), 0.5).unlearned(scores[n, others]))
+    moved = scores.copy()
+    moved[range(3), own] = -50.0  # a left-out relation's own score must not steer the others' weights
+    np.testing.assert_allclose(condition_weights(bank, cfv_map, moved, relations, leave_out=True)["cfv_learned"], w["cfv_learned"])
+    assert condition_weights(bank, cfv_map, scores, relations)["best_ffv"][range(3), own].tolist() == [1, 1, 1]
+    with pytest.raises(ValueError, match="not in the bank"):
+        condition_weights(bank, cfv_map, scores, ["antonym", "synonym", "antonym"], leave_out=True)
 
 
 @pytest.mark.slow

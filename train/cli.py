@@ -113,8 +113,9 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force):
 @click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
 @click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
+@click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
 @click.option("--force", is_flag=True, help="Use a bank made on another model file.")
-def analogy(data, n_test, seed, bank_path, model, out, force):
+def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
     """Solve analogies A:B::C:? in llama.cpp: no vector, analogy prompts, the best single vector, and
     composite function vectors; prints a markdown table of accuracies (no torch needed).
 
@@ -122,6 +123,7 @@ def analogy(data, n_test, seed, bank_path, model, out, force):
     Examples:
       fvpatch eval analogy --out results/cfv/gemma-3-270m-q4_k_m.json
       fvpatch eval analogy --data bats.jsonl
+      fvpatch eval analogy --leave-own-out
     """
     import json
     from pathlib import Path
@@ -136,14 +138,14 @@ def analogy(data, n_test, seed, bank_path, model, out, force):
     analogies = read_analogies(data) if data else generate(bank.names, "test", n_test, seed)
     with Session(resolve_model(model)) as s:
         check_fingerprint(bank.model, s.fingerprint(), force)
-        result = evaluate(s, bank, cfv_map, analogies)
+        result = evaluate(s, bank, cfv_map, analogies, leave_out=leave_own_out)
     result["relation_accuracy"] = relation_accuracy(result["items"])
     result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": str(bank_path) if bank_path else f"shipped {BANK_FILE.name}",
-                       "relations": bank.names, "tensor": bank.tensor, "model": bank.model.get("file")}
+                       "relations": bank.names, "tensor": bank.tensor, "model": bank.model.get("file"), "leave_own_out": leave_own_out}
     click.echo(f"{result['n']} analogies ({result['n_open']} open), {len(bank)} relations at {bank.tensor}")
     click.echo(table(result))
     rel = result["relation_accuracy"]
-    if rel["best_ffv"] is not None:
+    if rel["best_ffv"] is not None and not leave_own_out:  # left out, the own relation cannot be named
         click.echo(f"relation named by the highest score: {100 * rel['best_ffv']:.1f}%, by the largest learned weight: {100 * rel['cfv_learned']:.1f}%")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
