@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fvpatch.bank import Bank
-from fvpatch.prompts import build, template
+from fvpatch.prompts import answer_tokens, build, template
 from fvpatch.session import Patch, Session
 from fvpatch.tasks import Pair, load_task
 
@@ -200,10 +200,10 @@ def compose(bank: Bank, weights: np.ndarray) -> np.ndarray:
 
 def encode(tokenize: Callable[[str], list[int]], text: str, answer: str) -> tuple[list[int], list[int]]:
     """(prompt tokens, answer tokens) as the model sees them when both are tokenized together."""
-    ids, full = tokenize(text), tokenize(text + answer)
-    if full[: len(ids)] == ids and len(full) > len(ids):
-        return ids, full[len(ids) :]
-    return ids, tokenize(answer, add_bos=False)  # the prompt's end merges with the answer: score the answer as typed
+    try:
+        return answer_tokens(tokenize, text, answer)
+    except ValueError:  # the prompt's end merges with the answer (public data is not ours to template): score it as typed
+        return tokenize(text), tokenize(answer, add_bos=False)
 
 
 def condition_prompt(condition: str, a: str, b: str, c: str, d: str) -> tuple[str, str]:

@@ -101,13 +101,18 @@ def prompts_for(tpl: Template, queries: list[Pair], pool: list[Pair], k: int, sh
     return out
 
 
-def answer_token(tokenize: Callable[[str], list[int]], prompt: Prompt) -> int:
-    """The first token of the answer as the model sees it when prompt and answer are tokenized together."""
-    ids = tokenize(prompt.text)
-    full = tokenize(prompt.text + prompt.answer)
+def answer_tokens(tokenize: Callable[[str], list[int]], text: str, answer: str) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) as the model sees them when prompt and answer are tokenized together."""
+    ids = tokenize(text)
+    full = tokenize(text + answer)
     if full[: len(ids)] != ids or len(full) == len(ids):
         raise ValueError(
-            f"the tokenizer merges the end of the prompt {prompt.text[-20:]!r} with the answer {prompt.answer!r}; "
+            f"the tokenizer merges the end of the prompt {text[-20:]!r} with the answer {answer!r}; "
             "use a template whose query ends at a token boundary (e.g. 'Q: {x}\\nA: {y}\\n\\n')"
         )
-    return full[len(ids)]
+    return ids, full[len(ids) :]
+
+
+def answer_token(tokenize: Callable[[str], list[int]], prompt: Prompt) -> int:
+    """The first token of the answer as the model sees it when prompt and answer are tokenized together."""
+    return answer_tokens(tokenize, prompt.text, prompt.answer)[1][0]

@@ -125,9 +125,6 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
       fvpatch eval analogy --data bats.jsonl
       fvpatch eval analogy --leave-own-out
     """
-    import json
-    from pathlib import Path
-
     from fvpatch.analogy import CFVMap, evaluate, generate, read_analogies, relation_accuracy, table
     from fvpatch.bank import BANK_FILE, load_bank
     from fvpatch.models import check_fingerprint, resolve_model
@@ -147,9 +144,7 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
     rel = result["relation_accuracy"]
     if rel["best_ffv"] is not None and not leave_own_out:  # left out, the own relation cannot be named
         click.echo(f"relation named by the highest score: {100 * rel['best_ffv']:.1f}%, by the largest learned weight: {100 * rel['cfv_learned']:.1f}%")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_json(out, result)
 
 
 @train.command(name="fv")

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
-from fvpatch.prompts import Template, answer_token, build
+from fvpatch.prompts import Template, answer_tokens, build
 from fvpatch.tasks import Pair, Task
 from fvpatch.vectorfile import VectorFile
 from train.evaluate import unembed
@@ -84,10 +84,9 @@ def encode(lm: LoadedModel, tpl: Template, pairs: list[Pair]) -> Examples:
     prefixes, rests = [], []
     for x, y in pairs:
         prompt = build(tpl, [], x, y)
-        answer_token(lm.tokenize, prompt)  # raises if the prompt's end merges with the answer
-        n_prompt, full = len(lm.tokenize(prompt.text)), lm.tokenize(prompt.text + prompt.answer)
-        prefixes.append(full[: n_prompt - 1])
-        rests.append(full[n_prompt - 1 :])
+        ids, answer = answer_tokens(lm.tokenize, prompt.text, prompt.answer)  # raises if the prompt's end merges with the answer
+        prefixes.append(ids[:-1])
+        rests.append(ids[-1:] + answer)
     prefix_ids, prefix_mask, _ = lm.batch(prefixes)
     ids, rest_mask, _ = lm.batch(rests)
     cache = lm.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True).past_key_values

@@ -32,6 +32,7 @@ from train.cma import fv_file
 from train.evaluate import torch_predictor
 from train.ffv import Config, initial_vector, prepare, train_ffv
 from train.model import load_model
+from train.report_fv import pct
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "ffv"
@@ -65,7 +66,8 @@ def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool) -> dict:
     task = load_task(name)
     data = prepare(lm, task, tpl)
     t = time.perf_counter()
-    ffv, hist = train_ffv(lm, data, tpl, cfg)
+    v0 = initial_vector(lm, data.task, tpl, cfg, data.train)  # kept: the core tasks also score the starting point
+    ffv, hist = train_ffv(lm, data, tpl, cfg, v0=v0)
     seconds = time.perf_counter() - t
     items = build_items(lm.tokenize, tpl, task.test[:n_test], data.task.train, K)
     row = {"task": name, "layer": cfg.layer, "n_test": len(items.answers), "train_seconds": round(seconds, 1),
@@ -75,8 +77,7 @@ def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool) -> dict:
     if core:
         fv = fv_file(lm, initial_vector(lm, data.task, tpl, replace(cfg, init="fv"), data.train), cfg.layer,
                      {"fvpatch.method": "function-vector (Todd et al. 2023), from the 20 training pairs", "fvpatch.task": name})
-        init = fv_file(lm, initial_vector(lm, data.task, tpl, cfg, data.train), cfg.layer,
-                       {"fvpatch.method": f"FFV starting point ({cfg.init})", "fvpatch.task": name})
+        init = fv_file(lm, v0, cfg.layer, {"fvpatch.method": f"FFV starting point ({cfg.init})", "fvpatch.task": name})
         rnd, rhist = train_ffv(lm, data, tpl, replace(cfg, init="random"))
         # the function-vector section's FV: its own valid-chosen layer and head count, from the whole train split
         own = vectorfile.load(BANK_DIR / f"{name}.fv.safetensors")
@@ -115,10 +116,6 @@ def plot_curves(rows: list[dict], init: str, path: Path):
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def pct(x) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
 
 
 def markdown(report: dict) -> str:
