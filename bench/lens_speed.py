@@ -1,6 +1,6 @@
 """How long `fvpatch lens --layer all` takes on a ~40-token prompt, end to end, and where the time goes.
 
-End to end is the CLI in a fresh process (imports, model load, sha256 of the model file, one forward
+End to end is the CLI in a fresh process (imports, model load, the model's fingerprint, one forward
 saving l_out at every layer and position, 18 x 40 rows through the final norm and the 262144 x 640
 unembedding, printing). The breakdown repeats those steps in this process. --cold also times building
 the on-disk unembedding cache from the GGUF (once per model file). Target: under 10 s end to end.
@@ -22,7 +22,7 @@ import numpy as np
 
 from fvpatch import Save, Session
 from fvpatch.lens import token_label
-from fvpatch.models import _sha256, default_model_path, file_sha256
+from fvpatch.models import default_model_path
 from fvpatch.unembed import _load, load_unembed
 
 PROMPT = ("Egypt -> Cairo, Norway -> Oslo, Peru -> Lima, Japan -> Tokyo, Kenya -> Nairobi, Chile -> Santiago, "
@@ -50,7 +50,6 @@ def main():
     path = default_model_path()
     load_unembed(path)  # make sure the on-disk cache exists before timing the warm path
     _load.cache_clear()
-    _sha256.cache_clear()
 
     ends = []
     for _ in range(args.rounds):
@@ -61,7 +60,7 @@ def main():
 
     steps = {}
     s, steps["open the model"] = timed(lambda: Session(path))
-    _, steps["sha256 of the model file"] = timed(lambda: file_sha256(path))
+    _, steps["fingerprint (vocabulary hash)"] = timed(lambda: s.fingerprint())
     u, steps["map the cached unembedding"] = timed(lambda: load_unembed(path))
     n = len(s.tokenize(PROMPT))
     names = [f"l_out-{L}" for L in range(s.n_layer)]

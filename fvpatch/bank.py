@@ -15,8 +15,9 @@ from fvpatch import vectorfile
 from fvpatch.names import layer_of
 from fvpatch.shipped import VECTORS_DIR
 
+BANK_NAME = "analogy.bank.safetensors"  # a model's shipped FFVs as one bank, with the learned analogy map
 FFV_DIR = VECTORS_DIR / "gemma-3-270m"  # the default model's shipped fine-tuned function vectors
-BANK_FILE = FFV_DIR / "analogy.bank.safetensors"  # those vectors as one bank, with the learned analogy map
+BANK_FILE = FFV_DIR / BANK_NAME
 NAMES_KEY = "fvpatch.bank.names"
 PAIRS_KEY = "fvpatch.bank.pairs"
 
@@ -58,7 +59,7 @@ def _from_dir(folder: Path) -> Bank:
         if len(vf.rows) != 1 or vf.positions != [-1] or vf.mode != "add":
             raise ValueError(f"{path}: a bank vector is one row added at the last token (positions [-1], mode add); got {len(vf.rows)} rows at {vf.positions}, mode {vf.mode}")
         first = first or vf
-        if vf.tensor != first.tensor or vf.model.get("sha256") != first.model.get("sha256"):
+        if vf.tensor != first.tensor or vf.model != first.model:
             raise ValueError(f"{path}: {vf.tensor} on {vf.model.get('file')} differs from {first.tensor} on {first.model.get('file')}; a bank's vectors share one layer and one model")
         name = vf.meta.get("fvpatch.task") or path.name.removesuffix(".ffv.safetensors")
         names.append(name)

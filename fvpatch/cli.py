@@ -54,14 +54,18 @@ def main():
       fvpatch save  -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --save l_out-10 capital.safetensors --token-idx -1
       fvpatch patch -p "France ->" --patch l_out-10 capital.safetensors --compare
 
-    Token indices are absolute positions in the prompt (0 is the BOS token); negative ones count from
-    the end of the prompt. `fvpatch tokenize` shows them. Without --model, the default model (Gemma 3
-    270M base, Q4_K_M) is assembled into models/ on first use.
+    Token indices are absolute positions in the prompt (0 is the BOS token where the model adds one;
+    Qwen models add none); negative ones count from the end of the prompt. `fvpatch tokenize` shows
+    them. --model takes a GGUF file or a known model's name (`fvpatch models`); without it, the default
+    model (Gemma 3 270M base, Q4_K_M) is fetched into models/ on first use.
     """
 
 
+MODEL_HELP = "GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."
+
+
 def model_options(f):
-    f = click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M).")(f)
+    f = click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)(f)
     f = click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size.")(f)
     f = click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (Metal/CUDA builds).")(f)
     return f
@@ -143,14 +147,24 @@ def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_j
              [f"{prompt}{r.text}"] + [f"saved {w['tensor']} at tokens {w['positions']} -> {w['file']}" for w in written])
 
 
-def vector_path(name_or_path: str) -> Path:
-    """A vector file path, or the name of a vector shipped in vectors/."""
+def vector_path(name_or_path: str, model: dict | None = None) -> Path:
+    """A vector file path, or the name of a vector shipped in vectors/ (the one made for `model`, a fingerprint, first)."""
     p = Path(name_or_path)
     if p.exists():
         return p
     from fvpatch.shipped import find_vector
 
-    return find_vector(name_or_path)
+    return find_vector(name_or_path, model)
+
+
+def fits(path, vector_model: dict, model: dict, force: bool):
+    """Refuse a vector made on another model, naming the file; note on stderr one made on another quantization."""
+    try:
+        note = check_fingerprint(vector_model, model, force)
+    except ValueError as e:
+        raise click.ClickException(f"{path}: {e}") from None
+    if note:
+        click.echo(f"{Path(path).name}: {note}", err=True)
 
 
 @main.command()
@@ -164,7 +178,7 @@ def vector_path(name_or_path: str) -> Path:
 @click.option("--scale", type=float, default=None, help="Multiply the vector (default: the file's scale).")
 @click.option("--every-token", is_flag=True, help="Also patch every generated token, as function vectors are applied.")
 @click.option("--compare", is_flag=True, help="Also run without the patch and print both.")
-@click.option("--force", is_flag=True, help="Apply a vector made on another model file.")
+@click.option("--force", is_flag=True, help="Apply a vector made on another model (same shape; another quantization needs no --force).")
 def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scale, every_token, compare, force):
     """Patch saved or trained vectors into a prompt's forward pass and generate.
 
@@ -176,16 +190,13 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
     """
     if not patches and not vectors:
         raise click.UsageError("give at least one --patch TENSOR FILE or --vector NAME")
-    files = [(t, vector_path(f)) for t, f in patches] + [(None, vector_path(v)) for v in vectors]
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
+        files = [(t, vector_path(f, fp)) for t, f in patches] + [(None, vector_path(v, fp)) for v in vectors]
         specs = []
         for tensor, path in files:
             vf = vectorfile.load(path)
-            try:
-                check_fingerprint(vf.model, fp, force)
-            except ValueError as e:
-                raise click.ClickException(f"{path}: {e}") from None
+            fits(path, vf.model, fp, force)
             specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), to_token_idx, mode or vf.mode, vf.scale if scale is None else scale, every_token))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         payload = {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits),
@@ -214,7 +225,7 @@ def inspect(file, as_json):
                "row_norms": norms, "mode": vf.mode, "scale": vf.scale, "model": vf.model, "meta": vf.meta}
     lines = [f"tensor    {vf.tensor}  (layer {vf.layer}, {vf.rows.shape[0]} rows x {vf.width})",
              f"mode      {vf.mode}, scale {vf.scale}",
-             f"model     {vf.model.get('name') or vf.model.get('arch')}  {vf.model.get('file')}  sha256 {vf.model.get('sha256', '')[:16]}…"]
+             f"model     {vf.model.get('name') or vf.model.get('arch')}  {vf.model.get('quant', '')}  {vf.model.get('file')}  vocab {vf.model.get('vocab', '?')}"]
     lines += [f"{k:<9} {v}" for k, v in vf.meta.items()]
     lines += [f"row {pos:>4}  norm {n}" for pos, n in zip(vf.positions, norms)]
     emit(as_json, payload, lines)
@@ -271,9 +282,13 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
     if spec == "all":
         return list(range(n_layer))
     try:
-        return [int(x) for x in spec.split(",")]
+        layers = []
+        for part in spec.split(","):
+            lo, dash, hi = part.partition("-")
+            layers += range(int(lo), int(hi) + 1) if dash else [int(lo)]
+        return layers
     except ValueError:
-        raise click.BadParameter(f"expected N, N,M,... or all, got {spec!r}", param_hint="--layer") from None
+        raise click.BadParameter(f"expected N, N,M,..., A-B or all, got {spec!r}", param_hint="--layer") from None
 
 
 def lens_lines(lens: Lens, s: Session) -> list[str]:
@@ -296,7 +311,7 @@ def lens_lines(lens: Lens, s: Session) -> list[str]:
 @model_options
 @click.option("--prompt", "-p", required=True, help="The prompt text.")
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name of residual width (l_out, ffn_out, attn_out or attn_post_norm, ...).")
-@click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,... or all.")
+@click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,..., A-B or all.")
 @click.option("--token-idx", type=int, multiple=True, help="Prompt positions to read (default: all). Repeatable.")
 @click.option("--top", type=int, default=5, show_default=True, help="Tokens per cell.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw a layers x positions heatmap of the top-1 token (needs matplotlib).")
@@ -328,7 +343,7 @@ def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top,
 @click.option("--token-idx", type=int, default=None, help="Which saved row of the file (default: its only row).")
 @click.option("--against", default=None, metavar="NAME|FILE", help="Show the tokens VECTOR promotes more than this vector does.")
 @click.option("--against-token-idx", type=int, default=None, help="Which saved row of the --against file (default: its only row).")
-@click.option("--force", is_flag=True, help="Decode a vector made on another model file.")
+@click.option("--force", is_flag=True, help="Decode a vector made on another model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_token_idx, force, as_json):
     """The tokens a saved vector promotes: the vector through the model's final norm and unembedding.
@@ -342,11 +357,8 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
         fp = mf.fingerprint()
         rows = []
         for path, idx in [(vector, token_idx)] + ([(against, against_token_idx)] if against else []):
-            vf = vectorfile.load(vector_path(path))
-            try:
-                check_fingerprint(vf.model, fp, force)
-            except ValueError as e:
-                raise click.ClickException(f"{path}: {e}") from None
+            vf = vectorfile.load(vector_path(path, fp))
+            fits(path, vf.model, fp, force)
             rows.append(file_row(vf, idx))
         ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
         toks = [{"token": piece_text(mf, t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
@@ -355,45 +367,13 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
              [f"{t['token']!r:<20} {t['logit']:>8.2f}" for t in toks] + [f"({what}; {len(toks)} tokens)"])
 
 
-@main.group()
-def vectors():
-    """Vectors shipped in the checkout's vectors/ folder; `patch --vector NAME` takes their names."""
-
-
-@vectors.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def vectors_list(as_json):
-    """List shipped vectors: name, tensor, mode, task and, where recorded, held-out top-1 accuracy in llama.cpp.
-
-    \b
-    Example:
-      fvpatch vectors list
-      fvpatch patch -p "Q: hot\\nA:" --vector antonym.ffv -n 3
-    """
-    from fvpatch.bank import NAMES_KEY
-    from fvpatch.shipped import shipped_vectors
-
-    rows = []
-    for path in shipped_vectors():
-        vf = vectorfile.load(path)
-        top1 = vf.meta.get("fvpatch.test_top1")
-        task = vf.meta.get("fvpatch.task") or (f"bank of {len(vf.rows)} relations" if NAMES_KEY in vf.meta else "")
-        rows.append({"name": path.stem, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": task,
-                     "test_top1": float(top1) if top1 else None, "test_n": int(vf.meta.get("fvpatch.test_n", 0)) or None, "path": str(path)})
-    wn, wt = max([4, *(len(r["name"]) for r in rows)]), max([4, *(len(r["task"]) for r in rows)])
-    acc = lambda r: "-" if r["test_top1"] is None else f"{r['test_top1']:.0%} of {r['test_n']}"
-    lines = [f"{'name':<{wn}}  {'tensor':<9} {'mode':<8} {'task':<{wt}}  top-1 (llama.cpp, held-out)"]
-    lines += [f"{r['name']:<{wn}}  {r['tensor']:<9} {r['mode']:<8} {r['task'] or '-':<{wt}}  {acc(r)}" for r in rows]
-    emit(as_json, {"vectors": rows}, lines if rows else ["no vectors shipped in vectors/"])
-
-
 @main.command()
 @model_options
 @click.argument("question", metavar="A:B::C:?")
 @click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
 @click.option("--top", type=int, default=5, show_default=True, help="Relation weights to show.")
 @click.option("--max-tokens", "-n", type=int, default=8, show_default=True, help="Tokens to generate.")
-@click.option("--force", is_flag=True, help="Use a bank made on another model file.")
+@click.option("--force", is_flag=True, help="Use a bank made on another model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, force, as_json):
     """Complete an analogy with a composite function vector: the bank's relation vectors, weighted by
@@ -404,19 +384,25 @@ def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, fo
       fvpatch analogy "hot:cold::tall:?"
     """
     from fvpatch.analogy import CFVMap, parse_analogy, solve
-    from fvpatch.bank import BANK_FILE, load_bank
+    from fvpatch.bank import BANK_NAME, load_bank
+    from fvpatch.shipped import model_folder
 
     a, b, c = parse_analogy(question)
-    bank = load_bank(bank_path or BANK_FILE)
-    cfv_map = CFVMap.from_bank(bank)
     with open_session(model, n_ctx, n_gpu_layers) as s:
-        check_fingerprint(bank.model, s.fingerprint(), force)
+        fp = s.fingerprint()
+        bank_path = bank_path or model_folder(fp) / BANK_NAME
+        bank = load_bank(bank_path)
+        fits(bank_path, bank.model, fp, force)
+        cfv_map = CFVMap.from_bank(bank)
         sol = solve(s, bank, cfv_map, a, b, c, max_tokens)
     weights = sol.weights[:top]
     emit(as_json, {"question": question, "answer": sol.answer, "completion": sol.completion,
                    "weights": [{"relation": r, "weight": round(w, 4)} for r, w in weights], "scores": sol.scores},
          [f"{a}:{b}::{c}:{sol.answer}"] + [f"  {w:6.3f}  {r}" for r, w in weights])
 
+
+from fvpatch import cli_catalog  # noqa: E402 - registers its commands on `main`
+from fvpatch import cli_experiments  # noqa: E402 - registers `sweep` and `reversal` on `main`
 
 if __name__ == "__main__":
     sys.exit(main())

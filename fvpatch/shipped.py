@@ -1,8 +1,8 @@
-"""Vectors shipped in the checkout's vectors/ folder, found by name (the file name without .safetensors)."""
+"""Vectors shipped in the checkout's vectors/<model>/ folders, found by name (the file name without .safetensors)."""
 
 from pathlib import Path
 
-from fvpatch.models import _ROOT
+from fvpatch.models import _ROOT, check_fingerprint
 
 VECTORS_DIR = _ROOT / "vectors"
 
@@ -11,10 +11,32 @@ def shipped_vectors() -> list[Path]:
     return sorted(VECTORS_DIR.rglob("*.safetensors"))
 
 
-def find_vector(name: str) -> Path:
+def _fits(path: Path, model: dict[str, str]) -> bool:
+    from fvpatch import vectorfile
+
+    try:
+        check_fingerprint(vectorfile.load(path).model, model)
+        return True
+    except ValueError:
+        return False
+
+
+def find_vector(name: str, model: dict[str, str] | None = None) -> Path:
+    """The shipped vector called `name`; where several models ship one, the one made for `model` (a fingerprint)."""
     matches = [p for p in shipped_vectors() if p.stem == name or p.relative_to(VECTORS_DIR).with_suffix("").as_posix() == name]
+    if len(matches) > 1 and model is not None:
+        matches = [p for p in matches if _fits(p, model)] or matches
     if len(matches) == 1:
         return matches[0]
     if not matches:
         raise FileNotFoundError(f"{name!r} is neither a file nor a shipped vector (`fvpatch vectors list` shows them)")
     raise ValueError(f"{name!r} matches several shipped vectors: {', '.join(str(m.relative_to(VECTORS_DIR)) for m in matches)}")
+
+
+def model_folder(model: dict[str, str]) -> Path:
+    """The vectors/ folder whose vectors were made for `model` (any quantization of it)."""
+    for folder in sorted(p for p in VECTORS_DIR.iterdir() if p.is_dir()):
+        first = next(iter(sorted(folder.glob("*.safetensors"))), None)
+        if first is not None and _fits(first, model):
+            return folder
+    raise FileNotFoundError(f"no vectors are shipped for {model.get('name') or model.get('file')} (`fvpatch vectors list` shows what is)")

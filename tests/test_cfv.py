@@ -157,7 +157,7 @@ def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_ban
     runner = CliRunner()
     r = runner.invoke(main, ["analogy", "hot:cold::tall:?", "--model", str(tiny_gguf), "--bank", str(bank_file), "--json", "-n", "3"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["completion"] == sol.completion and len(out["weights"]) == 4
     data = write_analogies(analogies[:2], tmp_path / "a.jsonl")
     r = runner.invoke(main, ["eval", "analogy", "--data", str(data), "--model", str(tiny_gguf), "--bank", str(bank_file), "--out", str(tmp_path / "r.json")])
@@ -204,5 +204,5 @@ def test_shipped_bank_is_the_shipped_ffvs_and_solves_an_analogy(gemma_path):
     CFVMap.from_bank(shipped)
     r = CliRunner().invoke(main, ["analogy", "hot:cold::tall:?", "--model", str(gemma_path), "--json"])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     assert out["answer"] == "short" and out["weights"][0]["relation"] == "antonym"

@@ -92,6 +92,24 @@ def test_function_vector_is_the_sum_of_head_outputs_through_o_proj(tiny_lm):
     torch.testing.assert_close(function_vector(tiny_lm, hm, heads), expected)  # llama: no post-attention norm
 
 
+def test_head_map_and_function_vector_of_a_bfloat16_model_are_float32_and_match(tiny_lm):
+    from train.cma import function_vector
+
+    layer, head = 2, 1
+    planted = plant_head(tiny_lm, layer, head)
+    low = dataclasses.replace(planted, model=copy.deepcopy(planted.model).to(torch.bfloat16), dtype=torch.bfloat16)  # as load_model(dtype=) rounds
+    clean, corrupted = random_prompts(6, 4), random_prompts(3, 3)
+    for p in clean:
+        p[1::2] = [MARK] * len(p[1::2])
+    maps = [head_map(lm, clean, corrupted, [ANSWER] * 3) for lm in (planted, low)]
+    assert maps[1].mean_heads.dtype == maps[1].attn_rms.dtype == torch.float32
+    assert maps[1].top(1) == maps[0].top(1) == [(layer, head)]
+    torch.testing.assert_close(maps[1].mean_heads, maps[0].mean_heads, rtol=0.05, atol=0.05)
+    vectors = [function_vector(lm, hm, hm.top(3)) for lm, hm in zip((planted, low), maps)]
+    assert vectors[1].dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(vectors[0], vectors[1], 0) > 0.99
+
+
 @pytest.mark.slow
 def test_function_vector_on_gemma_goes_through_the_post_attention_norm(gemma_lm):
     """Gemma 3 normalizes the attention output before the residual add: the heads' shares must add up to it."""
@@ -131,7 +149,7 @@ def test_cli_trains_vectors_and_both_engines_score_them_alike(tiny_gguf, tmp_pat
         assert vf.tensor == "l_out-1" and vf.mode == ("add" if method == "cma" else "replace")
         assert vf.meta["fvpatch.task"] == "next-letter" and vf.meta["fvpatch.k"] == "3"
         assert vf.meta["fvpatch.dataset"] == f"{pairs}, split seed 0" and vf.meta["fvpatch.template"] == "Q: {x}\nA: {y}\n\n"
-        assert vf.model["sha256"] and vf.model["file"] == tiny_gguf.name
+        assert vf.model["vocab"] and vf.model["file"] == tiny_gguf.name
 
         result = tmp_path / f"{method}.json"
         r = run(main, ["eval", "task", *common, "--vector", str(out), "--engine", "both", "--n", "6", "-o", str(result)])

@@ -1,5 +1,6 @@
 """Fine-tuned function vectors (train.ffv) on the tiny model: exact cached loss, training, export, llama.cpp patching."""
 
+import dataclasses
 import json
 from contextlib import ExitStack
 
@@ -14,7 +15,7 @@ from fvpatch.models import check_fingerprint
 from fvpatch.prompts import build, template
 from fvpatch.session import Patch
 from fvpatch.tasks import load_task
-from train.ffv import INITS, Config, Data, answer_nll, encode, initial_vector, last_residual, prepare, train_ffv
+from train.ffv import INITS, MEASURED_LAYERS, Config, Data, answer_nll, default_layer, encode, initial_vector, last_residual, prepare, train_ffv
 from train.hooks import patch_residual
 
 QA = template("qa")
@@ -109,11 +110,11 @@ def test_cli_trains_lists_and_patches(tiny_gguf, pairs_file, tmp_path, monkeypat
     monkeypatch.setattr(fvpatch.shipped, "VECTORS_DIR", tmp_path / "vectors")
     r = runner.invoke(main, ["vectors", "list", "--json"])
     assert r.exit_code == 0, r.output
-    (row,) = json.loads(r.output)["vectors"]
+    (row,) = json.loads(r.stdout)["vectors"]
     assert (row["name"], row["tensor"], row["mode"], row["task"]) == ("upper.ffv", "l_out-1", "add", "upper")
     r = runner.invoke(main, ["patch", "-p", "Q: ab\nA:", "--vector", "upper.ffv", "--model", str(tiny_gguf), "-n", "2", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["patches"][0] == {"tensor": "l_out-1", "token": -1, "mode": "add", "scale": 1.0}
+    assert json.loads(r.stdout)["patches"][0] == {"tensor": "l_out-1", "token": -1, "mode": "add", "scale": 1.0}
 
 
 def test_cli_defaults_are_the_measured_ones():
@@ -121,5 +122,61 @@ def test_cli_defaults_are_the_measured_ones():
 
     defaults = {p.name: p.default for p in ffv.params}
     cfg = Config()
-    assert {k: defaults[k] for k in ("layer", "init", "lr", "steps", "l2", "l2_from_init", "seed")} == \
-        {k: getattr(cfg, k) for k in ("layer", "init", "lr", "steps", "l2", "l2_from_init", "seed")}
+    assert {k: defaults[k] for k in ("init", "lr", "steps", "l2", "l2_from_init", "seed")} == \
+        {k: getattr(cfg, k) for k in ("init", "lr", "steps", "l2", "l2_from_init", "seed")}
+    assert defaults["layer"] is None and MEASURED_LAYERS["gemma-3-270m-q4_k_m.gguf"] == cfg.layer  # the layer is chosen per model
+
+
+def test_default_layer_is_per_model(tiny_lm):
+    assert default_layer(tiny_lm) == (1, False)  # not swept: Gemma's 4 of 18 layers at the same depth of 4
+    assert default_layer(dataclasses.replace(tiny_lm, fingerprint={**tiny_lm.fingerprint, "file": "gemma-3-270m-q4_k_m.gguf"})) == (4, True)
+
+
+def test_sweep_writes_each_model_and_dtype_to_its_own_file(tiny_gguf):
+    from train.sweep_ffv import OUT, RESULTS, default_out
+
+    assert default_out(None, "float32") == OUT  # the default model's results/ffv/sweep.json
+    assert default_out(str(tiny_gguf), "float32") == RESULTS / tiny_gguf.stem / "ffv_sweep.json"
+    assert default_out(str(tiny_gguf), "bfloat16") == RESULTS / tiny_gguf.stem / "ffv_sweep-bfloat16.json"
+
+
+def test_cli_dtype_and_device_choices_are_the_loaders():
+    from train.cli import cfv, ffv, fv, sweep, task
+    from train.model import DEVICES, DTYPES
+
+    for command in (ffv, cfv, fv, task, sweep):
+        params = {p.name: p for p in command.params}
+        assert list(params["dtype"].type.choices) == list(DTYPES) and params["dtype"].default == "float32"
+        assert list(params["device"].type.choices) == list(DEVICES) and params["device"].default == "auto"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_lower_precision_model_trains_a_float32_vector(tiny_lm, tiny_gguf, pairs_file, data, tmp_path, monkeypatch, dtype):
+    from train.model import load_model
+
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path))
+    lm = load_model(tiny_gguf, "cpu", dtype)
+    assert lm.dtype == getattr(torch, dtype) and next(lm.model.parameters()).dtype == lm.dtype
+    low = prepare(lm, load_task(pairs_file), QA, n_train=20)
+    v = torch.randn(lm.n_embd, generator=torch.Generator().manual_seed(0))
+    # the same per-pair losses as the float32 model, to the precision of the dtype, and float32 themselves
+    got = answer_nll(lm, low.train, v, 1)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, answer_nll(tiny_lm, data.train, v, 1), rtol=0.05, atol=0.05)
+
+    vf, hist = train_ffv(lm, Data(low.task, low.train, low.train), QA, Config(layer=1, init="zeros", lr=0.5, steps=6, eval_every=3), progress=False)
+    assert vf.rows.dtype == np.float32 and hist.train_loss[-1] < 0.9 * hist.train_loss[0]
+
+
+def test_cli_trains_in_bfloat16_and_refuses_a_missing_device(tiny_gguf, pairs_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "models"))
+    out = tmp_path / "upper.ffv.safetensors"
+    args = ["train", "ffv", "--pairs", str(pairs_file), "--model", str(tiny_gguf), "--init", "zeros", "--steps", "2", "--out", str(out)]
+    r = CliRunner().invoke(main, [*args, "--dtype", "bfloat16", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "no FFV layer has been chosen on this model's valid pairs; using layer 1" in r.stderr  # no --layer, no sweep
+    vf = vectorfile.load(out)
+    assert vf.rows.dtype == np.float32 and json.loads(vf.meta["fvpatch.config"])["layer"] == 1
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, [*args, "--force", "--device", "cuda"])
+        assert r.exit_code != 0 and "sees no CUDA GPU" in r.output and len(r.output.strip().splitlines()) == 1

@@ -77,7 +77,7 @@ def test_cli_lens_and_decode(tiny_gguf, tiny_session, tmp_path, monkeypatch):
     monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "models"))  # where the unembedding cache goes
     r = invoke("lens", "-m", tiny_gguf, "-p", PROMPT, "--layer", f"1,{N_LAYER - 1}", "--top", "2", "--json")
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output)
+    out = json.loads(r.stdout)
     n = len(tiny_session.tokenize(PROMPT))
     assert out["layers"] == [1, N_LAYER - 1] and len(out["top"][1]) == n and len(out["top"][1][0]) == 2
     own = tiny_session.run(PROMPT).logits
@@ -88,9 +88,9 @@ def test_cli_lens_and_decode(tiny_gguf, tiny_session, tmp_path, monkeypatch):
     save(VectorFile(f"l_out-{N_LAYER - 1}", row, [-1], fp), tmp_path / "v.safetensors")
     r = invoke("decode", "-m", tiny_gguf, tmp_path / "v.safetensors", "--top", "3", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["top"][0]["id"] == int(own.argmax())
+    assert json.loads(r.stdout)["top"][0]["id"] == int(own.argmax())
 
-    save(VectorFile("l_out-1", row, [-1], {**fp, "sha256": "0" * 64, "file": "other.gguf"}), tmp_path / "w.safetensors")
+    save(VectorFile("l_out-1", row, [-1], {**fp, "name": "another model", "file": "other.gguf"}), tmp_path / "w.safetensors")
     r = invoke("decode", "-m", tiny_gguf, tmp_path / "w.safetensors")
     assert r.exit_code != 0 and "--force" in r.output
     assert invoke("decode", "-m", tiny_gguf, tmp_path / "w.safetensors", "--force").exit_code == 0

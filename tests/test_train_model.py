@@ -43,6 +43,63 @@ def test_conversion_is_cached(tiny_lm, tiny_gguf, monkeypatch, tmp_path):
         assert torch.equal(a, b)
 
 
+def test_only_the_dtype_used_is_cached_and_a_float32_cache_serves_every_dtype(tiny_lm, tiny_gguf, monkeypatch, tmp_path):
+    from fvpatch.models import file_key
+    from train.model import load_model
+
+    key = file_key(tiny_gguf)
+    reference = tiny_lm.model.state_dict()  # float32, converted in the tiny_lm fixture's own models dir
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "a"))
+    bf16 = load_model(tiny_gguf, dtype="bfloat16")
+    (cache,) = (tmp_path / "a" / "hf-cache").iterdir()
+    assert cache.name == f"{key}-bfloat16"
+    f32_bytes = sum(v.numel() * 4 for v in reference.values())
+    assert (cache / "model.safetensors").stat().st_size < 0.55 * f32_bytes
+    for name, value in bf16.model.state_dict().items():  # converted straight to bfloat16 = float32's weights rounded
+        assert value.dtype == torch.bfloat16 and torch.equal(value, reference[name].to(torch.bfloat16)), name
+
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "b"))
+    load_model(tiny_gguf)
+    fp16 = load_model(tiny_gguf, dtype="float16")
+    assert [p.name for p in (tmp_path / "b" / "hf-cache").iterdir()] == [f"{key}-float32"]  # nothing more written
+    for name, value in fp16.model.state_dict().items():
+        assert value.dtype == torch.float16 and torch.equal(value, reference[name].to(torch.float16)), name
+
+
+def test_a_model_that_overflows_float16_is_refused(tiny_lm):
+    import copy
+    import dataclasses
+
+    from train.model import _check_float16_range
+
+    half = dataclasses.replace(tiny_lm, model=copy.deepcopy(tiny_lm.model).half(), dtype=torch.float16)
+    _check_float16_range(half)  # the tiny model's activations fit
+    decoder_layers(half.model)[2].mlp.down_proj.weight.mul_(1e5)  # as Gemma 3's residual stream outgrows float16 at block 7
+    with pytest.raises(ValueError, match=r"overflows float16 \(block 2's output"):
+        _check_float16_range(half)
+
+
+def test_device_auto_prefers_cuda_then_mps_and_a_missing_device_is_a_clear_error(monkeypatch):
+    from train.model import torch_device, torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert torch_device("auto") == torch_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="sees no CUDA GPU"):
+        torch_device("cuda")
+    with pytest.raises(ValueError, match="no Apple MPS backend"):
+        torch_device("mps")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert torch_device("auto") == torch.device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert torch_device("auto") == torch.device("cuda")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, mps"):
+        torch_device("tpu")
+    assert torch_dtype("bfloat16") == torch_dtype(torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16"):
+        torch_dtype("int8")
+
+
 def test_loads_a_hugging_face_directory(tiny_lm, tiny_gguf, tmp_path):
     from transformers import AutoTokenizer
 

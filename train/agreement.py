@@ -1,6 +1,6 @@
 """How closely the PyTorch model's block outputs match llama.cpp's `l_out-L` on the same prompt.
 
-    .venv/bin/python -m train.agreement [--model PATH] [--prompt TEXT]
+    .venv/bin/python -m train.agreement [--model PATH] [--prompt TEXT] [--dtype bfloat16]
 
 prints a markdown table: per layer, the cosine between the two engines' vectors at each token (mean and
 lowest over the prompt) and the mean relative error ||torch - llama.cpp|| / ||llama.cpp||. The gap is
@@ -14,7 +14,7 @@ import torch
 
 from fvpatch import Save, Session
 from train.hooks import record_residual
-from train.model import LoadedModel, load_model
+from train.model import DTYPES, LoadedModel, load_model
 
 PROMPT = "The capital of France is Paris. Egypt -> Cairo, Norway -> Oslo, Estonia -> Tallinn\n1, 2, 3"
 
@@ -42,11 +42,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
     parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32", help="of the PyTorch model (default: float32)")
     args = parser.parse_args()
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     with Session(lm.tokenizer.path) as session:
         rows = residual_agreement(lm, session, args.prompt)
-    print(f"{lm.fingerprint['file']}, {len(lm.tokenize(args.prompt))} tokens: {args.prompt!r}\n")
+    print(f"{lm.fingerprint['file']} ({args.dtype} in PyTorch), {len(lm.tokenize(args.prompt))} tokens: {args.prompt!r}\n")
     print("| layer | cosine (mean) | cosine (min) | relative error (mean) |")
     print("|---:|---:|---:|---:|")
     for L, mean, low, rel in rows:

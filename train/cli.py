@@ -13,12 +13,28 @@ def eval_cmd():
     """Evaluate vectors on relation tasks, in PyTorch and in llama.cpp."""
 
 
+# the names of train.model.DTYPES and DEVICES, written out so that --help needs no torch
+torch_options = [
+    click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+                 help="Weights and activations of the PyTorch model; vectors are still trained and written in float32. "
+                      "bfloat16 halves the memory (README: Training on bigger models)."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
+                 help="Where the PyTorch model runs; auto: CUDA if present, else Apple MPS, else the CPU."),
+]
+
+
+def _torch_options(f):
+    for opt in reversed(torch_options):
+        f = opt(f)
+    return f
+
+
 @train.command()
 @click.option("--task", default=None, help="A vendored relation task, e.g. antonym (the files in fvpatch/datasets/).")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own pairs: .json/.jsonl/.csv with input and output.")
 @click.option("--n-train", type=int, default=20, show_default=True, help="Train pairs to learn from (the first of the train split).")
 @click.option("--n-valid", type=int, default=50, show_default=True, help="Valid pairs for early stopping (at most).")
-@click.option("--layer", type=int, default=4, show_default=True, help="Add the vector to the output of this block (l_out-LAYER).")
+@click.option("--layer", type=int, default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M; train.ffv.MEASURED_LAYERS).")
 @click.option("--init", type=click.Choice(["fv", "taskvec", "random", "zeros"]), default="taskvec", show_default=True, help="Starting vector: the task vector or the function vector of 10-shot prompts over the training pairs, a random residual-sized one, or zeros.")
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate, relative to the residual's RMS coordinate at the layer.")
 @click.option("--steps", type=int, default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")
@@ -27,10 +43,11 @@ def eval_cmd():
 @click.option("--every-answer-token", is_flag=True, help="Also add the vector at every answer token (apply it with `patch --every-token`).")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Vector file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init, every_answer_token, template_name, seed, model, out, force):
+@_torch_options
+def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init, every_answer_token, template_name, seed, model, out, force, dtype, device):
     """Fine-tune a function vector: one vector, added at the answer-predicting token of zero-shot prompts,
     learned from ~20 pairs with the model frozen.
 
@@ -45,7 +62,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
     from fvpatch import vectorfile
     from fvpatch.prompts import template
     from fvpatch.tasks import load_task
-    from train.ffv import Config, prepare, train_ffv
+    from train.ffv import Config, default_layer, prepare, train_ffv
     from train.model import load_model
 
     if (task is None) == (pairs is None):
@@ -53,7 +70,12 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
     if Path(out).exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite it")
     tpl = template(template_name)
-    lm = load_model(model)
+    lm = load_model(model, device, dtype)
+    if layer is None:
+        layer, measured = default_layer(lm)
+        if not measured:
+            click.echo(f"warning: no FFV layer has been chosen on this model's valid pairs; using layer {layer} (the default model's "
+                       f"relative depth). Choose one with `python -m train.sweep_ffv --model {model}` or pass --layer", err=True)
     data = prepare(lm, load_task(task or pairs), tpl, n_train, n_valid)
     cfg = Config(layer=layer, init=init, lr=lr, steps=steps, l2=l2, l2_from_init=l2_from_init, every_answer_token=every_answer_token, seed=seed)
     vf, hist = train_ffv(lm, data, tpl, cfg)
@@ -72,10 +94,11 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 @click.option("--lr", type=float, default=0.02, show_default=True, help="Adam learning rate.")
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated analogies and of the minibatch order.")
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Bank file to write (default: the shipped analogy.bank.safetensors).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force):
+@_torch_options
+def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, dtype, device):
     """Fit the map that composes a bank of function vectors into one vector for an analogy A:B::C:?,
     and write the bank with its map as one file (what `fvpatch analogy` uses).
 
@@ -96,7 +119,7 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force):
         raise click.ClickException(f"{out} exists; pass --force to overwrite it")
     bank = load_bank(bank_path or FFV_DIR)
     analogies = generate(bank.names, "train", n_train, seed, exclude=bank.trained_on)
-    lm = load_model(model)
+    lm = load_model(model, device, dtype)
     check_fingerprint(bank.model, lm.fingerprint)
     scores = bank_scores(lm, bank, [(x.a, x.b) for x in analogies], progress=True)
     cfv_map, hist = fit_map(lm, bank, analogies, scores, FitConfig(objective, l2, lr, steps, seed=seed))
@@ -111,7 +134,7 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force):
 @click.option("--n", "n_test", type=int, default=200, show_default=True, help="Generated test analogies (without --data).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated analogies.")
 @click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
 @click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
 @click.option("--force", is_flag=True, help="Use a bank made on another model file.")
@@ -158,11 +181,12 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
 @click.option("--n-valid", type=int, default=50, show_default=True, help="Valid pairs scored per layer when choosing the layer.")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demonstrations drawn.")
-@click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Vector file to write (default: TASK.fv.safetensors or TASK.taskvec.safetensors).")
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="cma: also draw the head AIE map to this PNG.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed, model, out, heatmap, force):
+@_torch_options
+def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed, model, out, heatmap, force, dtype, device):
     """Extract a function vector (causal mediation over attention heads) or a task vector from k-shot
     prompts of a relation task, choose its layer on the valid split, and write it as a vector file.
 
@@ -188,7 +212,7 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite it")
     tpl = template(template_name)
-    lm = load_model(model)
+    lm = load_model(model, device, dtype)
     predict = torch_predictor(lm)
     if method == "cma":
         vf, hm, grid = train_fv(lm, t, tpl, predict, k, n_prompts, n_heads, layer, n_valid, seed)
@@ -208,7 +232,7 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
     click.echo(f"{vf.tensor} ({vf.mode}) {method} vector for {t.name} -> {out}")
 
 
-def _engines(engine: str, model, vector_model: dict | None, lm=None):
+def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto"):
     """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's, if loaded)."""
     from fvpatch.evaluate import llamacpp_predictor
     from fvpatch.models import check_fingerprint, resolve_model
@@ -224,7 +248,7 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None):
         from train.evaluate import torch_predictor
         from train.model import load_model
 
-        lm = lm or load_model(model)
+        lm = lm or load_model(model, device, dtype)
         if vector_model and lm.fingerprint:
             check_fingerprint(vector_model, lm.fingerprint)
         out["torch"] = (torch_predictor(lm), lm.tokenize)
@@ -244,7 +268,7 @@ eval_options = [
     click.option("--k", type=int, default=10, show_default=True, help="Demonstrations in the ICL and shuffled-label prompts."),
     click.option("--template", "template_name", default=None, help="Prompt template: qa, arrow, or a string with {x} and {y} (default: the vector's, else qa)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demonstrations drawn."),
-    click.option("--model", "-m", type=click.Path(dir_okay=False), default=None, help="GGUF file (default: Gemma 3 270M Q4_K_M)."),
+    click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."),
     click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here."),
 ]
 
@@ -252,16 +276,14 @@ eval_options = [
 def _eval_options(f):
     for opt in reversed(eval_options):
         f = opt(f)
-    return f
+    return _torch_options(f)
 
 
 def _write_json(out, payload):
-    import json
-    from pathlib import Path
+    from fvpatch.atomic import write_json
 
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(out, payload)
 
 
 @eval_cmd.command()
@@ -269,7 +291,7 @@ def _write_json(out, payload):
 @click.option("--vector", default=None, help="Vector file (or shipped vector name) to patch at the last prompt token; without it only the baselines run.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
 @click.option("--n", "n_items", type=int, default=100, show_default=True, help="Queries scored (the first of the split).")
-def task(task, engine, k, template_name, seed, model, out, vector, split, n_items):
+def task(task, engine, k, template_name, seed, model, out, dtype, device, vector, split, n_items):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
     k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
 
@@ -285,7 +307,7 @@ def task(task, engine, k, template_name, seed, model, out, vector, split, n_item
     vf = vectorfile.load(vector_path(vector)) if vector else None
     t, tpl = _task_and_template(task, template_name, vf)
     results = {}
-    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None).items():
+    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device).items():
         items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
         results[name] = evaluate(predict, items, vf)
     first = next(iter(results.values()))
@@ -307,7 +329,7 @@ def task(task, engine, k, template_name, seed, model, out, vector, split, n_item
 @click.option("--n", "n_items", type=int, default=50, show_default=True, help="Queries scored per layer.")
 @click.option("--condition", type=click.Choice(["zero_shot", "shuffled"]), default="zero_shot", show_default=True, help="Which prompts get the vector.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy against layer to this PNG.")
-def sweep(task, engine, k, template_name, seed, model, out, vector, method, split, n_items, condition, plot):
+def sweep(task, engine, k, template_name, seed, model, out, dtype, device, vector, method, split, n_items, condition, plot):
     """Accuracy with the vector placed at each layer in turn (a function vector is added there unchanged;
     task vectors are recomputed per layer), next to the zero-shot and ICL baselines.
 
@@ -336,11 +358,11 @@ def sweep(task, engine, k, template_name, seed, model, out, vector, method, spli
         from train.model import load_model
         from train.taskvec import task_vectors
 
-        lm = load_model(model)
+        lm = load_model(model, device, dtype)
         rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
         files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
     results = {}
-    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, lm).items():
+    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, lm, dtype, device).items():
         items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
         base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
         results[name] = {"baselines": base, "by_layer": layer_sweep(predict, items, files, f"{condition}+vector")}

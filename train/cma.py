@@ -77,9 +77,9 @@ def mean_head_outputs(lm: LoadedModel, token_lists: list[list[int]], batch_size:
             lm.model.model(input_ids=ids, attention_mask=mask)
         rows = torch.arange(len(last), device=lm.device)
         for L, layer in enumerate(layers):
-            h = heads[L][rows, last].float()
-            total[L] += h.sum(0)
-            rms[L] += layer.self_attn.o_proj(h.flatten(-2)).pow(2).mean(-1).sqrt().sum()
+            h = heads[L][rows, last]
+            total[L] += h.float().sum(0)
+            rms[L] += layer.self_attn.o_proj(h.flatten(-2)).float().pow(2).mean(-1).sqrt().sum()
     return total / len(token_lists), rms / len(token_lists)
 
 
@@ -104,7 +104,7 @@ def head_effects(lm: LoadedModel, token_lists: list[list[int]], answers: list[in
     patched = torch.empty(len(token_lists), lm.n_layer, lm.n_head)
     base = torch.empty(len(token_lists))
     for p, (tokens, answer) in enumerate(tqdm(list(zip(token_lists, answers)), desc="head effects", leave=False)):
-        prefix = lm.model.model(input_ids=torch.tensor([tokens[:-1]], device=lm.device), use_cache=True).past_key_values
+        prefix = lm.model.model(input_ids=torch.tensor([tokens[:-1]], device=lm.device), use_cache=True).cache
         last = torch.tensor([[tokens[-1]]], device=lm.device)
         probs = []
         for i in range(0, len(rows_all), batch_size):
@@ -113,7 +113,7 @@ def head_effects(lm: LoadedModel, token_lists: list[list[int]], answers: list[in
             def run(b):
                 cache = copy.deepcopy(prefix)  # the forward appends to the cache it is given
                 cache.batch_repeat_interleave(b)
-                return unembed(lm, lm.model.model(input_ids=last.expand(b, 1), past_key_values=cache, use_cache=True).last_hidden_state[:, -1])
+                return unembed(lm, lm.model.model(input_ids=last.expand(b, 1), cache=cache, use_cache=True).last_hidden_state[:, -1])
 
             probs.append(_patched_prob(lm, run, rows, mean_heads, answer, 0))
         probs = torch.cat(probs).cpu()
@@ -156,7 +156,7 @@ def function_vector(lm: LoadedModel, hm: HeadMap, heads: list[tuple[int, int]]) 
     """Sum of the heads' mean outputs as they reach the residual stream (see the module docstring)."""
     total = torch.zeros(lm.n_embd, device=lm.device)
     for L, h in heads:
-        share = head_to_residual(lm.model, L, h, hm.mean_heads[L, h])
+        share = head_to_residual(lm.model, L, h, hm.mean_heads[L, h]).float()  # the norm below then runs in float32 too
         norm = post_attention_norm(lm, L)
         if norm is not None:
             # norm(x) * sqrt(mean(x^2) + eps) is x times the norm's weight: the norm with the share's own RMS undone

@@ -31,6 +31,10 @@ from train.model import LoadedModel
 
 INITS = ("fv", "taskvec", "random", "zeros")
 
+# The FFV layer chosen on each model's valid pairs (`python -m train.sweep_ffv --model PATH`), by GGUF file
+# name. The default model's is results/ffv/sweep.md; add a model here once its sweep has chosen a layer.
+MEASURED_LAYERS = {"gemma-3-270m-q4_k_m.gguf": 4}
+
 
 @dataclass
 class Config:
@@ -74,7 +78,7 @@ class Examples:
     def forward(self, lm: LoadedModel) -> torch.Tensor:
         """Final hidden states (b, s, d) of `ids` after the cached prefixes."""
         return lm.model.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
-                              past_key_values=copy.deepcopy(self.cache), use_cache=True).last_hidden_state
+                              cache=copy.deepcopy(self.cache), use_cache=True).last_hidden_state
 
 
 @torch.no_grad()
@@ -89,7 +93,7 @@ def encode(lm: LoadedModel, tpl: Template, pairs: list[Pair]) -> Examples:
         rests.append(ids[-1:] + answer)
     prefix_ids, prefix_mask, _ = lm.batch(prefixes)
     ids, rest_mask, _ = lm.batch(rests)
-    cache = lm.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True).past_key_values
+    cache = lm.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True).cache
     n_prefix = prefix_mask.sum(1, keepdim=True)
     position_ids = n_prefix + torch.arange(ids.shape[1], device=lm.device)
     n_answer = rest_mask.sum(1) - 1
@@ -144,6 +148,15 @@ def initial_vector(lm: LoadedModel, task: Task, tpl: Template, cfg: Config, ex: 
         icl = task_vectors(lm, task, tpl, k, len(task.train), cfg.seed)[cfg.layer]
         return icl - last_residual(lm, ex, cfg.layer).mean(0)
     raise ValueError(f"init must be one of {', '.join(INITS)}, got {cfg.init!r}")
+
+
+def default_layer(lm: LoadedModel) -> tuple[int, bool]:
+    """(layer, chosen on this model's valid pairs?). A model without a sweep gets the default model's layer at
+    the same relative depth, a guess that its own sweep should replace."""
+    file = (lm.fingerprint or {}).get("file")
+    if file in MEASURED_LAYERS:
+        return MEASURED_LAYERS[file], True
+    return min(lm.n_layer - 1, round(MEASURED_LAYERS["gemma-3-270m-q4_k_m.gguf"] * lm.n_layer / 18)), False  # Gemma 3 270M: 18 layers
 
 
 @dataclass

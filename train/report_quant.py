@@ -1,0 +1,98 @@
+"""Vectors across quantizations: each shipped vector, made on one quantization, scored on others of the same model.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m train.report_quant [--model gemma-3-270m] [--quants Q8_0,Q4_0] [--n-test 50]
+
+The other quantizations are written from the model file with llama.cpp's own quantizer (`fvpatch quantize`;
+a known model's only copy is 4-bit, so they are requantizations of it). For every vector shipped for the model
+(vectors/<model>/*.safetensors, bank files aside): top-1 of the answer's first token on the first `--n-test`
+TEST pairs of its task, zero-shot prompt plus the vector at its layer (the file's mode and scale), in llama.cpp,
+on the file it was made on and on each other quantization; and zero-shot without a vector on each, for scale.
+No torch is used. Resumable: results/<model>/quant_transfer.json is rewritten after each (vector, quantization).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fvpatch import vectorfile
+from fvpatch.atomic import write_json
+from fvpatch.bank import NAMES_KEY
+from fvpatch.evaluate import llamacpp_predictor
+from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_model, short_name
+from fvpatch.prompts import template
+from fvpatch.session import Session
+from fvpatch.tasks import load_task
+from train.report_fv import pct
+from train.sweep_ffv import zero_shot_top1
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def markdown(report: dict) -> str:
+    quants = report["quants"]
+    lines = [f"# Vectors across quantizations: {report['model']}", "",
+             f"Regenerate: `{report['command']}`. Top-1 (first answer token) on the first {report['n_test']} TEST pairs of each vector's "
+             "task, zero-shot `Q: x\\nA:` prompt plus the vector, llama.cpp. Every vector was made on the first column's file; the "
+             "others are written from it with llama.cpp's quantizer.", "",
+             "| vector | layer | " + " | ".join(quants) + " |", "|---|---|" + "---|" * len(quants)]
+    for task, row in report["zero_shot"].items():
+        lines.append(f"| (zero-shot, no vector) {task} | - | " + " | ".join(pct(row.get(q)) for q in quants) + " |")
+    for name, row in report["vectors"].items():
+        lines.append(f"| {name} | {row['layer']} | " + " | ".join(pct(row["acc"].get(q)) for q in quants) + " |")
+    diffs = [r["acc"][q] - r["acc"][quants[0]] for r in report["vectors"].values() for q in quants[1:] if q in r["acc"]]
+    if diffs:
+        lines += ["", f"Change against the file the vectors were made on, over {len(diffs)} (vector, quantization) pairs: "
+                  f"mean {100 * np.mean(diffs):+.1f} points, worst {100 * min(diffs):+.0f}, best {100 * max(diffs):+.0f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="GGUF file or known model name whose shipped vectors are scored (default: the default model).")
+    ap.add_argument("--quants", default="Q8_0,Q4_0", help="Other quantizations to write and score on.")
+    ap.add_argument("--n-test", type=int, default=50)
+    args = ap.parse_args()
+
+    source = resolve_model(args.model)
+    name = short_name(source)
+    files = [p for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if NAMES_KEY not in vectorfile.load(p).meta]
+    if not files:
+        raise SystemExit(f"no vectors shipped in vectors/{name}/")
+    models = {"made on": source}
+    for q in args.quants.split(","):
+        path = models_dir() / f"{name}-{q.lower()}.gguf"
+        models[q] = path if path.exists() else quantize(source, path, q)
+    out = ROOT / "results" / name / "quant_transfer.json"
+    report = json.loads(out.read_text()) if out.exists() else {"zero_shot": {}, "vectors": {}}
+    report |= {"model": name, "n_test": args.n_test, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_quant --model {name} "
+               f"--quants {args.quants} --n-test {args.n_test}"}
+
+    for label, path in models.items():
+        with Session(path) as s:
+            quant = s.quant() if label != "made on" else f"{s.quant()} (made on)"
+            report.setdefault("quants", [])
+            if quant not in report["quants"]:
+                report["quants"].append(quant)
+            predict = llamacpp_predictor(s)
+            for f in files:
+                vf = vectorfile.load(f)
+                check_fingerprint(vf.model, s.fingerprint())  # another quantization passes; another model would not
+                task = load_task(vf.meta["fvpatch.task"])
+                tpl, pairs = template(vf.meta.get("fvpatch.template", "qa")), task.test[: args.n_test]
+                zs = report["zero_shot"].setdefault(task.name, {})
+                if quant not in zs:
+                    zs[quant] = zero_shot_top1(s, predict, tpl, pairs, None)
+                row = report["vectors"].setdefault(f.stem, {"layer": vf.layer, "acc": {}})
+                if quant not in row["acc"]:
+                    row["acc"][quant] = zero_shot_top1(s, predict, tpl, pairs, vf)
+                    print(f"{quant:<18} {f.stem:<32} {pct(row['acc'][quant])}", flush=True)
+                    write_json(out, report)
+    write_json(out, report)
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
