@@ -65,7 +65,7 @@ def _from_dir(folder: Path) -> Bank:
         names.append(name)
         rows.append(vf.rows[0] * np.float32(vf.scale))
         if "fvpatch.pairs" in vf.meta:
-            trained_on[name] = [tuple(p) for p in json.loads(vf.meta["fvpatch.pairs"])]
+            trained_on[name] = [tuple(p) for p in _json_meta(path, vf.meta, "fvpatch.pairs", _is_pairs, "a JSON list of [input, output] pairs")]
     return Bank(names, np.stack(rows), first.tensor, first.model, trained_on)
 
 
@@ -73,10 +73,28 @@ def _from_file(path: Path) -> Bank:
     vf = vectorfile.load(path)
     if NAMES_KEY not in vf.meta:
         raise ValueError(f"{path}: not a bank file (no {NAMES_KEY} metadata); give a folder of .ffv.safetensors or a file from save_bank")
-    meta = dict(vf.meta)
-    names = json.loads(meta.pop(NAMES_KEY))
-    trained_on = {k: [tuple(p) for p in v] for k, v in json.loads(meta.pop(PAIRS_KEY, "{}")).items()}
+    names = _json_meta(path, vf.meta, NAMES_KEY, lambda v: type(v) is list and all(type(x) is str for x in v), "a JSON list of relation names")
+    pairs = _json_meta(path, vf.meta, PAIRS_KEY, lambda v: type(v) is dict and all(map(_is_pairs, v.values())), "a JSON object of relation -> pairs")
+    trained_on = {k: [tuple(p) for p in v] for k, v in (pairs or {}).items()}
+    meta = {k: v for k, v in vf.meta.items() if k not in (NAMES_KEY, PAIRS_KEY)}
     return Bank(names, vf.rows * np.float32(vf.scale), vf.tensor, vf.model, trained_on, meta)
+
+
+def _is_pairs(value) -> bool:
+    return type(value) is list and all(type(p) is list and len(p) == 2 and all(type(x) is str for x in p) for p in value)
+
+
+def _json_meta(path: Path, meta: dict[str, str], key: str, fits, what: str):
+    """A JSON metadata value of the shape `fits` accepts (None when absent); anything else is refused, naming the file."""
+    if key not in meta:
+        return None
+    try:
+        value = vectorfile.strict_json(meta[key], key)
+    except vectorfile.VectorFileError as e:
+        raise vectorfile.VectorFileError(f"{path}: {e}") from None
+    if not fits(value):
+        raise vectorfile.VectorFileError(f"{path}: {key} must be {what}")
+    return value
 
 
 def load_bank(path: str | Path = BANK_FILE) -> Bank:

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -9,10 +10,8 @@ import click
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.lens import Lens, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.models import check_fingerprint, resolve_model
-from fvpatch.session import ModelFile, Patch, Save, Session
-from fvpatch.unembed import load_unembed
+from fvpatch.session import Patch, Save, Session
 
 EXPECTED_ERRORS = (ValueError, IndexError, TypeError, FileNotFoundError, FileExistsError, RuntimeError)
 
@@ -80,6 +79,18 @@ def generation_options(f):
     return f
 
 
+class FiniteFloat(click.ParamType):
+    """A float that is a number: click's float takes 'nan' and 'inf', which would patch garbage and exit 0."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        x = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return x
+
+
 def open_session(model, n_ctx, n_gpu_layers) -> Session:
     return Session(resolve_model(model), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
 
@@ -96,7 +107,7 @@ def top_tokens(session: Session, logits: np.ndarray, k: int = 5) -> list[dict]:
     idx = np.argsort(-logits)[:k]
     z = logits - logits.max()
     p = np.exp(z) / np.exp(z).sum()
-    return [{"token": session.piece(int(i)).decode("utf-8", "replace"), "id": int(i), "p": round(float(p[i]), 4)} for i in idx]
+    return [{"token": session.piece_text(i), "id": int(i), "p": round(float(p[i]), 4)} for i in idx]
 
 
 @main.command()
@@ -175,7 +186,7 @@ def fits(path, vector_model: dict, model: dict, force: bool):
 @click.option("--from-token-idx", type=int, default=None, help="Which saved row of the file to use (default: its only row).")
 @click.option("--to-token-idx", type=int, default=-1, show_default=True, help="Prompt position to patch.")
 @click.option("--mode", type=click.Choice(vectorfile.MODES), default=None, help="replace or add (default: the file's mode).")
-@click.option("--scale", type=float, default=None, help="Multiply the vector (default: the file's scale).")
+@click.option("--scale", type=FiniteFloat(), default=None, help="Multiply the vector (default: the file's scale).")
 @click.option("--every-token", is_flag=True, help="Also patch every generated token, as function vectors are applied.")
 @click.option("--compare", is_flag=True, help="Also run without the patch and print both.")
 @click.option("--force", is_flag=True, help="Apply a vector made on another model (same shape; another quantization needs no --force).")
@@ -198,6 +209,9 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
             vf = vectorfile.load(path)
             fits(path, vf.model, fp, force)
             specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), to_token_idx, mode or vf.mode, vf.scale if scale is None else scale, every_token))
+        with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
+            if not all(np.isfinite(p.vector * np.float32(p.scale)).all() for p in specs):
+                raise ValueError("the vector times its scale overflows float32; give a smaller --scale")
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         payload = {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits),
                    "patches": [{"tensor": p.tensor, "token": p.token, "mode": p.mode, "scale": p.scale} for p in specs]}
@@ -207,28 +221,6 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
             payload["unpatched"] = r0.text
             lines.insert(0, f"unpatched: {prompt}{r0.text}")
         emit(as_json, payload, lines)
-
-
-@main.command()
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def inspect(file, as_json):
-    """Show a vector file's metadata and the norm of each row.
-
-    \b
-    Example:
-      fvpatch inspect capital.safetensors
-    """
-    vf = vectorfile.load(vector_path(file))
-    norms = [round(float(n), 4) for n in np.linalg.norm(vf.rows, axis=1)]
-    payload = {"tensor": vf.tensor, "layer": vf.layer, "shape": list(vf.rows.shape), "positions": vf.positions,
-               "row_norms": norms, "mode": vf.mode, "scale": vf.scale, "model": vf.model, "meta": vf.meta}
-    lines = [f"tensor    {vf.tensor}  (layer {vf.layer}, {vf.rows.shape[0]} rows x {vf.width})",
-             f"mode      {vf.mode}, scale {vf.scale}",
-             f"model     {vf.model.get('name') or vf.model.get('arch')}  {vf.model.get('quant', '')}  {vf.model.get('file')}  vocab {vf.model.get('vocab', '?')}"]
-    lines += [f"{k:<9} {v}" for k, v in vf.meta.items()]
-    lines += [f"row {pos:>4}  norm {n}" for pos, n in zip(vf.positions, norms)]
-    emit(as_json, payload, lines)
 
 
 @main.command()
@@ -245,7 +237,7 @@ def tokenize(model, n_ctx, n_gpu_layers, prompt, as_json):
     with open_session(model, n_ctx, n_gpu_layers) as s:
         toks = s.tokenize(prompt)
         n = len(toks)
-        rows = [{"index": i, "from_end": i - n, "id": t, "piece": s.piece(t).decode("utf-8", "replace")} for i, t in enumerate(toks)]
+        rows = [{"index": i, "from_end": i - n, "id": t, "piece": s.piece_text(t)} for i, t in enumerate(toks)]
         emit(as_json, {"tokens": rows}, [f"{r['index']:>4} {r['from_end']:>5}  {r['id']:>7}  {r['piece']!r}" for r in rows])
 
 
@@ -274,10 +266,6 @@ def file_row(vf: vectorfile.VectorFile, idx: int | None) -> np.ndarray:
     return vf.row(idx)
 
 
-def piece_text(model, token: int) -> str:
-    return model.piece(int(token)).decode("utf-8", "replace")
-
-
 def parse_layers(spec: str, n_layer: int) -> list[int]:
     if spec == "all":
         return list(range(n_layer))
@@ -289,82 +277,6 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
         return layers
     except ValueError:
         raise click.BadParameter(f"expected N, N,M,..., A-B or all, got {spec!r}", param_hint="--layer") from None
-
-
-def lens_lines(lens: Lens, s: Session) -> list[str]:
-    """One layer or one position: a line per position or layer with its top-k. Otherwise a grid of top-1 tokens."""
-    pos_label = [f"{p:>4} {piece_text(s, lens.tokens[p])!r:<12}" for p in lens.positions]
-    topk = lambda i, j: "  ".join(f"{piece_text(s, t)!r} {z:.1f}" for t, z in zip(lens.ids[i, j], lens.logits[i, j]))
-    if len(lens.layers) == 1:
-        return [f"{lens.tensor}-{lens.layers[0]}, top {lens.ids.shape[2]} tokens (logit) at each position:"] + [
-            f"{pos_label[j]} {topk(0, j)}" for j in range(len(lens.positions))]
-    if len(lens.positions) == 1:
-        return [f"position {pos_label[0].strip()}, top {lens.ids.shape[2]} tokens (logit) of {lens.tensor} at each layer:"] + [
-            f"layer {L:>3}  {topk(i, 0)}" for i, L in enumerate(lens.layers)]
-    lines = [f"top-1 token of {lens.tensor} (rows: prompt positions, columns: layers)",
-             " " * 18 + "".join(f"{L:>10}" for L in lens.layers)]
-    lines += [pos_label[j] + " " + "".join(f"{token_label(s, lens.ids[i, j, 0], 9):>10}" for i in range(len(lens.layers))) for j in range(len(lens.positions))]
-    return lines
-
-
-@main.command()
-@model_options
-@click.option("--prompt", "-p", required=True, help="The prompt text.")
-@click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name of residual width (l_out, ffn_out, attn_out or attn_post_norm, ...).")
-@click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,..., A-B or all.")
-@click.option("--token-idx", type=int, multiple=True, help="Prompt positions to read (default: all). Repeatable.")
-@click.option("--top", type=int, default=5, show_default=True, help="Tokens per cell.")
-@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw a layers x positions heatmap of the top-1 token (needs matplotlib).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top, png, as_json):
-    """Logit lens: the tokens each layer's residual stream already predicts, through the final norm and unembedding.
-
-    \b
-    Examples:
-      fvpatch lens -p "1 2 3 to 3 2 1, 5 6 7 to 7" --png lens.png
-      fvpatch lens -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --token-idx -1 --top 5
-    """
-    with open_session(model, n_ctx, n_gpu_layers) as s:
-        result = logit_lens(s, prompt, tensor, parse_layers(layer_spec, s.n_layer), list(token_idx) or None, top)
-        if png:
-            plot_lens(result, s, png, title=f"logit lens of {tensor}: {prompt!r}")
-        cells = [[[{"token": piece_text(s, t), "id": int(t), "logit": round(float(z), 3), "p": round(float(p), 4)}
-                   for t, z, p in zip(result.ids[i, j], result.logits[i, j], result.probs[i, j])]
-                  for j in range(len(result.positions))] for i in range(len(result.layers))]
-        payload = {"prompt": prompt, "tensor": tensor, "layers": result.layers,
-                   "positions": [{"index": p, "piece": piece_text(s, result.tokens[p])} for p in result.positions], "top": cells}
-        emit(as_json, payload, lens_lines(result, s) + ([f"heatmap -> {png}"] if png else []))
-
-
-@main.command()
-@model_options
-@click.argument("vector", metavar="NAME|FILE")
-@click.option("--top", type=int, default=20, show_default=True, help="Tokens to show.")
-@click.option("--token-idx", type=int, default=None, help="Which saved row of the file (default: its only row).")
-@click.option("--against", default=None, metavar="NAME|FILE", help="Show the tokens VECTOR promotes more than this vector does.")
-@click.option("--against-token-idx", type=int, default=None, help="Which saved row of the --against file (default: its only row).")
-@click.option("--force", is_flag=True, help="Decode a vector made on another model.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_token_idx, force, as_json):
-    """The tokens a saved vector promotes: the vector through the model's final norm and unembedding.
-
-    \b
-    Examples:
-      fvpatch decode capital.safetensors --top 20
-      fvpatch decode capital.safetensors --against other.safetensors
-    """
-    with ModelFile(resolve_model(model), vocab_only=True) as mf:
-        fp = mf.fingerprint()
-        rows = []
-        for path, idx in [(vector, token_idx)] + ([(against, against_token_idx)] if against else []):
-            vf = vectorfile.load(vector_path(path, fp))
-            fits(path, vf.model, fp, force)
-            rows.append(file_row(vf, idx))
-        ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
-        toks = [{"token": piece_text(mf, t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
-        what = "logit difference" if against else "logit"
-        emit(as_json, {"vector": vector, "against": against, "top": toks},
-             [f"{t['token']!r:<20} {t['logit']:>8.2f}" for t in toks] + [f"({what}; {len(toks)} tokens)"])
 
 
 @main.command()
@@ -402,6 +314,7 @@ def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, fo
 
 
 from fvpatch import cli_catalog  # noqa: E402 - registers its commands on `main`
+from fvpatch import cli_look  # noqa: E402 - registers `inspect`, `lens` and `decode` on `main`
 from fvpatch import cli_experiments  # noqa: E402 - registers `sweep` and `reversal` on `main`
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def prepare_reversal(session: Session, n: int = 40, seed: int = 0, lengths: tupl
     return Reversal(
         tensor, fixed, examined, dropped, targets,
         unpatched_first=float(np.mean([am[0] == t.answer[0] for t, am in zip(targets, unpatched)])),
-        unpatched_first_each=[_piece(session, am[0]) for am in unpatched],
+        unpatched_first_each=[session.piece_text(am[0]) for am in unpatched],
         unpatched_copy={"fixed": copy([fixed_answer[0]] * len(targets)), "matched": copy([t.source_answer[0] for t in targets])},
         sources_reverse={"fixed": float(list(fixed_own) == fixed_answer),
                          "matched": float(np.mean([list(am) == t.source_answer for t, am in zip(targets, own)]))},
@@ -248,11 +248,7 @@ def _rates(session: Session, targets: list[Target], argmax: list[np.ndarray], so
     first = [int(am[0] == t.answer[0]) for t, am in zip(targets, argmax)]
     copy = [int(am[0] == s) for am, s in zip(argmax, source_next)]
     return {"full": float(np.mean(full)), "first": float(np.mean(first)), "copy": float(np.mean(copy)),
-            "full_each": full, "first_token_each": [_piece(session, am[0]) for am in argmax]}
-
-
-def _piece(session: Session, token) -> str:
-    return session.piece(int(token)).decode("utf-8", "replace")
+            "full_each": full, "first_token_each": [session.piece_text(am[0]) for am in argmax]}
 
 
 def verify(session: Session, result: Reversal, k: int, seed: int = 0) -> dict:
@@ -273,7 +269,7 @@ def verify(session: Session, result: Reversal, k: int, seed: int = 0) -> dict:
             patches = [Patch(name, session.run(source, saves=[Save(name, (-1,))]).saved[name][0])]
             full, first = result.layers[L][kind]["full_each"][i], result.layers[L][kind]["first_token_each"][i]
         generated = session.run(t.prompt, patches=patches, max_tokens=len(t.answer)).generated
-        if (generated == t.answer) != bool(full) or _piece(session, generated[0]) != first:
+        if (generated == t.answer) != bool(full) or session.piece_text(generated[0]) != first:
             disagree.append({"layer": L, "source": kind, "list": " ".join(t.items), "generated": session.detokenize(generated),
                              "reported": {"full": full, "first": first}})
     return {"cases": len(cases), "agree": len(cases) - len(disagree), "disagree": disagree}

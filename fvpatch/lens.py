@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch.names import layer_of, layered
-from fvpatch.session import ModelFile, Save, Session
+from fvpatch.modelfile import ModelFile
+from fvpatch.session import Save, Session
 from fvpatch.unembed import Unembed, load_unembed, top_of
 
 HEAD_SPACE = ("Qcur", "Kcur", "Vcur", "Qcur_normed", "Kcur_normed", "kqv_out")  # before the attention output projection
@@ -120,5 +121,5 @@ def plot_lens(lens: Lens, model: ModelFile, path: str | Path, title: str = ""):
 
 def token_label(model: ModelFile, token: int, width: int = 8) -> str:
     """A token as a short visible label: spaces and newlines shown, long pieces cut."""
-    s = model.piece(int(token)).decode("utf-8", "replace").replace("\n", "\\n").replace(" ", "␣")
+    s = model.piece_text(token).replace("\n", "\\n").replace(" ", "␣")
     return s if len(s) <= width else s[: width - 1] + "…"

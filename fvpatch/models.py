@@ -190,7 +190,7 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
     allowed: the only copy of a known model may already be 4-bit)."""
     import llama_cpp as ll
 
-    from fvpatch.session import _quiet_backend
+    from fvpatch.modelfile import _quiet_backend
 
     ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None) if kind.upper() != "F32" else ll.LLAMA_FTYPE_ALL_F32
     if ftype is None:

@@ -5,8 +5,6 @@ token positions its rows hold. Save/patch specs name absolute prompt positions (
 of the prompt); patches apply to the prompt pass and, when asked, at every generated token.
 """
 
-import ctypes
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +13,7 @@ import llama_cpp as ll
 import numpy as np
 
 from fvpatch import ggml
+from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
 from fvpatch.vectorfile import MODES
 
@@ -49,119 +48,6 @@ class Result:
     saved: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> (rows, width), one row per position
     saved_positions: dict[str, list[int]] = field(default_factory=dict)  # tensor -> absolute positions
     prompt_logits: np.ndarray | None = None  # (n_prompt, n_vocab) when run(all_logits=True)
-
-
-_log_sink = ll.llama_log_callback(lambda level, text, user: None)
-_backend_ready = False
-
-
-def _quiet_backend():
-    """llama.cpp logs every tensor it loads; fvpatch reports its own errors instead."""
-    global _backend_ready
-    if not _backend_ready:
-        ll.llama_backend_init()
-        if not os.environ.get("FVPATCH_VERBOSE"):
-            ll.llama_log_set(_log_sink, ctypes.c_void_p())
-        _backend_ready = True
-
-
-class ModelFile:
-    """A GGUF loaded in llama.cpp: its facts and its tokenizer. With vocab_only the weights are not read,
-    so the training side tokenizes exactly as the runtime does, in a fraction of a second."""
-
-    def __init__(self, path: str | Path, vocab_only: bool = False, n_gpu_layers: int = 0):
-        _quiet_backend()
-        self.path = Path(path)
-        mparams = ll.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        mparams.vocab_only = vocab_only
-        self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
-            raise ValueError(f"llama.cpp could not load {self.path} as a GGUF model")
-        self._vocab = ll.llama_model_get_vocab(self._model)
-        self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self.arch = self._meta("general.architecture")
-        if vocab_only:  # llama.cpp reports 0 layers for a vocab-only load; the metadata states the shape
-            self.n_layer = int(self._meta(f"{self.arch}.block_count"))
-            self.n_embd = int(self._meta(f"{self.arch}.embedding_length"))
-        else:
-            self.n_layer = ll.llama_model_n_layer(self._model)
-            self.n_embd = ll.llama_model_n_embd(self._model)
-
-    # ---- model facts -------------------------------------------------------------------------
-
-    def _meta(self, key: str) -> str:
-        buf = ctypes.create_string_buffer(256)
-        n = ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
-
-    def fingerprint(self) -> dict[str, str]:
-        """What a vector made on this model must match (see fvpatch.models.check_fingerprint), plus what it was made on."""
-        return {
-            "arch": self.arch,
-            "name": self._meta("general.name"),
-            "n_layer": str(self.n_layer),
-            "n_embd": str(self.n_embd),
-            "vocab": self.vocab_hash(),
-            "quant": self.quant(),
-            "file": self.path.name,
-        }
-
-    def vocab_hash(self) -> str:
-        """sha256 (16 hex digits) of the token list: two files with the same hash tokenize alike."""
-        if not hasattr(self, "_vocab_hash"):
-            h = hashlib.sha256()
-            for t in range(self.n_vocab):
-                h.update(ll.llama_vocab_get_text(self._vocab, t) or b"")
-                h.update(b"\0")
-            self._vocab_hash = h.hexdigest()[:16]
-        return self._vocab_hash
-
-    def quant(self) -> str:
-        """The file's quantization as gguf names it (Q4_K_M, Q8_0, F32, ...), from general.file_type."""
-        import gguf
-
-        ftype = self._meta("general.file_type")
-        try:
-            return gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            return ftype or "unknown"
-
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        raw = text.encode("utf-8")
-        cap = len(raw) + 8
-        arr = (ll.llama_token * cap)()
-        n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, False)
-        if n < 0:
-            cap = -n
-            arr = (ll.llama_token * cap)()
-            n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, False)
-        return list(arr[:n])
-
-    def piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-        return buf.raw[:n]
-
-    def detokenize(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
-    def close(self):
-        if getattr(self, "_model", None):
-            ll.llama_model_free(self._model)
-            self._model = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 class Session(ModelFile):

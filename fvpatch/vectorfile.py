@@ -4,15 +4,21 @@ A file written by `fvpatch save` or by `train/` has exactly one tensor, named af
 was read from or is meant for (e.g. `l_out-9`), of shape (rows, width): one row per source token.
 Metadata keys (all strings, as safetensors requires) are listed in README. Only safetensors is read:
 nothing is ever unpickled.
+
+Reading trusts nothing in the file: the header length is bounded and the JSON header is checked (one
+tensor, its dtype F32, F16 or BF16, its shape and byte range exactly the data that follows, every
+metadata key fvpatch reads typed) before a byte of tensor data is read. F16 and BF16 rows become float32
+exactly and `VectorFile.dtype` says what was stored; any other dtype, and any NaN or inf, is refused.
 """
 
 import json
+import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from fvpatch import __version__
@@ -21,6 +27,12 @@ from fvpatch.names import layer_of
 
 FORMAT_VERSION = "1"
 MODES = ("replace", "add")
+DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: the high half of an f32
+MAX_HEADER_BYTES = 16 << 20  # headers take KBs (a bank's, 14 KB; a saved prompt adds its text): a longer one is not read
+MAX_POSITION = 2**31 - 1  # llama.cpp positions are int32
+
+_INT = re.compile(r"0|-?[1-9][0-9]{0,17}")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # what repr(float) writes, less nan/inf
 
 
 class VectorFileError(ValueError):
@@ -36,17 +48,30 @@ class VectorFile:
     mode: str = "replace"  # how `patch` applies it unless told otherwise
     scale: float = 1.0
     meta: dict[str, str] = field(default_factory=dict)  # prompt, template, task, heads, ...
+    dtype: str = "F32"  # how the rows were stored; load converts F16 and BF16 to float32 exactly, save writes F32
 
     def __post_init__(self):
         self.rows = np.asarray(self.rows, dtype=np.float32)
         if self.rows.ndim == 1:
             self.rows = self.rows[None, :]
-        if self.rows.ndim != 2:
-            raise VectorFileError(f"vector rows must be 1-D or 2-D, got shape {self.rows.shape}")
+        if self.rows.ndim != 2 or 0 in self.rows.shape:
+            raise VectorFileError(f"vector rows must be a non-empty 1-D or 2-D array, got shape {self.rows.shape}")
+        if not isinstance(self.positions, (list, tuple)) or not all(_is_position(p) for p in self.positions):
+            raise VectorFileError(f"positions must be a list of token positions (integers, -1 or 0..{MAX_POSITION}), got {_shown(self.positions)}")
+        self.positions = [int(p) for p in self.positions]
         if len(self.positions) != len(self.rows):
             raise VectorFileError(f"{len(self.rows)} rows but {len(self.positions)} positions")
         if self.mode not in MODES:
-            raise VectorFileError(f"mode must be one of {MODES}, got {self.mode!r}")
+            raise VectorFileError(f"mode must be one of {MODES}, got {_shown(self.mode)}")
+        self.scale = float(self.scale)
+        if not math.isfinite(self.scale):
+            raise VectorFileError(f"scale must be a finite number, got {self.scale}")
+        if self.dtype not in DTYPES:
+            raise VectorFileError(f"dtype must be one of {list(DTYPES)}, got {_shown(self.dtype)}")
+        bad = ~np.isfinite(self.rows)
+        if bad.any():
+            i = int(bad.any(axis=1).argmax())
+            raise VectorFileError(f"{int(bad.sum())} values are NaN or inf (first in row {i}, token {self.positions[i]}); a vector must be finite")
 
     @property
     def width(self) -> int:
@@ -93,27 +118,158 @@ def load(path: str | Path) -> VectorFile:
     path = Path(path)
     if not path.is_file():
         raise VectorFileError(f"{path}: no such vector file")
-    data = path.read_bytes()
     try:
-        tensors = _st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-    except (SafetensorError, ValueError, UnicodeDecodeError) as e:
-        raise VectorFileError(f"{path}: not a valid safetensors vector file ({e})") from None
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            header, data_len = _read_header(f, size)
+            meta = _fvpatch_metadata(header)
+            name, dtype, shape = _tensor_entry(header, data_len)
+            data = f.read(data_len)
+        if len(data) != data_len:
+            raise VectorFileError("not a valid safetensors vector file (it changed while it was read)")
+        return _vector_file(name, _float32_rows(data, dtype, shape), dtype, meta)
+    except OSError as e:
+        raise VectorFileError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except VectorFileError as e:
+        raise VectorFileError(f"{path}: {e}") from None
+
+
+def strict_json(text: str, what: str):
+    """JSON as the file's writers produce it: no NaN or Infinity, no repeated keys, and no floats (a header
+    and the metadata fvpatch reads hold only integers), so that nothing is rounded or coerced on the way in."""
+
+    def no_float(s):
+        raise VectorFileError(f"{what} holds the number {_shown(s)} where only integers belong")
+
+    def no_constant(s):
+        raise VectorFileError(f"{what} holds {s}, which is not JSON")
+
+    def unique(pairs):
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            raise VectorFileError(f"{what} repeats a key")
+        return out
+
+    try:
+        value = json.loads(text, parse_float=no_float, parse_constant=no_constant, object_pairs_hook=unique)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except VectorFileError:
+        raise
+    except RecursionError:
+        raise VectorFileError(f"{what} is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise VectorFileError(f"{what} holds a lone surrogate escape (such as \\ud800), which is not text") from None
+    except ValueError as e:  # JSONDecodeError, and int() of over 4300 digits
+        raise VectorFileError(f"{what} is not valid JSON ({_shown(str(e))})") from None
+    return value
+
+
+def _read_header(f, size: int) -> tuple[dict, int]:
+    """The JSON header, read only after its length fits the file and the bound, and the length of the data after it."""
+    if size < 8:
+        raise VectorFileError(f"not a valid safetensors vector file ({size} bytes, shorter than the 8-byte header length)")
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+        raise VectorFileError(f"not a valid safetensors vector file (header length {n} in a file of {size} bytes)")
+    try:
+        text = f.read(n).decode("utf-8")
+    except UnicodeDecodeError:
+        raise VectorFileError("not a valid safetensors vector file (the header is not UTF-8)") from None
+    try:
+        header = strict_json(text, "the header")
+    except VectorFileError as e:
+        raise VectorFileError(f"not a valid safetensors vector file ({e})") from None
+    if type(header) is not dict:
+        raise VectorFileError(f"not a valid safetensors vector file (the header is a JSON {type(header).__name__}, not an object)")
+    return header, size - 8 - n
+
+
+def _fvpatch_metadata(header: dict) -> dict[str, str]:
+    meta = header.get("__metadata__")
+    if meta is None:
+        raise VectorFileError("not an fvpatch vector file (no __metadata__)")
+    if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
+        raise VectorFileError("not a valid safetensors vector file (__metadata__ must map strings to strings)")
     if meta.get("fvpatch.format") != FORMAT_VERSION:
-        raise VectorFileError(f"{path}: not an fvpatch vector file (format {meta.get('fvpatch.format')!r}, expected {FORMAT_VERSION!r})")
-    name = meta.get("fvpatch.tensor", "")
-    if name not in tensors:
-        raise VectorFileError(f"{path}: metadata names tensor {name!r} but the file holds {sorted(tensors)}")
-    try:
-        positions = [int(p) for p in json.loads(meta["fvpatch.positions"])]
-        scale = float(meta["fvpatch.scale"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise VectorFileError(f"{path}: bad fvpatch metadata ({e})") from None
+        raise VectorFileError(f"not an fvpatch vector file (format {_shown(meta.get('fvpatch.format'))}, expected {FORMAT_VERSION!r})")
+    return meta
+
+
+def _tensor_entry(header: dict, data_len: int) -> tuple[str, str, list[int]]:
+    """The one tensor's name, dtype and shape; its bytes must be exactly the rest of the file."""
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    if len(tensors) != 1:
+        raise VectorFileError(f"a vector file holds exactly one tensor; this one holds {len(tensors)}: {_shown(sorted(tensors))}")
+    (name, entry), = tensors.items()
+    if type(entry) is not dict or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise VectorFileError(f"not a valid safetensors vector file (tensor {_shown(name)} must have exactly dtype, shape and data_offsets)")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise VectorFileError(f"tensor {_shown(name)} has dtype {_shown(dtype)}; only {', '.join(DTYPES)} are read (nothing is cast silently)")
+    if type(shape) is not list or len(shape) != 2 or not all(type(d) is int and d >= 1 for d in shape):
+        raise VectorFileError(f"tensor {_shown(name)} has shape {_shown(shape)}; a vector file holds [rows, width], both at least 1")
+    n_bytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets != [0, n_bytes] or any(type(o) is not int for o in offsets):
+        raise VectorFileError(f"not a valid safetensors vector file (data_offsets {_shown(offsets)} for {shape} {dtype}, expected [0, {n_bytes}])")
+    if n_bytes != data_len:
+        raise VectorFileError(f"not a valid safetensors vector file (the header promises {n_bytes} bytes of data, the file holds {data_len})")
+    return name, dtype, shape
+
+
+def _float32_rows(data: bytes, dtype: str, shape: list[int]) -> np.ndarray:
+    raw = np.frombuffer(data, DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)  # a copy: frombuffer's array is read-only
+
+
+def _vector_file(name: str, rows: np.ndarray, dtype: str, meta: dict[str, str]) -> VectorFile:
+    """Every key whose meaning fvpatch depends on is required and typed; a missing mode is not taken to be replace."""
+    for key in ("fvpatch.tensor", "fvpatch.positions", "fvpatch.mode", "fvpatch.scale"):
+        if key not in meta:
+            raise VectorFileError(f"bad fvpatch metadata: {key} is missing")
+    if meta["fvpatch.tensor"] != name:
+        raise VectorFileError(f"metadata names tensor {_shown(meta['fvpatch.tensor'])} but the file holds {_shown(name)}")
+    layer = "" if layer_of(name) is None else str(layer_of(name))
+    if meta.get("fvpatch.layer", layer) != layer:
+        raise VectorFileError(f"bad fvpatch metadata: fvpatch.layer {_shown(meta['fvpatch.layer'])} does not match tensor {_shown(name)}")
+    positions = strict_json(meta["fvpatch.positions"], "fvpatch.positions")
+    scale = _number(meta, "fvpatch.scale")
+    for key, lo in (("fvpatch.test_n", 0), ("fvpatch.model.n_layer", 1), ("fvpatch.model.n_embd", 1)):
+        _integer(meta, key, lo)
+    if "fvpatch.test_top1" in meta and not 0 <= _number(meta, "fvpatch.test_top1") <= 1:
+        raise VectorFileError(f"bad fvpatch metadata: fvpatch.test_top1 must be an accuracy in [0, 1], got {_shown(meta['fvpatch.test_top1'])}")
+    n_prompt = _integer(meta, "fvpatch.n_prompt", 1)  # what a negative --from-token-idx counts from
+    if n_prompt is not None and type(positions) is list and any(type(p) is int and p >= n_prompt for p in positions):
+        raise VectorFileError(f"bad fvpatch metadata: positions {_shown(positions)} reach past the {n_prompt}-token prompt they were saved from")
     model = {k.removeprefix("fvpatch.model."): v for k, v in meta.items() if k.startswith("fvpatch.model.")}
     known = {"fvpatch.format", "fvpatch.creator", "fvpatch.tensor", "fvpatch.layer", "fvpatch.positions", "fvpatch.mode", "fvpatch.scale"}
     extra = {k: v for k, v in meta.items() if k not in known and not k.startswith("fvpatch.model.")}
-    try:
-        return VectorFile(name, tensors[name], positions, model, meta.get("fvpatch.mode", "replace"), scale, extra)
-    except VectorFileError as e:
-        raise VectorFileError(f"{path}: {e}") from None
+    return VectorFile(name, rows, positions, model, meta["fvpatch.mode"], scale, extra, dtype)
+
+
+def _integer(meta: dict[str, str], key: str, lo: int) -> int | None:
+    """A decimal integer >= lo, or None when the key is absent (int() would also take ' 7', '7_0' and '+7')."""
+    if key not in meta:
+        return None
+    if not _INT.fullmatch(meta[key]) or int(meta[key]) < lo:
+        raise VectorFileError(f"bad fvpatch metadata: {key} must be an integer >= {lo}, got {_shown(meta[key])}")
+    return int(meta[key])
+
+
+def _number(meta: dict[str, str], key: str) -> float:
+    """A finite decimal number (float() would also take 'nan', 'inf' and '1e400')."""
+    s = meta[key]
+    if not _DECIMAL.fullmatch(s) or not math.isfinite(float(s)):
+        raise VectorFileError(f"bad fvpatch metadata: {key} must be a finite number, got {_shown(s)}")
+    return float(s)
+
+
+def _is_position(p) -> bool:
+    return isinstance(p, (int, np.integer)) and not isinstance(p, bool) and (p == -1 or 0 <= p <= MAX_POSITION)
+
+
+def _shown(value, limit: int = 80) -> str:
+    """A value from the file, quoted on one line and cut short: error messages stay one line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

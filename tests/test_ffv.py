@@ -124,12 +124,12 @@ def test_cli_defaults_are_the_measured_ones():
     cfg = Config()
     assert {k: defaults[k] for k in ("init", "lr", "steps", "l2", "l2_from_init", "seed")} == \
         {k: getattr(cfg, k) for k in ("init", "lr", "steps", "l2", "l2_from_init", "seed")}
-    assert defaults["layer"] is None and MEASURED_LAYERS["gemma-3-270m-q4_k_m.gguf"] == cfg.layer  # the layer is chosen per model
+    assert defaults["layer"] is None and MEASURED_LAYERS["Gemma 3 270m"] == cfg.layer  # the layer is chosen per model
 
 
 def test_default_layer_is_per_model(tiny_lm):
     assert default_layer(tiny_lm) == (1, False)  # not swept: Gemma's 4 of 18 layers at the same depth of 4
-    assert default_layer(dataclasses.replace(tiny_lm, fingerprint={**tiny_lm.fingerprint, "file": "gemma-3-270m-q4_k_m.gguf"})) == (4, True)
+    assert default_layer(dataclasses.replace(tiny_lm, fingerprint={**tiny_lm.fingerprint, "name": "Gemma 3 270m"})) == (4, True)
 
 
 def test_sweep_writes_each_model_and_dtype_to_its_own_file(tiny_gguf):

@@ -34,7 +34,7 @@ def _torch_options(f):
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own pairs: .json/.jsonl/.csv with input and output.")
 @click.option("--n-train", type=int, default=20, show_default=True, help="Train pairs to learn from (the first of the train split).")
 @click.option("--n-valid", type=int, default=50, show_default=True, help="Valid pairs for early stopping (at most).")
-@click.option("--layer", type=int, default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M; train.ffv.MEASURED_LAYERS).")
+@click.option("--layer", type=int, default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M, 16 on Qwen2.5-Coder 1.5B; train.ffv.MEASURED_LAYERS).")
 @click.option("--init", type=click.Choice(["fv", "taskvec", "random", "zeros"]), default="taskvec", show_default=True, help="Starting vector: the task vector or the function vector of 10-shot prompts over the training pairs, a random residual-sized one, or zeros.")
 @click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate, relative to the residual's RMS coordinate at the layer.")
 @click.option("--steps", type=int, default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")

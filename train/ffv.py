@@ -31,9 +31,10 @@ from train.model import LoadedModel
 
 INITS = ("fv", "taskvec", "random", "zeros")
 
-# The FFV layer chosen on each model's valid pairs (`python -m train.sweep_ffv --model PATH`), by GGUF file
-# name. The default model's is results/ffv/sweep.md; add a model here once its sweep has chosen a layer.
-MEASURED_LAYERS = {"gemma-3-270m-q4_k_m.gguf": 4}
+# The FFV layer chosen on each model's valid pairs (`python -m train.sweep_ffv --model NAME`), by the model's
+# name (general.name, the same in every quantization of it): results/ffv/sweep.md for the default model,
+# results/qwen2.5-coder-1.5b/ffv_sweep.md (mean valid top-1 of 4, 8, 12, 16 over two tasks) for Qwen.
+MEASURED_LAYERS = {"Gemma 3 270m": 4, "Qwen2.5 Coder 1.5B Instruct GGUF": 16}
 
 
 @dataclass
@@ -153,10 +154,10 @@ def initial_vector(lm: LoadedModel, task: Task, tpl: Template, cfg: Config, ex: 
 def default_layer(lm: LoadedModel) -> tuple[int, bool]:
     """(layer, chosen on this model's valid pairs?). A model without a sweep gets the default model's layer at
     the same relative depth, a guess that its own sweep should replace."""
-    file = (lm.fingerprint or {}).get("file")
-    if file in MEASURED_LAYERS:
-        return MEASURED_LAYERS[file], True
-    return min(lm.n_layer - 1, round(MEASURED_LAYERS["gemma-3-270m-q4_k_m.gguf"] * lm.n_layer / 18)), False  # Gemma 3 270M: 18 layers
+    name = (lm.fingerprint or {}).get("name")
+    if name in MEASURED_LAYERS:
+        return MEASURED_LAYERS[name], True
+    return min(lm.n_layer - 1, round(MEASURED_LAYERS["Gemma 3 270m"] * lm.n_layer / 18)), False  # Gemma 3 270M: 18 layers
 
 
 @dataclass

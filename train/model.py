@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fvpatch.models import file_key, models_dir, resolve_model
-from fvpatch.session import ModelFile
+from fvpatch.modelfile import ModelFile
 from train.hooks import decoder_layers, head_shape, record_residual
 
 # GGUF architectures that transformers' GGUF loader reads and that agree with llama.cpp layer by layer, train an

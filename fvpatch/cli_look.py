@@ -1,0 +1,110 @@
+"""`fvpatch inspect`, `fvpatch lens` and `fvpatch decode`: look at vector files and at what layers predict."""
+
+import click
+import numpy as np
+
+from fvpatch import vectorfile
+from fvpatch.cli import emit, file_row, fits, main, model_options, open_session, parse_layers, vector_path
+from fvpatch.lens import Lens, decode_vector, logit_lens, plot_lens, token_label
+from fvpatch.modelfile import ModelFile
+from fvpatch.models import resolve_model
+from fvpatch.session import Session
+from fvpatch.unembed import load_unembed
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def inspect(file, as_json):
+    """Show a vector file's metadata and the norm of each row.
+
+    \b
+    Example:
+      fvpatch inspect capital.safetensors
+    """
+    vf = vectorfile.load(vector_path(file))
+    norms = [round(float(n), 4) for n in np.linalg.norm(vf.rows.astype(np.float64), axis=1)]  # float32 squares overflow past 1.8e19
+    payload = {"tensor": vf.tensor, "layer": vf.layer, "shape": list(vf.rows.shape), "dtype": vf.dtype, "positions": vf.positions,
+               "row_norms": norms, "mode": vf.mode, "scale": vf.scale, "model": vf.model, "meta": vf.meta}
+    lines = [f"tensor    {vf.tensor}  (layer {vf.layer}, {vf.rows.shape[0]} rows x {vf.width}, stored as {vf.dtype}, read as float32)",
+             f"mode      {vf.mode}, scale {vf.scale}",
+             f"model     {vf.model.get('name') or vf.model.get('arch')}  {vf.model.get('quant', '')}  {vf.model.get('file')}  vocab {vf.model.get('vocab', '?')}"]
+    lines += [f"{k:<9} {v}" for k, v in vf.meta.items()]
+    lines += [f"row {pos:>4}  norm {n}" for pos, n in zip(vf.positions, norms)]
+    emit(as_json, payload, lines)
+
+
+def lens_lines(lens: Lens, s: Session) -> list[str]:
+    """One layer or one position: a line per position or layer with its top-k. Otherwise a grid of top-1 tokens."""
+    pos_label = [f"{p:>4} {s.piece_text(lens.tokens[p])!r:<12}" for p in lens.positions]
+    topk = lambda i, j: "  ".join(f"{s.piece_text(t)!r} {z:.1f}" for t, z in zip(lens.ids[i, j], lens.logits[i, j]))
+    if len(lens.layers) == 1:
+        return [f"{lens.tensor}-{lens.layers[0]}, top {lens.ids.shape[2]} tokens (logit) at each position:"] + [
+            f"{pos_label[j]} {topk(0, j)}" for j in range(len(lens.positions))]
+    if len(lens.positions) == 1:
+        return [f"position {pos_label[0].strip()}, top {lens.ids.shape[2]} tokens (logit) of {lens.tensor} at each layer:"] + [
+            f"layer {L:>3}  {topk(i, 0)}" for i, L in enumerate(lens.layers)]
+    lines = [f"top-1 token of {lens.tensor} (rows: prompt positions, columns: layers)",
+             " " * 18 + "".join(f"{L:>10}" for L in lens.layers)]
+    lines += [pos_label[j] + " " + "".join(f"{token_label(s, lens.ids[i, j, 0], 9):>10}" for i in range(len(lens.layers))) for j in range(len(lens.positions))]
+    return lines
+
+
+@main.command()
+@model_options
+@click.option("--prompt", "-p", required=True, help="The prompt text.")
+@click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name of residual width (l_out, ffn_out, attn_out or attn_post_norm, ...).")
+@click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,..., A-B or all.")
+@click.option("--token-idx", type=int, multiple=True, help="Prompt positions to read (default: all). Repeatable.")
+@click.option("--top", type=int, default=5, show_default=True, help="Tokens per cell.")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw a layers x positions heatmap of the top-1 token (needs matplotlib).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top, png, as_json):
+    """Logit lens: the tokens each layer's residual stream already predicts, through the final norm and unembedding.
+
+    \b
+    Examples:
+      fvpatch lens -p "1 2 3 to 3 2 1, 5 6 7 to 7" --png lens.png
+      fvpatch lens -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --token-idx -1 --top 5
+    """
+    with open_session(model, n_ctx, n_gpu_layers) as s:
+        result = logit_lens(s, prompt, tensor, parse_layers(layer_spec, s.n_layer), list(token_idx) or None, top)
+        if png:
+            plot_lens(result, s, png, title=f"logit lens of {tensor}: {prompt!r}")
+        cells = [[[{"token": s.piece_text(t), "id": int(t), "logit": round(float(z), 3), "p": round(float(p), 4)}
+                   for t, z, p in zip(result.ids[i, j], result.logits[i, j], result.probs[i, j])]
+                  for j in range(len(result.positions))] for i in range(len(result.layers))]
+        payload = {"prompt": prompt, "tensor": tensor, "layers": result.layers,
+                   "positions": [{"index": p, "piece": s.piece_text(result.tokens[p])} for p in result.positions], "top": cells}
+        emit(as_json, payload, lens_lines(result, s) + ([f"heatmap -> {png}"] if png else []))
+
+
+@main.command()
+@model_options
+@click.argument("vector", metavar="NAME|FILE")
+@click.option("--top", type=int, default=20, show_default=True, help="Tokens to show.")
+@click.option("--token-idx", type=int, default=None, help="Which saved row of the file (default: its only row).")
+@click.option("--against", default=None, metavar="NAME|FILE", help="Show the tokens VECTOR promotes more than this vector does.")
+@click.option("--against-token-idx", type=int, default=None, help="Which saved row of the --against file (default: its only row).")
+@click.option("--force", is_flag=True, help="Decode a vector made on another model.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_token_idx, force, as_json):
+    """The tokens a saved vector promotes: the vector through the model's final norm and unembedding.
+
+    \b
+    Examples:
+      fvpatch decode capital.safetensors --top 20
+      fvpatch decode capital.safetensors --against other.safetensors
+    """
+    with ModelFile(resolve_model(model), vocab_only=True) as mf:
+        fp = mf.fingerprint()
+        rows = []
+        for path, idx in [(vector, token_idx)] + ([(against, against_token_idx)] if against else []):
+            vf = vectorfile.load(vector_path(path, fp))
+            fits(path, vf.model, fp, force)
+            rows.append(file_row(vf, idx))
+        ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
+        toks = [{"token": mf.piece_text(t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
+        what = "logit difference" if against else "logit"
+        emit(as_json, {"vector": vector, "against": against, "top": toks},
+             [f"{t['token']!r:<20} {t['logit']:>8.2f}" for t in toks] + [f"({what}; {len(toks)} tokens)"])
