@@ -6,7 +6,9 @@ The other quantizations are written from the model file with llama.cpp's own qua
 a known model's only copy is 4-bit, so they are requantizations of it). For every vector shipped for the model
 (vectors/<model>/*.safetensors, bank files aside): top-1 of the answer's first token on the first `--n-test`
 TEST pairs of its task, zero-shot prompt plus the vector at its layer (the file's mode and scale), in llama.cpp,
-on the file it was made on and on each other quantization; and zero-shot without a vector on each, for scale.
+on the file it was made on and on each other quantization; and, for scale, each task without a vector on each
+file: zero-shot, and 10-shot ICL with demonstrations from the task's first 20 train pairs (does the
+quantization still do the task at all?).
 No torch is used. Resumable: results/<model>/quant_transfer.json is rewritten after each (vector, quantization).
 """
 
@@ -19,12 +21,12 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.atomic import write_json
 from fvpatch.bank import NAMES_KEY
-from fvpatch.evaluate import llamacpp_predictor
+from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
-from train.report_fv import pct
+from train.report_fv import K, pct
 from train.sweep_ffv import zero_shot_top1
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,12 +41,14 @@ def markdown(report: dict) -> str:
              "| vector | layer | " + " | ".join(quants) + " |", "|---|---|" + "---|" * len(quants)]
     for task, row in report["zero_shot"].items():
         lines.append(f"| (zero-shot, no vector) {task} | - | " + " | ".join(pct(row.get(q)) for q in quants) + " |")
+    for task, row in report.get("icl", {}).items():
+        lines.append(f"| (10-shot ICL, no vector) {task} | - | " + " | ".join(pct(row.get(q)) for q in quants) + " |")
     for name, row in report["vectors"].items():
         lines.append(f"| {name} | {row['layer']} | " + " | ".join(pct(row["acc"].get(q)) for q in quants) + " |")
-    diffs = [r["acc"][q] - r["acc"][quants[0]] for r in report["vectors"].values() for q in quants[1:] if q in r["acc"]]
-    if diffs:
-        lines += ["", f"Change against the file the vectors were made on, over {len(diffs)} (vector, quantization) pairs: "
-                  f"mean {100 * np.mean(diffs):+.1f} points, worst {100 * min(diffs):+.0f}, best {100 * max(diffs):+.0f}."]
+    lines += ["", "Change against the file the vectors were made on:", ""]
+    for q in quants[1:]:
+        diffs = [r["acc"][q] - r["acc"][quants[0]] for r in report["vectors"].values() if q in r["acc"]]
+        lines.append(f"- {q}: mean {100 * np.mean(diffs):+.1f} points over {len(diffs)} vectors, worst {100 * min(diffs):+.0f}, best {100 * max(diffs):+.0f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -66,6 +70,7 @@ def main():
         models[q] = path if path.exists() else quantize(source, path, q)
     out = ROOT / "results" / name / "quant_transfer.json"
     report = json.loads(out.read_text()) if out.exists() else {"zero_shot": {}, "vectors": {}}
+    report.setdefault("icl", {})
     report |= {"model": name, "n_test": args.n_test, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_quant --model {name} "
                f"--quants {args.quants} --n-test {args.n_test}"}
 
@@ -84,6 +89,10 @@ def main():
                 zs = report["zero_shot"].setdefault(task.name, {})
                 if quant not in zs:
                     zs[quant] = zero_shot_top1(s, predict, tpl, pairs, None)
+                icl = report["icl"].setdefault(task.name, {})
+                if quant not in icl:
+                    items = build_items(s.tokenize, tpl, pairs, task.train[:20], K)
+                    icl[quant] = float(np.mean(np.array(predict(items.tokens["icl"], None)) == np.array(items.answers)))
                 row = report["vectors"].setdefault(f.stem, {"layer": vf.layer, "acc": {}})
                 if quant not in row["acc"]:
                     row["acc"][quant] = zero_shot_top1(s, predict, tpl, pairs, vf)
