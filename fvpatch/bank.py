@@ -13,11 +13,8 @@ import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.names import layer_of
-from fvpatch.shipped import VECTORS_DIR
 
 BANK_NAME = "analogy.bank.safetensors"  # a model's shipped FFVs as one bank, with the learned analogy map
-FFV_DIR = VECTORS_DIR / "gemma-3-270m"  # the default model's shipped fine-tuned function vectors
-BANK_FILE = FFV_DIR / BANK_NAME
 NAMES_KEY = "fvpatch.bank.names"
 PAIRS_KEY = "fvpatch.bank.pairs"
 
@@ -97,7 +94,7 @@ def _json_meta(path: Path, meta: dict[str, str], key: str, fits, what: str):
     return value
 
 
-def load_bank(path: str | Path = BANK_FILE) -> Bank:
+def load_bank(path: str | Path) -> Bank:
     """A folder of `<task>.ffv.safetensors` (one row each, mode add, same layer and model) or one bank file."""
     path = Path(path)
     if path.is_dir():

@@ -302,7 +302,11 @@ def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, fo
     a, b, c = parse_analogy(question)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
-        bank_path = bank_path or model_folder(fp) / BANK_NAME
+        if bank_path is None:
+            bank_path = model_folder(fp) / BANK_NAME
+            if not bank_path.exists():
+                raise click.ClickException(f"no analogy bank is shipped for {fp['name']}; make one from its FFVs with "
+                                           f"`fvpatch train cfv --model MODEL` (it writes {bank_path})")
         bank = load_bank(bank_path)
         fits(bank_path, bank.model, fp, force)
         cfv_map = CFVMap.from_bank(bank)

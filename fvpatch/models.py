@@ -134,11 +134,9 @@ def resolve_model(spec: str | Path | None) -> Path:
     p = Path(spec)
     if p.is_file():
         return p
-    if str(spec) in KNOWN:
-        return known_model_path(str(spec), _stderr)
     if p.suffix == ".gguf" or os.sep in str(spec):
         raise FileNotFoundError(f"model file {p} does not exist")
-    raise ValueError(f"{spec!r} is neither a file nor a known model ({', '.join(KNOWN)}; `fvpatch models` lists them)")
+    return known_model_path(str(spec), _stderr)
 
 
 def _stderr(msg: str):
@@ -147,8 +145,9 @@ def _stderr(msg: str):
 
 def file_key(path: str | Path) -> str:
     """A cache key for a model file in milliseconds: the GGUF header (metadata, tensor layout) and 64 samples
-    spread over the tensor data. Any re-quantization, fine-tune or truncation changes it; hashing a whole
-    multi-GB file on every command would not be worth the certainty."""
+    spread over the tensor data. A re-quantization, a fine-tune or a truncated copy changes it in practice (a
+    change confined to the unsampled bytes would not); hashing a whole multi-GB file on every command, seconds
+    each time, would not be worth that last certainty."""
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:

@@ -195,10 +195,12 @@ def test_leaving_the_own_relation_out():
 
 @pytest.mark.slow
 def test_shipped_bank_is_the_shipped_ffvs_and_solves_an_analogy(gemma_path):
-    from fvpatch.bank import BANK_FILE, FFV_DIR
+    from fvpatch.bank import BANK_NAME
+    from fvpatch.shipped import VECTORS_DIR
     from fvpatch.cli import main
 
-    shipped, folder = load_bank(BANK_FILE), load_bank(FFV_DIR)
+    folder_path = VECTORS_DIR / "gemma-3-270m"
+    shipped, folder = load_bank(folder_path / BANK_NAME), load_bank(folder_path)
     assert shipped.names == folder.names and len(shipped) >= 16
     np.testing.assert_array_equal(shipped.vectors, folder.vectors)  # a bank refit after the FFVs changed would differ
     CFVMap.from_bank(shipped)

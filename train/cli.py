@@ -87,7 +87,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 
 
 @train.command()
-@click.option("--bank", "bank_path", type=click.Path(exists=True), default=None, help="Folder of .ffv.safetensors or a bank file (default: the shipped FFVs of the default model).")
+@click.option("--bank", "bank_path", type=click.Path(exists=True), default=None, help="Folder of .ffv.safetensors or a bank file (default: the FFVs shipped for the model).")
 @click.option("--n-train", type=int, default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on).")
 @click.option("--objective", type=click.Choice(["answer", "relation"]), default="relation", show_default=True, help="Maximize log P(D | C, CFV), or the weight of the analogy's relation.")
 @click.option("--l2", type=float, default=0.01, show_default=True, help="Penalty on the map's squared distance from the unlearned softmax(s/T).")
@@ -95,7 +95,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 @click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated analogies and of the minibatch order.")
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Bank file to write (default: the shipped analogy.bank.safetensors).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Bank file to write (default: analogy.bank.safetensors beside the bank's vectors).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @_torch_options
 def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, dtype, device):
@@ -109,15 +109,20 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
     from pathlib import Path
 
     from fvpatch.analogy import generate
-    from fvpatch.bank import BANK_FILE, FFV_DIR, load_bank, save_bank
-    from fvpatch.models import check_fingerprint
+    from fvpatch.bank import BANK_NAME, load_bank, save_bank
+    from fvpatch.modelfile import ModelFile
+    from fvpatch.models import check_fingerprint, resolve_model
+    from fvpatch.shipped import model_folder
     from train.cfv import FitConfig, bank_scores, fit_map
     from train.model import load_model
 
-    out = Path(out or BANK_FILE)
+    if bank_path is None:  # the FFVs shipped for this model, whichever quantization of it is used
+        with ModelFile(resolve_model(model), vocab_only=True) as mf:
+            bank_path = model_folder(mf.fingerprint())
+    out = Path(out or Path(bank_path if Path(bank_path).is_dir() else Path(bank_path).parent) / BANK_NAME)
     if out.exists() and not force:
         raise click.ClickException(f"{out} exists; pass --force to overwrite it")
-    bank = load_bank(bank_path or FFV_DIR)
+    bank = load_bank(bank_path)
     analogies = generate(bank.names, "train", n_train, seed, exclude=bank.trained_on)
     lm = load_model(model, device, dtype)
     check_fingerprint(bank.model, lm.fingerprint)
@@ -149,18 +154,21 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
       fvpatch eval analogy --leave-own-out
     """
     from fvpatch.analogy import CFVMap, evaluate, generate, read_analogies, relation_accuracy, table
-    from fvpatch.bank import BANK_FILE, load_bank
+    from fvpatch.bank import BANK_NAME, load_bank
     from fvpatch.models import check_fingerprint, resolve_model
     from fvpatch.session import Session
+    from fvpatch.shipped import model_folder
 
-    bank = load_bank(bank_path or BANK_FILE)
-    cfv_map = CFVMap.from_bank(bank)
-    analogies = read_analogies(data) if data else generate(bank.names, "test", n_test, seed)
     with Session(resolve_model(model)) as s:
+        shipped = bank_path is None
+        bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
+        bank = load_bank(bank_path)
         check_fingerprint(bank.model, s.fingerprint(), force)
+        cfv_map = CFVMap.from_bank(bank)
+        analogies = read_analogies(data) if data else generate(bank.names, "test", n_test, seed)
         result = evaluate(s, bank, cfv_map, analogies, leave_out=leave_own_out)
     result["relation_accuracy"] = relation_accuracy(result["items"])
-    result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": str(bank_path) if bank_path else f"shipped {BANK_FILE.name}",
+    result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": f"shipped {BANK_NAME}" if shipped else str(bank_path),
                        "relations": bank.names, "tensor": bank.tensor, "model": bank.model.get("file"), "leave_own_out": leave_own_out}
     click.echo(f"{result['n']} analogies ({result['n_open']} open), {len(bank)} relations at {bank.tensor}")
     click.echo(table(result))

@@ -254,6 +254,7 @@ def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch
         "fvpatch.train_loss": f"{train_loss:.4f}",
         "fvpatch.valid_loss": f"{min(hist.valid_loss):.4f}",
         "fvpatch.every_answer_token": str(cfg.every_answer_token).lower(),
+        "fvpatch.train_dtype": str(lm.dtype).removeprefix("torch."),
         "fvpatch.config": json.dumps(asdict(cfg)),
     }
     return VectorFile(f"l_out-{cfg.layer}", v.cpu().numpy(), [-1], lm.fingerprint, mode="add", meta=meta), hist

@@ -38,7 +38,7 @@ from fvpatch.tasks import CORE_TASKS, load_task
 from train.cma import fv_file
 from train.evaluate import torch_predictor
 from train.ffv import Config, initial_vector, prepare, train_ffv
-from train.model import load_model
+from train.model import DTYPES, load_model
 from train.report_fv import pct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool, full: bool, resul
     ffv, hist = train_ffv(lm, data, tpl, cfg, v0=v0)
     seconds = time.perf_counter() - t
     items = build_items(lm.tokenize, tpl, task.test[:n_test], data.task.train, K)
-    row = {"task": name, "layer": cfg.layer, "n_test": len(items.answers), "train_seconds": round(seconds, 1),
+    row = {"task": name, "layer": cfg.layer, "dtype": str(lm.dtype).removeprefix("torch."), "n_test": len(items.answers), "train_seconds": round(seconds, 1),
            "best_step": hist.best_step, "steps": hist.step[-1], "train_loss": float(ffv.meta["fvpatch.train_loss"]),
            "valid_loss": float(ffv.meta["fvpatch.valid_loss"]), "curve": asdict(hist)}
     vectors = {"icl_10shot": None, "ffv": ffv} if core else {"ffv": ffv}
@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--tasks", default=",".join(CORE_TASKS + BANK_EXTRA), help="Comma-separated; core tasks get the full comparison.")
     ap.add_argument("--ffv-only", action="store_true", help="Core tasks: zero-shot, 10-shot ICL and FFV only (no FV, starting-vector or random-init rows).")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default: all cores).")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Of the PyTorch model the FFVs are trained in (they are float32).")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +185,7 @@ def main():
     results = ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv"
     bank_dir = ROOT / "vectors" / name
     cfg = Config(layer=args.layer)
-    lm = load_model(path)
+    lm = load_model(path, dtype=args.dtype)
     tpl = template("qa")
     tasks = args.tasks.split(",")
     with Session(path, n_threads=args.threads) as session:
