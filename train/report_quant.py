@@ -26,6 +26,7 @@ from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_mode
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
+from train.report_ffv import accuracy
 from train.report_fv import K, pct
 from train.sweep_ffv import zero_shot_top1
 
@@ -92,7 +93,7 @@ def main():
                 icl = report["icl"].setdefault(task.name, {})
                 if quant not in icl:
                     items = build_items(s.tokenize, tpl, pairs, task.train[:20], K)
-                    icl[quant] = float(np.mean(np.array(predict(items.tokens["icl"], None)) == np.array(items.answers)))
+                    icl[quant] = accuracy(predict, items.tokens["icl"], items.answers)
                 row = report["vectors"].setdefault(f.stem, {"layer": vf.layer, "acc": {}})
                 if quant not in row["acc"]:
                     row["acc"][quant] = zero_shot_top1(s, predict, tpl, pairs, vf)
