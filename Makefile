@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FVPATCH := $(VENV)/bin/fvpatch
 
-.PHONY: setup demo test test-big bench
+.PHONY: setup demo test test-shuffled test-big bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,6 +25,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the suite in a random order (modules, and tests within each); pytest prints the seed, and
+# `$(PY) -m pytest -q --random-order-seed=N` repeats that order
+test-shuffled: setup
+	$(PY) -m pytest -q --random-order
 
 # tests on Qwen2.5-Coder 1.5B (fetched into models/ on first use, 1.1 GB); not run by CI
 test-big: setup

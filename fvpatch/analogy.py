@@ -20,7 +20,9 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from fvpatch.atomic import write_text
 from fvpatch.bank import Bank
+from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.prompts import answer_tokens, build, template
 from fvpatch.session import Patch, Session
 from fvpatch.tasks import Pair, load_task
@@ -59,51 +61,50 @@ def parse_analogy(text: str) -> tuple[str, str, str]:
     """`hot:cold::tall:?` (the trailing `?` optional) -> ("hot", "cold", "tall")."""
     halves = text.split("::")
     if len(halves) != 2 or halves[0].count(":") != 1 or halves[1].count(":") > 1:
-        raise ValueError(f"expected an analogy like 'hot:cold::tall:?', got {text!r}")
+        raise FvpatchError(f"expected an analogy like 'hot:cold::tall:?', got {text!r}")
     a, b = (s.strip() for s in halves[0].split(":"))
     c = halves[1].split(":")[0].strip()
     if not (a and b and c):
-        raise ValueError(f"A, B and C of {text!r} must all be non-empty")
+        raise FvpatchError(f"A, B and C of {text!r} must all be non-empty")
     return a, b, c
 
 
 def _analogy(row, where: str) -> Analogy:
-    try:
-        a, b = row["stem"]
-        choices = [tuple(ch) for ch in row["choice"]]
-        answer = int(row["answer"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f'{where}: expected {{"stem": [A, B], "choice": [[C, D], ...], "answer": index}}, got {row!r:.120}') from None
-    if any(len(ch) != 2 or not all(isinstance(w, str) and w.strip() for w in ch) for ch in choices) or not 0 <= answer < len(choices):
-        raise ValueError(f"{where}: every choice must be a pair of non-empty strings and answer an index into them, got {row!r:.120}")
-    return Analogy(a.strip(), b.strip(), [(c.strip(), d.strip()) for c, d in choices], answer, str(row.get("relation", "")))
+    stem, choices, answer = (row.get(k) for k in ("stem", "choice", "answer")) if type(row) is dict else (None, None, None)
+    pair = lambda v: type(v) is list and len(v) == 2 and all(type(w) is str and w.strip() for w in v)
+    if not (pair(stem) and type(choices) is list and choices and all(map(pair, choices)) and type(answer) is int and 0 <= answer < len(choices)):
+        raise FvpatchError(f'{where}: expected {{"stem": [A, B], "choice": [[C, D], ...], "answer": index}} (non-empty strings, '
+                           f'answer an index into the choices), got {row!r:.120}')
+    (a, b), relation = stem, row.get("relation", "")
+    return Analogy(a.strip(), b.strip(), [(c.strip(), d.strip()) for c, d in choices], answer, relation if type(relation) is str else "")
 
 
 def read_analogies(path: str | Path) -> list[Analogy]:
     """Analogies from a JSONL file, one `{"stem", "choice", "answer"}` object a line (SAT/U2/U4/BATS/Google layout)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"analogy file {path} does not exist")
+        raise NotFound(f"analogy file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FvpatchError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
     out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+            raise FvpatchError(f"{path}:{n}: not valid JSON ({e})") from None
         out.append(_analogy(row, f"{path}:{n}"))
     if not out:
-        raise ValueError(f"{path}: holds no analogies")
+        raise FvpatchError(f"{path}: holds no analogies")
     return out
 
 
 def write_analogies(analogies: list[Analogy], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"stem": [x.a, x.b], "choice": [list(ch) for ch in x.choices], "answer": x.answer, "relation": x.relation} for x in analogies]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 # ---- generating analogies from the relation tasks ------------------------------------------------
@@ -125,7 +126,7 @@ def generate(relations: list[str], split: str, n: int, seed: int = 0, exclude: d
         pairs = task.test if split == "test" else [p for p in task.train + task.valid if p not in used]
         pools[r] = [p for p in pairs if p[0] != p[1]]
         if len(pools[r]) < 3:
-            raise ValueError(f"task {r!r} has {len(pools[r])} usable {split} pairs; an analogy with distractors needs at least 3")
+            raise FvpatchError(f"task {r!r} has {len(pools[r])} usable {split} pairs; an analogy with distractors needs at least 3")
     rng = random.Random(f"analogies:{split}:{seed}")
     order = list(relations)
     out = []
@@ -181,13 +182,37 @@ class CFVMap:
 
     @classmethod
     def from_bank(cls, bank: Bank) -> "CFVMap":
+        """The map a bank file carries: each key a JSON array of finite numbers of the bank's shape (a temperature
+        above 0), or one line naming the file and the key."""
+        where = bank.source or "the bank"
         if not all(k in bank.meta for k in MAP_KEYS):
-            raise ValueError("this bank carries no learned analogy map; fit one with `fvpatch train cfv`")
-        w, b = np.array(json.loads(bank.meta[MAP_KEYS[0]])), np.array(json.loads(bank.meta[MAP_KEYS[1]]))
-        if w.shape != (len(bank), len(bank)) or b.shape != (len(bank),):
-            raise ValueError(f"the bank's map has shape {w.shape} + {b.shape}, not ({len(bank)}, {len(bank)}) + ({len(bank)},)")
+            raise FvpatchError(f"{where} carries no learned analogy map; fit one with `fvpatch train cfv`")
+        k = len(bank)
+        w, b, t = (_numbers(bank.meta[key], shape, f"{where}: {key}") for key, shape in zip(MAP_KEYS, [(k, k), (k,), ()]))
+        if not t > 0:
+            raise FvpatchError(f"{where}: {MAP_KEYS[2]} must be above 0, got {float(t)}")
         rest = {k: v for k, v in bank.meta.items() if k.startswith("fvpatch.cfv.") and k not in MAP_KEYS}
-        return cls(w, b, float(bank.meta[MAP_KEYS[2]]), rest)
+        return cls(w, b, float(t), rest)
+
+
+def _numbers(text: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Finite numbers in nested JSON lists of `shape`: no NaN, no strings or booleans taken for numbers."""
+
+    def numeric(v) -> bool:
+        return all(map(numeric, v)) if type(v) is list else type(v) in (int, float)
+
+    def no_constant(name):
+        raise ValueError(f"{name} is not a number")
+
+    try:
+        value = json.loads(text, parse_constant=no_constant)
+        arr = np.array(value, np.float64) if numeric(value) else None
+    except (ValueError, OverflowError, RecursionError):  # not JSON, NaN/Infinity, ragged lists, an int beyond float
+        arr = None
+    if arr is None or arr.shape != shape or not np.isfinite(arr).all():
+        want = "a finite number" if not shape else f"finite numbers of shape {list(shape)}"
+        raise FvpatchError(f"{what} must be {want}, got {text[:60]!r}")
+    return arr
 
 
 def compose(bank: Bank, weights: np.ndarray) -> np.ndarray:
@@ -231,7 +256,7 @@ def leave_own_out(bank: Bank, scores: np.ndarray, relations: list[str]) -> tuple
     mean of the others (so, centred, it moves no other weight through the learned map) and its weight is 0."""
     unknown = sorted(set(relations) - set(bank.names))
     if unknown:
-        raise ValueError(f"leaving the own relation out needs analogies of the bank's relations; not in the bank: {unknown}")
+        raise FvpatchError(f"leaving the own relation out needs analogies of the bank's relations; not in the bank: {unknown}")
     rows, own = np.arange(len(scores)), np.array([bank.names.index(r) for r in relations])
     keep = np.ones(scores.shape, bool)
     keep[rows, own] = False

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
+from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.names import layer_of
 
 BANK_NAME = "analogy.bank.safetensors"  # a model's shipped FFVs as one bank, with the learned analogy map
@@ -27,15 +28,17 @@ class Bank:
     model: dict[str, str]  # fingerprint of the model the vectors were made on
     trained_on: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # relation -> pairs its vector was fit on
     meta: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # the file or folder it was loaded from, which errors name
 
     def __post_init__(self):
         self.vectors = np.asarray(self.vectors, dtype=np.float32)
+        where = f"{self.source}: " if self.source else ""
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.names):
-            raise ValueError(f"a bank needs one vector per name: {len(self.names)} names, vectors of shape {self.vectors.shape}")
+            raise FvpatchError(f"{where}a bank needs one vector per name: {len(self.names)} names, vectors of shape {self.vectors.shape}")
         if len(set(self.names)) != len(self.names):
-            raise ValueError(f"bank relation names repeat: {self.names}")
+            raise FvpatchError(f"{where}bank relation names repeat: {self.names}")
         if layer_of(self.tensor) is None:
-            raise ValueError(f"bank vectors must name a layered tensor such as l_out-6, got {self.tensor!r}")
+            raise FvpatchError(f"{where}bank vectors must name a layered tensor such as l_out-6, got {self.tensor!r}")
 
     @property
     def layer(self) -> int:
@@ -48,33 +51,33 @@ class Bank:
 def _from_dir(folder: Path) -> Bank:
     files = sorted(folder.glob("*.ffv.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{folder} holds no *.ffv.safetensors vectors to make a bank of")
+        raise NotFound(f"{folder} holds no *.ffv.safetensors vectors to make a bank of")
     names, rows, trained_on = [], [], {}
     first = None
     for path in files:
         vf = vectorfile.load(path)
         if len(vf.rows) != 1 or vf.positions != [-1] or vf.mode != "add":
-            raise ValueError(f"{path}: a bank vector is one row added at the last token (positions [-1], mode add); got {len(vf.rows)} rows at {vf.positions}, mode {vf.mode}")
+            raise FvpatchError(f"{path}: a bank vector is one row added at the last token (positions [-1], mode add); got {len(vf.rows)} rows at {vf.positions}, mode {vf.mode}")
         first = first or vf
         if vf.tensor != first.tensor or vf.model != first.model:
-            raise ValueError(f"{path}: {vf.tensor} on {vf.model.get('file')} differs from {first.tensor} on {first.model.get('file')}; a bank's vectors share one layer and one model")
+            raise FvpatchError(f"{path}: {vf.tensor} on {vf.model.get('file')} differs from {first.tensor} on {first.model.get('file')}; a bank's vectors share one layer and one model")
         name = vf.meta.get("fvpatch.task") or path.name.removesuffix(".ffv.safetensors")
         names.append(name)
         rows.append(vf.rows[0] * np.float32(vf.scale))
         if "fvpatch.pairs" in vf.meta:
             trained_on[name] = [tuple(p) for p in _json_meta(path, vf.meta, "fvpatch.pairs", _is_pairs, "a JSON list of [input, output] pairs")]
-    return Bank(names, np.stack(rows), first.tensor, first.model, trained_on)
+    return Bank(names, np.stack(rows), first.tensor, first.model, trained_on, source=str(folder))
 
 
 def _from_file(path: Path) -> Bank:
     vf = vectorfile.load(path)
     if NAMES_KEY not in vf.meta:
-        raise ValueError(f"{path}: not a bank file (no {NAMES_KEY} metadata); give a folder of .ffv.safetensors or a file from save_bank")
+        raise FvpatchError(f"{path}: not a bank file (no {NAMES_KEY} metadata); give a folder of .ffv.safetensors or a file from save_bank")
     names = _json_meta(path, vf.meta, NAMES_KEY, lambda v: type(v) is list and all(type(x) is str for x in v), "a JSON list of relation names")
     pairs = _json_meta(path, vf.meta, PAIRS_KEY, lambda v: type(v) is dict and all(map(_is_pairs, v.values())), "a JSON object of relation -> pairs")
     trained_on = {k: [tuple(p) for p in v] for k, v in (pairs or {}).items()}
     meta = {k: v for k, v in vf.meta.items() if k not in (NAMES_KEY, PAIRS_KEY)}
-    return Bank(names, vf.rows * np.float32(vf.scale), vf.tensor, vf.model, trained_on, meta)
+    return Bank(names, vf.rows * np.float32(vf.scale), vf.tensor, vf.model, trained_on, meta, str(path))
 
 
 def _is_pairs(value) -> bool:
@@ -101,7 +104,7 @@ def load_bank(path: str | Path) -> Bank:
         return _from_dir(path)
     if path.is_file():
         return _from_file(path)
-    raise FileNotFoundError(f"no bank at {path}: give a folder of .ffv.safetensors vectors or a bank file")
+    raise NotFound(f"no bank at {path}: give a folder of .ffv.safetensors vectors or a bank file")
 
 
 def save_bank(bank: Bank, path: str | Path, overwrite: bool = False) -> Path:

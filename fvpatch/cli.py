@@ -10,10 +10,14 @@ import click
 import numpy as np
 
 from fvpatch import vectorfile
+from fvpatch.atomic import check_outputs
+from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.models import check_fingerprint, resolve_model
 from fvpatch.session import Patch, Save, Session
+from fvpatch.threads import MAX_THREADS, configured_threads
 
-EXPECTED_ERRORS = (ValueError, IndexError, TypeError, FileNotFoundError, FileExistsError, RuntimeError)
+INT32_MAX = 2**31 - 1  # llama.cpp's counts are 32-bit: ctypes would wrap a larger number silently (--n-ctx 2**32 means 0)
+SEED = click.IntRange(0, 2**63 - 1)  # what numpy, random and torch.manual_seed all take
 
 
 class LazyGroup(click.Group):
@@ -34,12 +38,13 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, name)
 
     def invoke(self, ctx):
-        # Bad input ends in one clear line, not a traceback.
+        # Bad input ends in one clear line; any other exception is a bug and keeps its traceback.
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.Abort):  # click's own RuntimeErrors: --help, Ctrl-C
+        except click.UsageError as e:
+            e.ctx = None  # the message alone, without the usage block: one line, like every other refusal
             raise
-        except (*EXPECTED_ERRORS, vectorfile.VectorFileError) as e:
+        except FvpatchError as e:
             raise click.ClickException(str(e)) from None
 
 
@@ -63,36 +68,56 @@ def main():
 MODEL_HELP = "GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."
 
 
+def _remember_threads(ctx, param, value):
+    ctx.meta["fvpatch.threads"] = configured_threads(value)  # an invalid environment variable fails here, before any work
+
+
+threads_option = click.option(
+    "--threads", type=click.IntRange(1, MAX_THREADS), default=None, expose_value=False, callback=_remember_threads,
+    help="CPU threads of llama.cpp and PyTorch (default: $FVPATCH_THREADS, else $OMP_NUM_THREADS, else every core).")
+
+
+def cli_threads() -> int | None:
+    """The thread count this command was given (--threads or the environment), or None for the engines' own default."""
+    return click.get_current_context().meta.get("fvpatch.threads")
+
+
 def model_options(f):
     f = click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)(f)
-    f = click.option("--n-ctx", type=int, default=2048, show_default=True, help="Context size.")(f)
-    f = click.option("--n-gpu-layers", type=int, default=0, show_default=True, help="Layers to offload (Metal/CUDA builds).")(f)
-    return f
+    f = click.option("--n-ctx", type=click.IntRange(1, INT32_MAX), default=2048, show_default=True, help="Context size in tokens.")(f)
+    f = click.option("--n-gpu-layers", type=click.IntRange(0, INT32_MAX), default=0, show_default=True, help="Layers to offload (Metal/CUDA builds).")(f)
+    return threads_option(f)
 
 
 def generation_options(f):
     f = click.option("--prompt", "-p", required=True, help="The prompt text.")(f)
-    f = click.option("--max-tokens", "-n", type=int, default=12, show_default=True, help="Tokens to generate.")(f)
-    f = click.option("--temperature", type=float, default=0.0, show_default=True, help="0 means greedy, which reproduces exactly.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed when --temperature > 0.")(f)
+    f = click.option("--max-tokens", "-n", type=click.IntRange(0, INT32_MAX), default=12, show_default=True, help="Tokens to generate.")(f)
+    f = click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 means greedy, which reproduces exactly.")(f)
+    f = click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling seed when --temperature > 0.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
     return f
 
 
 class FiniteFloat(click.ParamType):
-    """A float that is a number: click's float takes 'nan' and 'inf', which would patch garbage and exit 0."""
+    """A float that is a number: click's float takes 'nan' and 'inf', which would patch garbage and exit 0.
+    `min` bounds it below (`above=True`: strictly, as a learning rate must be)."""
 
     name = "float"
+
+    def __init__(self, min: float | None = None, above: bool = False):
+        self.min, self.above = min, above
 
     def convert(self, value, param, ctx):
         x = click.FLOAT.convert(value, param, ctx)
         if not math.isfinite(x):
             self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (x <= self.min if self.above else x < self.min):
+            self.fail(f"{value!r} is not {'above' if self.above else 'at least'} {self.min:g}", param, ctx)
         return x
 
 
 def open_session(model, n_ctx, n_gpu_layers) -> Session:
-    return Session(resolve_model(model), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+    return Session(resolve_model(model), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=cli_threads())
 
 
 def emit(as_json: bool, payload: dict, lines: list[str]):
@@ -128,7 +153,7 @@ def generate(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, 
 @main.command()
 @model_options
 @generation_options
-@click.option("--save", "saves", nargs=2, multiple=True, required=True, metavar="TENSOR FILE", help="Save rows of graph tensor TENSOR (e.g. l_out-14) to FILE. Repeatable.")
+@click.option("--save", "saves", nargs=2, multiple=True, required=True, metavar="TENSOR FILE", help="Save rows of graph tensor TENSOR (e.g. l_out-14) to FILE. Repeatable (one file each; a tensor may go to several).")
 @click.option("--token-idx", "token_idx", type=int, multiple=True, help="Token positions to save (default: every prompt token). Repeatable.")
 @click.option("--force", is_flag=True, help="Overwrite existing files.")
 def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, saves, token_idx, force):
@@ -138,9 +163,7 @@ def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_j
     Example: the residual after block 10 at the last token of a 2-shot prompt
       fvpatch save -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --save l_out-10 capital.safetensors --token-idx -1
     """
-    for _, path in saves:
-        if Path(path).exists() and not force:
-            raise click.ClickException(f"{path} exists; pass --force to overwrite it")
+    check_outputs([path for _, path in saves], force)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         n_prompt = len(s.tokenize(prompt))
         positions = tuple(token_idx) or tuple(range(n_prompt))
@@ -172,8 +195,8 @@ def fits(path, vector_model: dict, model: dict, force: bool):
     """Refuse a vector made on another model, naming the file; note on stderr one made on another quantization."""
     try:
         note = check_fingerprint(vector_model, model, force)
-    except ValueError as e:
-        raise click.ClickException(f"{path}: {e}") from None
+    except FvpatchError as e:
+        raise FvpatchError(f"{path}: {e}") from None
     if note:
         click.echo(f"{Path(path).name}: {note}", err=True)
 
@@ -188,9 +211,10 @@ def fits(path, vector_model: dict, model: dict, force: bool):
 @click.option("--mode", type=click.Choice(vectorfile.MODES), default=None, help="replace or add (default: the file's mode).")
 @click.option("--scale", type=FiniteFloat(), default=None, help="Multiply the vector (default: the file's scale).")
 @click.option("--every-token", is_flag=True, help="Also patch every generated token, as function vectors are applied.")
+@click.option("--all-tokens", is_flag=True, help="Patch every prompt and generated token, as llama.cpp applies a control vector (the default for a file whose fvpatch.apply_at is all).")
 @click.option("--compare", is_flag=True, help="Also run without the patch and print both.")
 @click.option("--force", is_flag=True, help="Apply a vector made on another model (same shape; another quantization needs no --force).")
-def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scale, every_token, compare, force):
+def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scale, every_token, all_tokens, compare, force):
     """Patch saved or trained vectors into a prompt's forward pass and generate.
 
     \b
@@ -208,13 +232,14 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
         for tensor, path in files:
             vf = vectorfile.load(path)
             fits(path, vf.model, fp, force)
-            specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), to_token_idx, mode or vf.mode, vf.scale if scale is None else scale, every_token))
+            everywhere = all_tokens or vf.meta.get("fvpatch.apply_at") == "all"
+            specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), to_token_idx, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
         with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
             if not all(np.isfinite(p.vector * np.float32(p.scale)).all() for p in specs):
-                raise ValueError("the vector times its scale overflows float32; give a smaller --scale")
+                raise FvpatchError("the vector times its scale overflows float32; give a smaller --scale")
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         payload = {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits),
-                   "patches": [{"tensor": p.tensor, "token": p.token, "mode": p.mode, "scale": p.scale} for p in specs]}
+                   "patches": [{"tensor": p.tensor, "token": "all" if p.all_tokens else p.token, "mode": p.mode, "scale": p.scale} for p in specs]}
         lines = [f"patched:   {prompt}{r.text}"]
         if compare:
             r0 = s.run(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
@@ -243,7 +268,7 @@ def tokenize(model, n_ctx, n_gpu_layers, prompt, as_json):
 
 @main.command()
 @model_options
-@click.option("--layer", type=int, default=None, help="Only the tensors of this layer.")
+@click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Only the tensors of this layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
     """List the graph tensor names a decode computes: the names --save and --patch accept.
@@ -253,6 +278,7 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
       fvpatch tensors --layer 0
     """
     with open_session(model, n_ctx, n_gpu_layers) as s:
+        check_layer(layer, s.n_layer)
         names = s.graph_tensor_names()
     if layer is not None:
         names = [n for n in names if n.endswith(f"-{layer}")]
@@ -266,7 +292,14 @@ def file_row(vf: vectorfile.VectorFile, idx: int | None) -> np.ndarray:
     return vf.row(idx)
 
 
+def check_layer(layer: int | None, n_layer: int):
+    """A --layer of one block against the model (click's range has already refused negative ones)."""
+    if layer is not None and layer >= n_layer:
+        raise OutOfRange(f"--layer {layer} is beyond this model's {n_layer} layers (0..{n_layer - 1})")
+
+
 def parse_layers(spec: str, n_layer: int) -> list[int]:
+    """--layer: N, N,M,..., A-B or all; each layer once and within the model."""
     if spec == "all":
         return list(range(n_layer))
     try:
@@ -274,17 +307,22 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
         for part in spec.split(","):
             lo, dash, hi = part.partition("-")
             layers += range(int(lo), int(hi) + 1) if dash else [int(lo)]
-        return layers
     except ValueError:
         raise click.BadParameter(f"expected N, N,M,..., A-B or all, got {spec!r}", param_hint="--layer") from None
+    beyond = [L for L in layers if L >= n_layer]
+    if beyond:
+        raise click.BadParameter(f"layer {beyond[0]} is beyond this model's {n_layer} layers (0..{n_layer - 1})", param_hint="--layer")
+    if not layers or len(set(layers)) != len(layers):
+        raise click.BadParameter(f"{spec!r} names {'no layer' if not layers else 'a layer twice'}", param_hint="--layer")
+    return layers
 
 
 @main.command()
 @model_options
 @click.argument("question", metavar="A:B::C:?")
 @click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
-@click.option("--top", type=int, default=5, show_default=True, help="Relation weights to show.")
-@click.option("--max-tokens", "-n", type=int, default=8, show_default=True, help="Tokens to generate.")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Relation weights to show.")
+@click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate.")
 @click.option("--force", is_flag=True, help="Use a bank made on another model.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, force, as_json):
@@ -320,6 +358,11 @@ def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, fo
 from fvpatch import cli_catalog  # noqa: E402 - registers its commands on `main`
 from fvpatch import cli_look  # noqa: E402 - registers `inspect`, `lens` and `decode` on `main`
 from fvpatch import cli_experiments  # noqa: E402 - registers `sweep` and `reversal` on `main`
+from fvpatch import cli_exchange  # noqa: E402 - registers `export` and `import` on `main`
+from fvpatch import cli_serve  # noqa: E402 - registers `serve` on `main`
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as a script this file is __main__, and the command modules register on fvpatch.cli's `main`, not this one's
+    from fvpatch.cli import main as registered
+
+    sys.exit(registered())

@@ -1,9 +1,11 @@
-"""`fvpatch models` and `fvpatch vectors`: what fvpatch knows and ships."""
+"""`fvpatch models` and `fvpatch vectors`: what fvpatch knows and ships, and cards and packs to share vectors."""
+
+from pathlib import Path
 
 import click
 
 from fvpatch import vectorfile
-from fvpatch.cli import emit, main
+from fvpatch.cli import cli_threads, emit, main, threads_option, vector_path
 
 
 @main.command()
@@ -35,6 +37,7 @@ def models(as_json):
 @click.argument("kind", metavar="TYPE")
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
+@threads_option
 def quantize(model, kind, out, force):
     """Write another quantization of a model (TYPE: Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, ...) with
     llama.cpp's quantizer. Vectors made on one quantization apply to the others of the same model.
@@ -44,10 +47,12 @@ def quantize(model, kind, out, force):
       fvpatch quantize gemma-3-270m Q8_0 models/gemma-3-270m-q8_0.gguf
       fvpatch patch -m models/gemma-3-270m-q8_0.gguf -p "Q: walk\nA:" --vector present-past.fv -n 3
     """
+    from fvpatch.atomic import check_outputs
     from fvpatch.models import quantize as write_quantized
     from fvpatch.models import resolve_model
 
-    path = write_quantized(resolve_model(model), out, kind, overwrite=force)
+    check_outputs([out], force)
+    path = write_quantized(resolve_model(model), out, kind, threads=cli_threads() or 0, overwrite=force)
     click.echo(f"{path} ({path.stat().st_size / 1e6:.0f} MB)")
 
 
@@ -83,3 +88,62 @@ def vectors_list(as_json):
     emit(as_json, {"vectors": rows}, lines if rows else ["no vectors shipped in vectors/"])
 
 
+@vectors.command("card")
+@click.argument("vector", metavar="VECTOR")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Write the card here (default: print it).")
+@click.option("--force", is_flag=True, help="Overwrite --out.")
+def vectors_card(vector, out, force):
+    """Write a model card for a vector from its metadata: what it does, what it was made on and from, its
+    held-out accuracy against zero-shot and 10-shot prompts, and how to run it with fvpatch, PyTorch and llama.cpp.
+
+    \b
+    Example:
+      fvpatch vectors card gemma-3-270m/antonym.ffv -o antonym.md
+    """
+    from fvpatch.card import card, write_card
+
+    path = vector_path(vector)
+    text = card([(vectorfile.load(path), path.name, None)])
+    if out is None:
+        click.echo(text)
+    else:
+        click.echo(f"card -> {write_card(out, text, force)}")
+
+
+@vectors.command("pack")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("sources", nargs=-1, required=True, metavar="VECTOR...")
+@click.option("--force", is_flag=True, help="Write into an existing folder, overwriting its files.")
+def vectors_pack(folder, sources, force):
+    """Write a folder ready to share: each vector file, its llama.cpp control vector (where it can be one)
+    and a README.md card for them all, the layout a Hugging Face model repository expects.
+
+    \b
+    Example:
+      fvpatch vectors pack antonym-pack gemma-3-270m/antonym.ffv gemma-3-270m/present-past.ffv
+    """
+    from fvpatch import controlvector
+    from fvpatch.card import card, write_card
+    from fvpatch.errors import FvpatchError
+
+    folder = Path(folder)
+    if folder.exists() and not force:
+        raise FvpatchError(f"{folder} exists; pass --force to write into it")
+    loaded = [(vectorfile.load(vector_path(s)), vector_path(s)) for s in sources]
+    names = [p.name for _, p in loaded]
+    if len(set(names)) != len(names):
+        raise FvpatchError(f"two vectors share a file name ({', '.join(names)}); pack them separately")
+    items, cvs = [], {}
+    for vf, path in loaded:  # everything is checked before anything is written
+        try:
+            cvs[path.name] = controlvector.from_vectors([(vf, vf.scale, path.name)])
+        except FvpatchError as e:
+            click.echo(f"note: no control vector for {path.name}: {e}", err=True)
+        items.append((vf, path.name, path.name.removesuffix(".safetensors") + ".gguf" if path.name in cvs else None))
+    text = card(items)
+    for vf, name, gguf_name in items:
+        vectorfile.save(vf, folder / name, overwrite=True)
+        if gguf_name:
+            controlvector.save(cvs[name], folder / gguf_name, overwrite=True)
+    write_card(folder / "README.md", text, overwrite=True)
+    click.echo(f"{folder}: {len(items)} vector(s), {sum(1 for *_, g in items if g)} control vector(s), README.md")

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import click
 
-from fvpatch.atomic import write_json
-from fvpatch.cli import emit, main, model_options, open_session, parse_layers
+from fvpatch.atomic import check_outputs, write_json
+from fvpatch.cli import INT32_MAX, SEED, emit, main, model_options, open_session, parse_layers
+from fvpatch.errors import FvpatchError
 from fvpatch.experiments import Reversal, check_layers, prepare_reversal, reversal_answer, run_layers, transfer_sweep, verify
 
 LAYER_HELP = "Layers: N, N,M,..., A-B or all."
@@ -18,7 +19,7 @@ LAYER_HELP = "Layers: N, N,M,..., A-B or all."
 @click.option("--target", "-t", required=True, help="The target prompt; its last token's row is replaced.")
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name, saved and patched at the same layer.")
 @click.option("--layer", "--layers", "layer_spec", default="all", show_default=True, help=LAYER_HELP)
-@click.option("--max-tokens", "-n", type=int, default=8, show_default=True, help="Tokens to generate (greedy).")
+@click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate (greedy).")
 @click.option("--expect", default=None, help="Mark the layers whose continuation starts with this text (e.g. ' Paris').")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def sweep(model, n_ctx, n_gpu_layers, source, target, tensor, layer_spec, max_tokens, expect, as_json):
@@ -47,11 +48,11 @@ def sweep(model, n_ctx, n_gpu_layers, source, target, tensor, layer_spec, max_to
 @main.command()
 @model_options
 @click.option("--layer", "--layers", "layer_spec", default="all", show_default=True, help=LAYER_HELP)
-@click.option("--n", "n_lists", type=int, default=40, show_default=True, help="Target lists wanted (lists the unpatched model does not reverse).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated lists.")
+@click.option("--n", "n_lists", type=click.IntRange(1), default=40, show_default=True, help="Target lists wanted (lists the unpatched model does not reverse).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated lists.")
 @click.option("--lengths", default="3,4,5", show_default=True, help="List lengths to draw from.")
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name, saved and patched at the same layer.")
-@click.option("--verify", "n_verify", type=int, default=4, show_default=True, help="Replay this many patched and unpatched cases with one-sequence generation (0: none; a resumed run keeps its earlier replay).")
+@click.option("--verify", "n_verify", type=click.IntRange(0), default=4, show_default=True, help="Replay this many patched and unpatched cases with one-sequence generation (0: none; a resumed run keeps its earlier replay).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write the results here as JSON after each layer; an interrupted run resumes from it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def reversal(model, n_ctx, n_gpu_layers, layer_spec, n_lists, seed, lengths, tensor, n_verify, output, as_json):
@@ -72,6 +73,7 @@ def reversal(model, n_ctx, n_gpu_layers, layer_spec, n_lists, seed, lengths, ten
         length_tuple = tuple(sorted({int(x) for x in lengths.split(",")}))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {lengths!r}", param_hint="--lengths") from None
+    check_outputs([output], exist_ok=True)  # an existing file is an earlier run to resume
     with open_session(model, n_ctx, n_gpu_layers) as s:
         layers = parse_layers(layer_spec, s.n_layer)
         check_layers(s, tensor, layers)
@@ -104,10 +106,12 @@ def earlier_run(path: Path, fresh: dict) -> dict:
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} exists but is not a readable results file ({e}); remove it or choose another --output") from None
+        raise FvpatchError(f"{path} exists but is not a readable results file ({e}); remove it or choose another --output") from None
+    if type(old) is not dict or type(old.get("layers", {})) is not dict:
+        raise FvpatchError(f"{path} exists but is not a results file of `fvpatch reversal`; remove it or choose another --output")
     differ = [k for k in fresh if k not in ("layers", "verify") and old.get(k) != fresh[k]]
     if differ:
-        raise ValueError(f"{path} holds a run with other {', '.join(differ)}; remove it or choose another --output")
+        raise FvpatchError(f"{path} holds a run with other {', '.join(differ)}; remove it or choose another --output")
     return old
 
 

@@ -4,6 +4,7 @@ import click
 import numpy as np
 
 from fvpatch import vectorfile
+from fvpatch.atomic import check_outputs
 from fvpatch.cli import emit, file_row, fits, main, model_options, open_session, parse_layers, vector_path
 from fvpatch.lens import Lens, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.modelfile import ModelFile
@@ -56,10 +57,11 @@ def lens_lines(lens: Lens, s: Session) -> list[str]:
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name of residual width (l_out, ffn_out, attn_out or attn_post_norm, ...).")
 @click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,..., A-B or all.")
 @click.option("--token-idx", type=int, multiple=True, help="Prompt positions to read (default: all). Repeatable.")
-@click.option("--top", type=int, default=5, show_default=True, help="Tokens per cell.")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Tokens per cell.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw a layers x positions heatmap of the top-1 token (needs matplotlib).")
+@click.option("--force", is_flag=True, help="Overwrite the --png file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top, png, as_json):
+def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top, png, force, as_json):
     """Logit lens: the tokens each layer's residual stream already predicts, through the final norm and unembedding.
 
     \b
@@ -67,6 +69,7 @@ def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top,
       fvpatch lens -p "1 2 3 to 3 2 1, 5 6 7 to 7" --png lens.png
       fvpatch lens -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --token-idx -1 --top 5
     """
+    check_outputs([png], force)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         result = logit_lens(s, prompt, tensor, parse_layers(layer_spec, s.n_layer), list(token_idx) or None, top)
         if png:
@@ -82,7 +85,7 @@ def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top,
 @main.command()
 @model_options
 @click.argument("vector", metavar="NAME|FILE")
-@click.option("--top", type=int, default=20, show_default=True, help="Tokens to show.")
+@click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Tokens to show.")
 @click.option("--token-idx", type=int, default=None, help="Which saved row of the file (default: its only row).")
 @click.option("--against", default=None, metavar="NAME|FILE", help="Show the tokens VECTOR promotes more than this vector does.")
 @click.option("--against-token-idx", type=int, default=None, help="Which saved row of the --against file (default: its only row).")

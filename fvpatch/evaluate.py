@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from fvpatch.errors import FvpatchError
 from fvpatch.prompts import Template, answer_token, prompts_for
 from fvpatch.session import Patch, Session
 from fvpatch.tasks import Pair
@@ -40,7 +41,7 @@ def build_items(tokenize: Callable[[str], list[int]], tpl: Template, queries: li
     answers = [answer_token(tokenize, p) for p in zero]
     for p, a in zip(icl, answers):
         if answer_token(tokenize, p) != a:
-            raise ValueError(f"the answer {p.answer!r} starts with a different token after demonstrations than zero-shot")
+            raise FvpatchError(f"the answer {p.answer!r} starts with a different token after demonstrations than zero-shot")
     tokens = {name: [tokenize(p.text) for p in ps] for name, ps in (("zero_shot", zero), ("icl", icl), ("shuffled", shuffled))}
     return Items(tokens, answers, list(queries))
 
@@ -77,8 +78,9 @@ def sweep(predict: Predict, items: Items, vectors: dict[int, VectorFile], condit
 
 
 def patch_of(vector: VectorFile) -> Patch:
-    """The vector at the last prompt token, with the file's mode and scale."""
-    return Patch(vector.tensor, vector.row(None), token=-1, mode=vector.mode, scale=vector.scale)
+    """The vector at the last prompt token (at every token where the file's fvpatch.apply_at says all), with the
+    file's mode and scale."""
+    return Patch(vector.tensor, vector.row(None), token=-1, mode=vector.mode, scale=vector.scale, all_tokens=vector.meta.get("fvpatch.apply_at") == "all")
 
 
 def llamacpp_predictor(session: Session) -> Predict:

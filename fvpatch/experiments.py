@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of, layered
 from fvpatch.prompts import answer_tokens
 from fvpatch.session import Patch, Save, Session
@@ -33,9 +34,9 @@ SEED_DEMO, SEED_PARTIAL = tuple("123"), tuple("567")  # the seed's source: "1 2 
 def check_layers(session: Session, tensor: str, layers: list[int]) -> list[str]:
     """The graph tensor names of `tensor` at `layers`, refused before any work if a layer is beyond the model."""
     if layer_of(tensor) is not None:
-        raise ValueError(f"give the tensor's base name ({tensor.rsplit('-', 1)[0]!r}); the layers are chosen separately")
+        raise FvpatchError(f"give the tensor's base name ({tensor.rsplit('-', 1)[0]!r}); the layers are chosen separately")
     if not layers:
-        raise ValueError("no layers given")
+        raise FvpatchError("no layers given")
     names = [layered(tensor, L) for L in layers]
     for name in names:
         session.check_tensor_name(name)
@@ -86,7 +87,7 @@ def reversal_source(demo: tuple[str, ...], partial: tuple[str, ...]) -> str:
 def generate_lists(seed: int, lengths: tuple[int, ...], alphabet: tuple[str, ...] = DIGITS) -> Iterator[tuple[str, ...]]:
     """Distinct lists of distinct items in random order, endlessly (the caller stops); the same for the same seed."""
     if not lengths or min(lengths) < 2 or max(lengths) > len(alphabet):
-        raise ValueError(f"list lengths must lie in 2..{len(alphabet)} (a reversal needs 2 items, items are distinct), got {list(lengths)}")
+        raise FvpatchError(f"list lengths must lie in 2..{len(alphabet)} (a reversal needs 2 items, items are distinct), got {list(lengths)}")
     rng = random.Random(f"lists:{seed}")
     seen, possible = set(), sum(_n_lists(len(alphabet), k) for k in set(lengths))
     while len(seen) < possible:
@@ -107,7 +108,7 @@ def check_single_tokens(session: Session, alphabet: tuple[str, ...] = DIGITS):
     """Each item must be one token, so list positions and token positions line up (Qwen and Gemma split digits)."""
     long = [a for a in alphabet if len(session.tokenize(a, add_bos=False)) != 1]
     if long:
-        raise ValueError(f"items {long} are not single tokens in {session.path.name}; the reversal lists need single-token items")
+        raise FvpatchError(f"items {long} are not single tokens in {session.path.name}; the reversal lists need single-token items")
 
 
 # ---- greedy continuations from one packed decode ------------------------------------------------
@@ -157,7 +158,7 @@ def find_targets(session: Session, n: int, seed: int, lengths: tuple[int, ...], 
     lists were examined. Lists whose next reversed item equals the seed source's own (`6`) are skipped, as
     are the seed's lists: a right first token can then never be a copy of the source's answer."""
     if n < 1:
-        raise ValueError(f"the number of target lists must be at least 1, got {n}")
+        raise FvpatchError(f"the number of target lists must be at least 1, got {n}")
     check_single_tokens(session)
     fixed_next = reversal_answer(SEED_PARTIAL).split()[0]
     kept, dropped, examined = [], [], 0
@@ -165,7 +166,7 @@ def find_targets(session: Session, n: int, seed: int, lengths: tuple[int, ...], 
     while len(kept) < n:
         batch = [x for _, x in zip(range(32), lists)]
         if not batch or examined >= max_examined:
-            raise ValueError(f"only {len(kept)} of {examined} generated lists are not reversed by the unpatched model; asked for {n}")
+            raise FvpatchError(f"only {len(kept)} of {examined} generated lists are not reversed by the unpatched model; asked for {n}")
         cands = [_target(session, x, seed) for x in batch]
         argmax = teacher_forced_argmax(session, [(t.prompt, t.answer, []) for t in cands])
         for t, am in zip(cands, argmax):

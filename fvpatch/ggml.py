@@ -11,6 +11,8 @@ import ctypes
 import numpy as np
 from llama_cpp._ggml import libggml
 
+from fvpatch.errors import FvpatchError
+
 TYPE_F32 = 0
 TYPE_F16 = 1
 TYPE_BF16 = 30
@@ -48,12 +50,12 @@ class RowTensor:
         self.width = head.ne[0]
         self.n_rows = head.ne[1]
         if self.type not in _ITEM_SIZE:
-            raise TypeError(f"tensor {name!r} has ggml type {self.type}; only f32, f16 and bf16 rows can be read or written")
+            raise FvpatchError(f"tensor {name!r} has ggml type {self.type}; only f32, f16 and bf16 rows can be read or written")
         if head.ne[2] != 1 or head.ne[3] != 1:
-            raise ValueError(f"tensor {name!r} has shape {list(head.ne)}; only 2-D tensors (width x tokens) are supported")
+            raise FvpatchError(f"tensor {name!r} has shape {list(head.ne)}; only 2-D tensors (width x tokens) are supported")
         item = _ITEM_SIZE[self.type]
         if head.nb[0] != item:
-            raise ValueError(f"tensor {name!r} is not contiguous within a row; it cannot be read by row")
+            raise FvpatchError(f"tensor {name!r} is not contiguous within a row; it cannot be read by row")
         self.row_bytes = self.width * item
         self.row_stride = head.nb[1]
 
@@ -68,10 +70,13 @@ class RowTensor:
         libggml.ggml_backend_tensor_get(self.ptr, raw.ctypes.data, row * self.row_stride, self.row_bytes)
         return _to_f32(raw, self.type)
 
-    def write(self, row: int, values: np.ndarray):
+    def write(self, row: int, values: np.ndarray, add: bool = False):
+        """Write `values` over the row, or add them to it."""
         self._check_row(row)
         if values.shape != (self.width,):
-            raise ValueError(f"vector of width {values.shape[-1]} does not fit tensor {self.name!r} of width {self.width}")
+            raise FvpatchError(f"vector of width {values.shape[-1]} does not fit tensor {self.name!r} of width {self.width}")
+        if add:
+            values = self.read(row) + values
         raw = np.ascontiguousarray(_from_f32(values, self.type))
         libggml.ggml_backend_tensor_set(self.ptr, raw.ctypes.data, row * self.row_stride, self.row_bytes)
 

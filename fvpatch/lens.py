@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fvpatch.atomic import write_figure
+from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of, layered
 from fvpatch.modelfile import ModelFile
 from fvpatch.session import Save, Session
@@ -43,9 +45,9 @@ def logit_lens(
 ) -> Lens:
     """Top-`top` tokens of `tensor` at each of `layers` (default: all) and prompt `positions` (default: all)."""
     if layer_of(tensor) is not None:
-        raise ValueError(f"give the tensor's base name ({tensor.rsplit('-', 1)[0]!r}) and choose layers separately")
+        raise FvpatchError(f"give the tensor's base name ({tensor.rsplit('-', 1)[0]!r}) and choose layers separately")
     if tensor in HEAD_SPACE:
-        raise ValueError(_head_space_error(session, tensor))
+        raise FvpatchError(_head_space_error(session, tensor))
     unembed = unembed or load_unembed(session.path)
     layers = list(range(session.n_layer)) if layers is None else list(layers)
     n = len(session.tokenize(prompt) if isinstance(prompt, str) else prompt)
@@ -54,7 +56,7 @@ def logit_lens(
     r = session.run(prompt, saves=[Save(name, tuple(positions)) for name in names])
     width = r.saved[names[0]].shape[1]
     if width != session.n_embd:
-        raise ValueError(f"{tensor} rows are {width} wide, not the residual width {session.n_embd} that the unembedding takes; "
+        raise FvpatchError(f"{tensor} rows are {width} wide, not the residual width {session.n_embd} that the unembedding takes; "
                          f"the lens reads residual-stream tensors such as l_out and ffn_out")
     rows = np.concatenate([r.saved[name] for name in names])
     ids, logits, probs = unembed.top(rows, top)
@@ -97,7 +99,7 @@ def plot_lens(lens: Lens, model: ModelFile, path: str | Path, title: str = ""):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError("the lens heatmap needs matplotlib: pip install matplotlib (or the [train] extra)") from None
+        raise FvpatchError("the lens heatmap needs matplotlib: pip install matplotlib (or the [train] extra)") from None
     n_layers, n_pos = len(lens.layers), len(lens.positions)
     fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n_pos, 1.2 + 0.32 * n_layers))
     im = ax.imshow(lens.probs[:, :, 0], cmap="Blues", vmin=0, vmax=1, aspect="auto", origin="lower")
@@ -115,7 +117,7 @@ def plot_lens(lens: Lens, model: ModelFile, path: str | Path, title: str = ""):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Glyph .* missing from font")  # CJK and other scripts DejaVu lacks
         fig.tight_layout()
-        fig.savefig(path, dpi=130)
+        write_figure(fig, path, dpi=130)
     plt.close(fig)
 
 

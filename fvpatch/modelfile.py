@@ -8,6 +8,8 @@ from pathlib import Path
 
 import llama_cpp as ll
 
+from fvpatch.errors import FvpatchError
+
 _log_sink = ll.llama_log_callback(lambda level, text, user: None)
 _backend_ready = False
 
@@ -34,7 +36,7 @@ class ModelFile:
         mparams.vocab_only = vocab_only
         self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model:
-            raise ValueError(f"llama.cpp could not load {self.path} as a GGUF model")
+            raise FvpatchError(f"llama.cpp could not load {self.path} as a GGUF model")
         self._vocab = ll.llama_model_get_vocab(self._model)
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self.arch = self._meta("general.architecture")
@@ -84,16 +86,39 @@ class ModelFile:
         except ValueError:
             return ftype or "unknown"
 
-    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """`special` reads control tokens such as <|im_start|> as themselves (a chat template's output), not as text."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         arr = (ll.llama_token * cap)()
-        n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, False)
+        n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, special)
         if n < 0:
             cap = -n
             arr = (ll.llama_token * cap)()
-            n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, False)
+            n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, special)
         return list(arr[:n])
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """Messages ({"role", "content"}) in the model's own chat template, ready for the assistant's turn."""
+        template = ll.llama_model_chat_template(self._model, None)
+        if not template:
+            raise ValueError(f"{self.path.name} has no chat template; send a plain prompt to /v1/completions instead")
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]  # the structs point into these bytes
+        chat = (ll.llama_chat_message * len(keep))(*(ll.llama_chat_message(role=r, content=c) for r, c in keep))
+        size = 4 * sum(len(r) + len(c) for r, c in keep) + 1024
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = ll.llama_chat_apply_template(template, chat, len(keep), True, buf, size)
+            if n < 0:
+                raise ValueError(f"llama.cpp does not know {self.path.name}'s chat template; send a plain prompt to /v1/completions instead")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n
+        raise RuntimeError("the chat template's output kept growing")
+
+    def is_eog(self, token: int) -> bool:
+        """An end-of-generation token (end of text, end of turn)."""
+        return bool(ll.llama_vocab_is_eog(self._vocab, token))
 
     def piece(self, token: int) -> bytes:
         buf = ctypes.create_string_buffer(64)

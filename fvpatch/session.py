@@ -5,16 +5,20 @@ token positions its rows hold. Save/patch specs name absolute prompt positions (
 of the prompt); patches apply to the prompt pass and, when asked, at every generated token.
 """
 
+import ctypes
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 from pathlib import Path
 
 import llama_cpp as ll
 import numpy as np
 
 from fvpatch import ggml
+from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
+from fvpatch.threads import configured_threads
 from fvpatch.vectorfile import MODES
 
 
@@ -32,10 +36,11 @@ class Patch:
     mode: str = "replace"
     scale: float = 1.0
     generated: bool = False  # also at every generated token, as function vectors are applied
+    all_tokens: bool = False  # at every prompt and generated token, as llama.cpp applies a control vector
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise ValueError(f"patch mode must be one of {MODES}, got {self.mode!r}")
+            raise FvpatchError(f"patch mode must be one of {MODES}, got {self.mode!r}")
         self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
 
 
@@ -65,21 +70,22 @@ class Session(ModelFile):
         """`hooks=False` opens the model without the eval callback: plain generation at full speed, no save/patch.
         `n_seq` bounds how many sequences `answer_logprobs` packs into one decode. `exact=True` keeps K and V
         in f32 and turns flash attention off (which rounds Q to f16): slower, but an f32 model then matches an
-        f32 reference to float rounding. `n_threads` defaults to $OMP_NUM_THREADS when set (the one knob that
-        also sets PyTorch's threads), else every core."""
+        f32 reference to float rounding. `n_threads` defaults to $FVPATCH_THREADS or $OMP_NUM_THREADS when set
+        (fvpatch.threads; the setting PyTorch's threads follow too), else every core. llama.cpp shrinks its batch
+        to a context smaller than `n_ubatch`; prompts are then decoded in chunks of that batch."""
         super().__init__(path, n_gpu_layers=n_gpu_layers)
-        self.n_ubatch = n_ubatch
 
         cparams = ll.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_ubatch
         cparams.n_ubatch = n_ubatch
-        cparams.n_seq_max = self.n_seq = min(n_seq, n_ubatch)  # llama.cpp asserts outputs per seq fit a batch
+        # llama.cpp asserts (aborting the process) unless the sequences' outputs fit a batch, which it caps at n_ctx
+        cparams.n_seq_max = self.n_seq = max(1, min(n_seq, n_ubatch, n_ctx))
         cparams.kv_unified = True  # sequences share the cache cells, so one sequence can still use all of n_ctx
         if exact:
             cparams.type_k = cparams.type_v = ll.GGML_TYPE_F32
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.n_threads = n_threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1
+        self.n_threads = n_threads or configured_threads() or os.cpu_count() or 1
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         self.hooks = hooks
         if hooks:
@@ -88,9 +94,11 @@ class Session(ModelFile):
             cparams.cb_eval_user_data = None
         self._ctx = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            raise RuntimeError(f"llama.cpp could not create a context for {self.path}")
+            raise FvpatchError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} (too large for memory?)")
         self.n_ctx = ll.llama_n_ctx(self._ctx)
-        self._batch = ll.llama_batch_init(n_ubatch, 0, 1)
+        # a decode of more tokens than the batch llama.cpp really has (min(n_ctx, n_batch)) aborts the process
+        self.n_ubatch = min(ll.llama_n_batch(self._ctx), ll.llama_n_ubatch(self._ctx))
+        self._batch = ll.llama_batch_init(self.n_ubatch, 0, 1)
 
         # state read by the callback during one decode
         self._watch: set[bytes] = set()  # every tensor name a spec of this run mentions
@@ -111,7 +119,7 @@ class Session(ModelFile):
                     self._record_all.append(name.decode("utf-8", "replace"))
                 if name in self._watch:
                     if name in self._seen_this_decode:
-                        raise ValueError(f"tensor {name.decode()!r} appears more than once in the graph; fvpatch cannot tell which one is meant")
+                        raise FvpatchError(f"tensor {name.decode()!r} appears more than once in the graph; fvpatch cannot tell which one is meant")
                     self._seen_this_decode.add(name)
                     return name in self._plan
                 return False
@@ -122,7 +130,7 @@ class Session(ModelFile):
                     self._saved_rows[(spec.tensor, pos)] = tensor.read(row)
                 else:
                     vec = spec.vector * np.float32(spec.scale)
-                    tensor.write(row, vec if spec.mode == "replace" else tensor.read(row) + vec)
+                    tensor.write(row, vec, add=spec.mode == "add")
                 self._done += 1
         except BaseException as e:  # noqa: BLE001 - re-raised after the decode
             if self._error is None:
@@ -136,7 +144,7 @@ class Session(ModelFile):
         if tensor.n_rows == len(self._outputs) and bi in self._outputs:
             # llama.cpp keeps only the output rows after the last layer's get_rows
             return self._outputs.index(bi)
-        raise ValueError(f"tensor {tensor.name!r} has {tensor.n_rows} rows in a ubatch of {self._n_entries} tokens; cannot find entry {bi}")
+        raise FvpatchError(f"tensor {tensor.name!r} has {tensor.n_rows} rows in a ubatch of {self._n_entries} tokens; cannot find entry {bi}")
 
     def _decode(self, entries: list[tuple[int, int, int]], outputs: set[int], plan: dict[bytes, list]):
         """One llama_decode of (token, position, sequence) entries, at most one ubatch, so rows are entries."""
@@ -172,13 +180,36 @@ class Session(ModelFile):
     def check_tensor_name(self, name: str):
         layer = layer_of(name)
         if layer is not None and layer >= self.n_layer:
-            raise ValueError(f"layer {layer} in {name!r} is beyond this model's {self.n_layer} layers (0..{self.n_layer - 1})")
+            raise OutOfRange(f"layer {layer} in {name!r} is beyond this model's {self.n_layer} layers (0..{self.n_layer - 1})")
 
     def resolve_position(self, idx: int, n_prompt: int) -> int:
         pos = idx + n_prompt if idx < 0 else idx
         if not 0 <= pos < n_prompt:
-            raise IndexError(f"token index {idx} is outside the prompt of {n_prompt} tokens (valid: {-n_prompt}..{n_prompt - 1})")
+            raise OutOfRange(f"token index {idx} is outside the prompt of {n_prompt} tokens (valid: {-n_prompt}..{n_prompt - 1})")
         return pos
+
+    def _patch_positions(self, p: Patch, n_prompt: int, outputs) -> list[int]:
+        """The prompt positions a patch applies to. At the last block, only the rows of `outputs` (the positions
+        whose logits are kept) exist: llama.cpp drops the others before it, and so adds a control vector there only."""
+        if not p.all_tokens:
+            return [self.resolve_position(p.token, n_prompt)]
+        if layer_of(p.tensor) == self.n_layer - 1:
+            return [i for i in outputs if i < n_prompt]
+        return list(range(n_prompt))
+
+    def set_control_vector(self, directions: np.ndarray | None):
+        """Load (n_layer - 1, n_embd) directions for blocks 1.. through llama.cpp's own control-vector API,
+        which adds them to l_out-N at every token; None removes them."""
+        if directions is None:
+            rc = ll.llama_set_adapter_cvec(self._ctx, None, 0, self.n_embd, -1, -1)
+        else:
+            data = np.ascontiguousarray(directions, np.float32)
+            if data.shape != (self.n_layer - 1, self.n_embd):
+                raise ValueError(f"control-vector directions of shape {data.shape}; this model needs ({self.n_layer - 1}, {self.n_embd})")
+            ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            rc = ll.llama_set_adapter_cvec(self._ctx, ptr, data.size, self.n_embd, 1, self.n_layer - 1)
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp refused the control vector (code {rc})")
 
     def run(
         self,
@@ -189,20 +220,23 @@ class Session(ModelFile):
         all_logits: bool = False,
         temperature: float = 0.0,
         seed: int = 0,
+        on_token: Callable[[int], bool] | None = None,
     ) -> Result:
-        """Decode `prompt` with saves and patches, then generate `max_tokens` tokens (greedy unless temperature > 0)."""
+        """Decode `prompt` with saves and patches, then generate `max_tokens` tokens (greedy unless temperature > 0).
+        `on_token` sees each generated token as it comes (a server streams them) and ends generation by returning True."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         n = len(tokens)
         if n == 0:
-            raise ValueError("the prompt is empty")
+            raise FvpatchError("the prompt is empty")
         if n + max_tokens > self.n_ctx:
-            raise ValueError(f"prompt ({n} tokens) plus {max_tokens} new tokens exceeds the context of {self.n_ctx}")
+            raise FvpatchError(f"prompt ({n} tokens) plus {max_tokens} new tokens exceeds the context of {self.n_ctx}; raise --n-ctx")
         if (saves or patches) and not self.hooks:
             raise ValueError("this session was opened with hooks=False; save and patch need the eval callback")
         for spec in (*saves, *patches):
             self.check_tensor_name(spec.tensor)
-        save_at = [(s, self.resolve_position(i, n)) for s in saves for i in s.tokens]
-        patch_at = [(p, self.resolve_position(p.token, n)) for p in patches]
+        # a row asked for twice (one tensor saved for two files, or tokens -1 and n-1) is saved, and returned, once
+        save_at = list({(s.tensor, pos): (s, pos) for s in saves for pos in (self.resolve_position(i, n) for i in s.tokens)}.values())
+        patch_at = [(p, pos) for p in patches for pos in self._patch_positions(p, n, range(n))]  # run() keeps the logits of every patched row
         self._watch = {s.tensor.encode() for s in (*saves, *patches)}
         self._seen = set()
         self._saved_rows = {}
@@ -229,11 +263,12 @@ class Session(ModelFile):
         generated: list[int] = []
         logits = first_logits
         rng = np.random.default_rng(seed)
-        every = [p for p in patches if p.generated]
+        every = [p for p in patches if p.generated or p.all_tokens]
         for k in range(max_tokens):
             tok = _sample(logits, temperature, rng)
             generated.append(tok)
-            if ll.llama_vocab_is_eog(self._vocab, tok) or k == max_tokens - 1:
+            stop = on_token(tok) if on_token else False
+            if stop or ll.llama_vocab_is_eog(self._vocab, tok) or k == max_tokens - 1:
                 break
             pos = n + k
             plan = {}
@@ -278,9 +313,9 @@ class Session(ModelFile):
         for i, (prompt, fed, _) in enumerate(items):
             length = len(prompt) + len(fed)
             if not prompt:
-                raise ValueError(f"item {i}: the prompt has no tokens")
+                raise FvpatchError(f"item {i}: the prompt has no tokens")
             if length > min(self.n_ubatch, self.n_ctx):
-                raise ValueError(f"item {i}: {length} tokens do not fit one ubatch of {self.n_ubatch}")
+                raise FvpatchError(f"item {i}: {length} tokens do not fit one batch of {self.n_ubatch}; raise --n-ctx")
             if not packs or size + length > self.n_ubatch or len(packs[-1]) == self.n_seq:
                 packs.append([])
                 size = 0
@@ -296,7 +331,8 @@ class Session(ModelFile):
                 entries += [(tok, pos, seq) for pos, tok in enumerate(tokens)]
                 for p in patches:
                     self.check_tensor_name(p.tensor)
-                    at = [self.resolve_position(p.token, len(prompt))] + (list(range(len(prompt), len(tokens))) if p.generated else [])
+                    at = self._patch_positions(p, len(prompt), range(len(prompt) - 1, len(tokens)))
+                    at += list(range(len(prompt), len(tokens))) if p.generated or p.all_tokens else []
                     for pos in at:
                         plan.setdefault(p.tensor.encode(), []).append(("patch", p, base + pos, pos))
                 rows[i] = range(base + len(prompt) - 1, base + len(tokens))
@@ -330,7 +366,7 @@ def _check_fired(never: set[bytes]):
     """A spec whose tensor never fires would be a silent no-op, the worst bug this tool can have."""
     if never:
         names = ", ".join(repr(n.decode()) for n in sorted(never))
-        raise ValueError(
+        raise FvpatchError(
             f"tensor {names} never appeared in this model's compute graph "
             f"(names look like l_out-N, attn_norm-N, kqv_out-N, ffn_out-N; `fvpatch tensors` lists them)"
         )

@@ -1,10 +1,14 @@
-"""Vectors shipped in the checkout's vectors/<model>/ folders, found by name (the file name without .safetensors)."""
+"""Vectors shipped in vectors/<model>/ folders, found by name (the file name without .safetensors)."""
 
 from pathlib import Path
 
+from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.models import _ROOT, check_fingerprint
 
-VECTORS_DIR = _ROOT / "vectors"
+# An installed wheel holds them in the package (pyproject.toml maps vectors/ to fvpatch/vectors); a checkout,
+# editable install included, keeps them at its top level.
+_INSTALLED = Path(__file__).resolve().parent / "vectors"
+VECTORS_DIR = _INSTALLED if _INSTALLED.is_dir() else _ROOT / "vectors"
 
 
 def shipped_vectors() -> list[Path]:
@@ -29,8 +33,8 @@ def find_vector(name: str, model: dict[str, str] | None = None) -> Path:
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise FileNotFoundError(f"{name!r} is neither a file nor a shipped vector (`fvpatch vectors list` shows them)")
-    raise ValueError(f"{name!r} matches several shipped vectors: {', '.join(str(m.relative_to(VECTORS_DIR)) for m in matches)}")
+        raise NotFound(f"{name!r} is neither a file nor a shipped vector (`fvpatch vectors list` shows them)")
+    raise FvpatchError(f"{name!r} matches several shipped vectors: {', '.join(str(m.relative_to(VECTORS_DIR)) for m in matches)}")
 
 
 def model_folder(model: dict[str, str]) -> Path:
@@ -39,4 +43,4 @@ def model_folder(model: dict[str, str]) -> Path:
         first = next(iter(sorted(folder.glob("*.safetensors"))), None)
         if first is not None and _fits(first, model):
             return folder
-    raise FileNotFoundError(f"no vectors are shipped for {model.get('name') or model.get('file')} (`fvpatch vectors list` shows what is)")
+    raise NotFound(f"no vectors are shipped for {model.get('name') or model.get('file')} (`fvpatch vectors list` shows what is)")

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fvpatch.errors import FvpatchError, NotFound
+
 DATA_DIR = Path(__file__).resolve().parent / "datasets" / "function_vectors"
 CORE_TASKS = ("antonym", "capitalize", "country-capital", "english-french", "present-past", "singular-plural")
 SPLIT_SEED = 0
@@ -46,15 +48,22 @@ def read_pairs(path: str | Path) -> list[Pair]:
     """Input/output pairs from .json (a list of objects), .jsonl (one object a line) or .csv (header input,output)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"task file {path} does not exist")
+        raise NotFound(f"task file {path} does not exist")
+    try:
+        return _read_pairs(path)
+    except UnicodeDecodeError as e:
+        raise FvpatchError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
+
+
+def _read_pairs(path: Path) -> list[Pair]:
     suffix = path.suffix.lower()
     if suffix == ".json":
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise FvpatchError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of {{\"input\": ..., \"output\": ...}} objects, got a {type(rows).__name__}")
+            raise FvpatchError(f"{path}: expected a JSON list of {{\"input\": ..., \"output\": ...}} objects, got a {type(rows).__name__}")
         where = [f"{path}: item {i}" for i in range(len(rows))]
     elif suffix == ".jsonl":
         rows, where = [], []
@@ -64,29 +73,29 @@ def read_pairs(path: str | Path) -> list[Pair]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise FvpatchError(f"{path}:{n}: not valid JSON ({e})") from None
             where.append(f"{path}:{n}")
     elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"input", "output"} <= set(reader.fieldnames):
-                raise ValueError(f"{path}: the CSV header must name columns 'input' and 'output', got {reader.fieldnames}")
+                raise FvpatchError(f"{path}: the CSV header must name columns 'input' and 'output', got {reader.fieldnames}")
             rows = list(reader)
         where = [f"{path}:{n}" for n in range(2, len(rows) + 2)]
     else:
-        raise ValueError(f"{path}: unknown task file type {suffix!r}; use .json, .jsonl or .csv")
+        raise FvpatchError(f"{path}: unknown task file type {suffix!r}; use .json, .jsonl or .csv")
     pairs = [_pair(row, w) for row, w in zip(rows, where)]
     if not pairs:
-        raise ValueError(f"{path}: holds no input/output pairs")
+        raise FvpatchError(f"{path}: holds no input/output pairs")
     return pairs
 
 
 def _pair(row, where: str) -> Pair:
     if not isinstance(row, dict) or "input" not in row or "output" not in row:
-        raise ValueError(f"{where}: expected an object with 'input' and 'output', got {row!r:.80}")
+        raise FvpatchError(f"{where}: expected an object with 'input' and 'output', got {row!r:.80}")
     x, y = row["input"], row["output"]
     if not isinstance(x, str) or not isinstance(y, str) or not x.strip() or not y.strip():
-        raise ValueError(f"{where}: 'input' and 'output' must be non-empty strings, got {x!r:.40} and {y!r:.40}")
+        raise FvpatchError(f"{where}: 'input' and 'output' must be non-empty strings, got {x!r:.40} and {y!r:.40}")
     return x.strip(), y.strip()
 
 
@@ -109,8 +118,8 @@ def load_task(name_or_path: str | Path, seed: int = SPLIT_SEED) -> Task:
         path = Path(name_or_path)
         name, source = path.stem, str(path)
     else:
-        raise ValueError(f"unknown task {str(name_or_path)!r}: give a .json/.jsonl/.csv file or one of {', '.join(files)}")
+        raise NotFound(f"unknown task {str(name_or_path)!r}: give a .json/.jsonl/.csv file or one of {', '.join(files)}")
     train, valid, test = split_pairs(read_pairs(path), seed)
     if len(train) < 2 or not test:
-        raise ValueError(f"{path}: {len(train) + len(valid) + len(test)} distinct pairs are too few to split into train/valid/test")
+        raise FvpatchError(f"{path}: {len(train) + len(valid) + len(test)} distinct pairs are too few to split into train/valid/test")
     return Task(name, train, valid, test, f"{source}, split seed {seed}")

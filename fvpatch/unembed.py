@@ -6,7 +6,6 @@ GGUF of its own, `models/unembed-<file key>.gguf`, which later runs memory-map i
 The cache holds the same tensor names and metadata keys as a model file, so one reader serves both.
 """
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from fvpatch.atomic import write_gguf
+from fvpatch.errors import FvpatchError
 from fvpatch.models import file_key, models_dir
 
 CHUNK = 128  # rows per matmul: a (128, n_vocab) float32 block is 134 MB for Gemma
@@ -33,7 +34,7 @@ class Unembed:
     def normalize(self, rows: np.ndarray) -> np.ndarray:
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
         if rows.shape[1] != self.n_embd:
-            raise ValueError(f"rows are {rows.shape[1]} wide; the unembedding takes the residual width {self.n_embd}")
+            raise FvpatchError(f"rows are {rows.shape[1]} wide; the unembedding takes the residual width {self.n_embd}")
         rms = np.sqrt(np.mean(rows * rows, axis=1, keepdims=True) + self.eps)
         return rows / rms * self.norm
 
@@ -105,10 +106,10 @@ def _read(path: Path) -> Unembed:
     arch = r.fields["general.architecture"].contents()
     tensors = {t.name: t for t in r.tensors}
     if "output_norm.bias" in tensors or "output_norm.weight" not in tensors:
-        raise ValueError(f"{path.name}: the lens supports models whose final norm is an RMSNorm (output_norm.weight, no bias); {arch} is not one")
+        raise FvpatchError(f"{path.name}: the lens supports models whose final norm is an RMSNorm (output_norm.weight, no bias); {arch} is not one")
     eps_key = f"{arch}.attention.layer_norm_rms_epsilon"
     if eps_key not in r.fields:
-        raise ValueError(f"{path.name}: no {eps_key} in the GGUF metadata, so the final RMSNorm is unknown")
+        raise FvpatchError(f"{path.name}: no {eps_key} in the GGUF metadata, so the final RMSNorm is unknown")
     cap = r.fields.get(f"{arch}.final_logit_softcapping")
     out = tensors.get("output.weight") or tensors["token_embd.weight"]  # tied embeddings when there is no output.weight
     return Unembed(
@@ -126,21 +127,12 @@ def _dequantize(t) -> np.ndarray:
 
 
 def _write(u: Unembed, path: Path, key: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two processes may build the same cache at once
-    try:
-        w = gguf.GGUFWriter(tmp, "fvpatch-unembed")
+    def fill(w):
         w.add_layer_norm_rms_eps(u.eps)
         if u.softcap:
             w.add_final_logit_softcapping(u.softcap)
         w.add_string("fvpatch.unembed.source_key", key)
         w.add_tensor("output_norm.weight", np.ascontiguousarray(u.norm, np.float32))
         w.add_tensor("output.weight", np.ascontiguousarray(u.output, np.float32))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_gguf(path, "fvpatch-unembed", fill)  # a unique temporary name: two processes may build the same cache at once

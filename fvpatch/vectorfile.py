@@ -22,11 +22,14 @@ import numpy as np
 from safetensors.numpy import save as _st_save
 
 from fvpatch import __version__
-from fvpatch.atomic import write_bytes
+from fvpatch.atomic import check_outputs, write_bytes
+from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of
 
 FORMAT_VERSION = "1"
 MODES = ("replace", "add")
+ACCURACY_KEYS = ("fvpatch.test_top1", "fvpatch.test_zero_shot_top1", "fvpatch.test_icl_top1")  # held-out: with the vector, without, 10-shot
+APPLY_AT = ("last", "all")  # fvpatch.apply_at: the last prompt token (and generated ones), or every token like a control vector
 DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: the high half of an f32
 MAX_HEADER_BYTES = 16 << 20  # headers take KBs (a bank's, 14 KB; a saved prompt adds its text): a longer one is not read
 MAX_POSITION = 2**31 - 1  # llama.cpp positions are int32
@@ -35,7 +38,7 @@ _INT = re.compile(r"0|-?[1-9][0-9]{0,17}")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # what repr(float) writes, less nan/inf
 
 
-class VectorFileError(ValueError):
+class VectorFileError(FvpatchError):
     pass
 
 
@@ -108,9 +111,7 @@ class VectorFile:
 
 def save(vf: VectorFile, path: str | Path, overwrite: bool = False) -> Path:
     """Write atomically: a crash mid-write never leaves a truncated file, and nothing is replaced unless asked."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+    (path,) = check_outputs([path], force=overwrite)
     return write_bytes(path, _st_save({vf.tensor: vf.rows}, metadata=vf.metadata()))
 
 
@@ -204,7 +205,7 @@ def _tensor_entry(header: dict, data_len: int) -> tuple[str, str, list[int]]:
     if type(entry) is not dict or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise VectorFileError(f"not a valid safetensors vector file (tensor {_shown(name)} must have exactly dtype, shape and data_offsets)")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in DTYPES:
         raise VectorFileError(f"tensor {_shown(name)} has dtype {_shown(dtype)}; only {', '.join(DTYPES)} are read (nothing is cast silently)")
     if type(shape) is not list or len(shape) != 2 or not all(type(d) is int and d >= 1 for d in shape):
         raise VectorFileError(f"tensor {_shown(name)} has shape {_shown(shape)}; a vector file holds [rows, width], both at least 1")
@@ -237,8 +238,12 @@ def _vector_file(name: str, rows: np.ndarray, dtype: str, meta: dict[str, str]) 
     scale = _number(meta, "fvpatch.scale")
     for key, lo in (("fvpatch.test_n", 0), ("fvpatch.model.n_layer", 1), ("fvpatch.model.n_embd", 1)):
         _integer(meta, key, lo)
-    if "fvpatch.test_top1" in meta and not 0 <= _number(meta, "fvpatch.test_top1") <= 1:
-        raise VectorFileError(f"bad fvpatch metadata: fvpatch.test_top1 must be an accuracy in [0, 1], got {_shown(meta['fvpatch.test_top1'])}")
+    for key in ACCURACY_KEYS:
+        if key in meta and not 0 <= _number(meta, key) <= 1:
+            raise VectorFileError(f"bad fvpatch metadata: {key} must be an accuracy in [0, 1], got {_shown(meta[key])}")
+    if meta.get("fvpatch.apply_at", "last") not in APPLY_AT:
+        raise VectorFileError(f"bad fvpatch metadata: fvpatch.apply_at must be one of {APPLY_AT}, got {_shown(meta['fvpatch.apply_at'])}")
+    positions_top1(meta)
     n_prompt = _integer(meta, "fvpatch.n_prompt", 1)  # what a negative --from-token-idx counts from
     if n_prompt is not None and type(positions) is list and any(type(p) is int and p >= n_prompt for p in positions):
         raise VectorFileError(f"bad fvpatch metadata: positions {_shown(positions)} reach past the {n_prompt}-token prompt they were saved from")
@@ -246,6 +251,19 @@ def _vector_file(name: str, rows: np.ndarray, dtype: str, meta: dict[str, str]) 
     known = {"fvpatch.format", "fvpatch.creator", "fvpatch.tensor", "fvpatch.layer", "fvpatch.positions", "fvpatch.mode", "fvpatch.scale"}
     extra = {k: v for k, v in meta.items() if k not in known and not k.startswith("fvpatch.model.")}
     return VectorFile(name, rows, positions, model, meta["fvpatch.mode"], scale, extra, dtype)
+
+
+def positions_top1(meta: dict[str, str]) -> dict[str, int] | None:
+    """fvpatch.positions_top1: test items answered right with the vector at the last token and at every token
+    (train.report_positions), or None when not measured."""
+    key = "fvpatch.positions_top1"
+    if key not in meta:
+        return None
+    value = strict_json(meta[key], key)
+    if not (type(value) is dict and set(value) == {"n", "last", "all"} and all(type(v) is int for v in value.values())
+            and value["n"] >= 1 and 0 <= value["last"] <= value["n"] and 0 <= value["all"] <= value["n"]):
+        raise VectorFileError(f"bad fvpatch metadata: {key} must be {{\"n\": N, \"last\": K, \"all\": K}} counts with 0 <= K <= N >= 1, got {_shown(meta[key])}")
+    return value
 
 
 def _integer(meta: dict[str, str], key: str, lo: int) -> int | None:

@@ -29,7 +29,7 @@ RELATIONS = ["antonym", "capitalize", "country-capital", "present-past"]
 PAIRS = [("hot", "cold"), ("France", "Paris"), ("walk", "walked")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # a fresh bank per test: a test may set its map, and the next must not see it
 def tiny_bank(tiny_session):
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((len(RELATIONS), tiny_session.n_embd)).astype(np.float32) * 2

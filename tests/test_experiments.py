@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_qwen, tmp_path):
         ("reversal", "--layer", "1-x"): "expected N, N,M,..., A-B or all",
         ("reversal", "--lengths", "1,3"): "lengths must lie in 2..10",
         ("reversal", "--lengths", "three"): "expected comma-separated integers",
-        ("reversal", "--n", "0"): "at least 1",
+        ("reversal", "--n", "0"): "'--n': 0 is not in the range x>=1",
         ("reversal", "--tensor", "l_out-2"): "give the tensor's base name",
         ("reversal", "--tensor", "l_ou", "--layer", "1"): "never appeared",
         ("sweep", "-p", SOURCE, "-t", TARGET, "--layer", "4"): "beyond this model's 4 layers",

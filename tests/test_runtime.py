@@ -1,5 +1,7 @@
 """Exact checks of save/patch on the tiny synthetic llama GGUF, run through the real llama.cpp."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -141,10 +143,22 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path):
     save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(VectorFileError, match="not an fvpatch vector file"):
         load(tmp_path / "plain.safetensors")
+    marker = tmp_path / "unpickled"
     pickled = tmp_path / "v.pt"
-    pickled.write_bytes(b"\x80\x04\x95")  # a pickle header is never unpickled
-    with pytest.raises(VectorFileError):
+    pickled.write_bytes(pickle.dumps({"l_out-1": _Unpickling(marker), "rows": np.ones((2, N_EMBD), np.float32)}))
+    with pytest.raises(VectorFileError, match="not a valid safetensors"):
         load(pickled)
+    assert not marker.exists()  # refused without being unpickled
+
+
+class _Unpickling:
+    """Creates `path` when unpickled: a pickled vector file that proves whether the loader ran it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
 
 
 def test_answer_logprobs_packs_sequences_without_changing_scores(tiny_session):

@@ -2,6 +2,9 @@
 
 import click
 
+from fvpatch.atomic import check_outputs
+from fvpatch.cli import INT32_MAX, SEED, FiniteFloat, check_layer, cli_threads, threads_option
+
 
 @click.group()
 def train():
@@ -26,28 +29,29 @@ torch_options = [
 def _torch_options(f):
     for opt in reversed(torch_options):
         f = opt(f)
-    return f
+    return threads_option(f)
 
 
 @train.command()
 @click.option("--task", default=None, help="A vendored relation task, e.g. antonym (the files in fvpatch/datasets/).")
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own pairs: .json/.jsonl/.csv with input and output.")
-@click.option("--n-train", type=int, default=20, show_default=True, help="Train pairs to learn from (the first of the train split).")
-@click.option("--n-valid", type=int, default=50, show_default=True, help="Valid pairs for early stopping (at most).")
-@click.option("--layer", type=int, default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M, 16 on Qwen2.5-Coder 1.5B; train.ffv.MEASURED_LAYERS).")
+@click.option("--n-train", type=click.IntRange(1), default=20, show_default=True, help="Train pairs to learn from (the first of the train split).")
+@click.option("--n-valid", type=click.IntRange(1), default=50, show_default=True, help="Valid pairs for early stopping (at most).")
+@click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M, 16 on Qwen2.5-Coder 1.5B; train.ffv.MEASURED_LAYERS).")
 @click.option("--init", type=click.Choice(["fv", "taskvec", "random", "zeros"]), default="taskvec", show_default=True, help="Starting vector: the task vector or the function vector of 10-shot prompts over the training pairs, a random residual-sized one, or zeros.")
-@click.option("--lr", type=float, default=0.05, show_default=True, help="Adam learning rate, relative to the residual's RMS coordinate at the layer.")
-@click.option("--steps", type=int, default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")
-@click.option("--l2", type=float, default=0.0, show_default=True, help="Penalty on the vector's squared norm (relative to the residual's).")
-@click.option("--l2-from-init", type=float, default=0.0, show_default=True, help="Penalty on the squared distance from the initial vector.")
+@click.option("--lr", type=FiniteFloat(min=0, above=True), default=0.05, show_default=True, help="Adam learning rate, relative to the residual's RMS coordinate at the layer.")
+@click.option("--steps", type=click.IntRange(1), default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")
+@click.option("--l2", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the vector's squared norm (relative to the residual's).")
+@click.option("--l2-from-init", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the squared distance from the initial vector.")
 @click.option("--every-answer-token", is_flag=True, help="Also add the vector at every answer token (apply it with `patch --every-token`).")
+@click.option("--positions", type=click.Choice(["last", "all"]), default="last", show_default=True, help="Train the vector at the last prompt token, or at every token as llama.cpp applies a control vector (`fvpatch export`).")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Vector file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @_torch_options
-def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init, every_answer_token, template_name, seed, model, out, force, dtype, device):
+def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init, every_answer_token, positions, template_name, seed, model, out, force, dtype, device):
     """Fine-tune a function vector: one vector, added at the answer-predicting token of zero-shot prompts,
     learned from ~20 pairs with the model frozen.
 
@@ -67,17 +71,18 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 
     if (task is None) == (pairs is None):
         raise click.UsageError("give exactly one of --task NAME or --pairs FILE")
-    if Path(out).exists() and not force:
-        raise click.ClickException(f"{out} exists; pass --force to overwrite it")
-    tpl = template(template_name)
-    lm = load_model(model, device, dtype)
+    check_outputs([out], force)
+    tpl, pairs_task = template(template_name), load_task(task or pairs)
+    _check_layer_first(layer, model)
+    lm = load_model(model, device, dtype, cli_threads())
     if layer is None:
         layer, measured = default_layer(lm)
         if not measured:
             click.echo(f"warning: no FFV layer has been chosen on this model's valid pairs; using layer {layer} (the default model's "
                        f"relative depth). Choose one with `python -m train.sweep_ffv --model {model}` or pass --layer", err=True)
-    data = prepare(lm, load_task(task or pairs), tpl, n_train, n_valid)
-    cfg = Config(layer=layer, init=init, lr=lr, steps=steps, l2=l2, l2_from_init=l2_from_init, every_answer_token=every_answer_token, seed=seed)
+    data = prepare(lm, pairs_task, tpl, n_train, n_valid, positions)
+    cfg = Config(layer=layer, init=init, lr=lr, steps=steps, l2=l2, l2_from_init=l2_from_init, every_answer_token=every_answer_token,
+                 positions=positions, seed=seed)
     vf, hist = train_ffv(lm, data, tpl, cfg)
     vectorfile.save(vf, out, overwrite=force)
     click.echo(f"{vf.tensor} vector ({init} init) after {vf.meta['fvpatch.steps']} steps, kept step {hist.best_step}: "
@@ -88,12 +93,12 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 
 @train.command()
 @click.option("--bank", "bank_path", type=click.Path(exists=True), default=None, help="Folder of .ffv.safetensors or a bank file (default: the FFVs shipped for the model).")
-@click.option("--n-train", type=int, default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on).")
+@click.option("--n-train", type=click.IntRange(1), default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on).")
 @click.option("--objective", type=click.Choice(["answer", "relation"]), default="relation", show_default=True, help="Maximize log P(D | C, CFV), or the weight of the analogy's relation.")
-@click.option("--l2", type=float, default=0.01, show_default=True, help="Penalty on the map's squared distance from the unlearned softmax(s/T).")
-@click.option("--lr", type=float, default=0.02, show_default=True, help="Adam learning rate.")
-@click.option("--steps", type=int, default=100, show_default=True, help="Optimizer steps.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated analogies and of the minibatch order.")
+@click.option("--l2", type=FiniteFloat(min=0), default=0.01, show_default=True, help="Penalty on the map's squared distance from the unlearned softmax(s/T).")
+@click.option("--lr", type=FiniteFloat(min=0, above=True), default=0.02, show_default=True, help="Adam learning rate.")
+@click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies and of the minibatch order.")
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Bank file to write (default: analogy.bank.safetensors beside the bank's vectors).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
@@ -120,11 +125,10 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
         with ModelFile(resolve_model(model), vocab_only=True) as mf:
             bank_path = model_folder(mf.fingerprint())
     out = Path(out or Path(bank_path if Path(bank_path).is_dir() else Path(bank_path).parent) / BANK_NAME)
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} exists; pass --force to overwrite it")
+    check_outputs([out], force)
     bank = load_bank(bank_path)
     analogies = generate(bank.names, "train", n_train, seed, exclude=bank.trained_on)
-    lm = load_model(model, device, dtype)
+    lm = load_model(model, device, dtype, cli_threads())
     check_fingerprint(bank.model, lm.fingerprint)
     scores = bank_scores(lm, bank, [(x.a, x.b) for x in analogies], progress=True)
     cfv_map, hist = fit_map(lm, bank, analogies, scores, FitConfig(objective, l2, lr, steps, seed=seed))
@@ -136,13 +140,14 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
 
 @eval_cmd.command()
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None, help='JSONL analogies {"stem": [A, B], "choice": [[C, D], ...], "answer": i} (SAT/U2/U4/BATS/Google layout). Default: generated from the tasks\' test pairs.')
-@click.option("--n", "n_test", type=int, default=200, show_default=True, help="Generated test analogies (without --data).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated analogies.")
+@click.option("--n", "n_test", type=click.IntRange(1), default=200, show_default=True, help="Generated test analogies (without --data).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies.")
 @click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
 @click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
-@click.option("--force", is_flag=True, help="Use a bank made on another model file.")
+@click.option("--force", is_flag=True, help="Overwrite --out, and use a bank made on another model file.")
+@threads_option
 def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
     """Solve analogies A:B::C:? in llama.cpp: no vector, analogy prompts, the best single vector, and
     composite function vectors; prints a markdown table of accuracies (no torch needed).
@@ -159,7 +164,8 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
     from fvpatch.session import Session
     from fvpatch.shipped import model_folder
 
-    with Session(resolve_model(model)) as s:
+    check_outputs([out], force)
+    with Session(resolve_model(model), n_threads=cli_threads()) as s:
         shipped = bank_path is None
         bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
         bank = load_bank(bank_path)
@@ -182,13 +188,13 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
 @click.option("--task", required=True, help="A vendored relation task (e.g. antonym) or your .json/.jsonl/.csv of input/output pairs.")
 @click.option("--method", type=click.Choice(["cma", "taskvec"]), default="cma", show_default=True,
               help="cma: function vector from the top heads by causal mediation (Todd et al.); taskvec: task vector (Hendel et al.).")
-@click.option("--layer", type=int, default=None, help="Block whose output gets the vector (l_out-LAYER). Default: the best on the valid split.")
-@click.option("--heads", "n_heads", type=int, default=None, help="cma: number of top heads summed. Default: chosen with the layer on the valid split among 1, 2, 3, 5, 10, 20.")
-@click.option("--n-prompts", type=int, default=25, show_default=True, help="cma: clean/corrupted prompts for the head map; taskvec: demo sets averaged.")
-@click.option("--k", type=int, default=10, show_default=True, help="Demonstrations per prompt.")
-@click.option("--n-valid", type=int, default=50, show_default=True, help="Valid pairs scored per layer when choosing the layer.")
+@click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Block whose output gets the vector (l_out-LAYER). Default: the best on the valid split.")
+@click.option("--heads", "n_heads", type=click.IntRange(1), default=None, help="cma: number of top heads summed. Default: chosen with the layer on the valid split among 1, 2, 3, 5, 10, 20.")
+@click.option("--n-prompts", type=click.IntRange(1), default=25, show_default=True, help="cma: clean/corrupted prompts for the head map; taskvec: demo sets averaged.")
+@click.option("--k", type=click.IntRange(2), default=10, show_default=True, help="Demonstrations per prompt (at least 2, which shuffled labels need).")
+@click.option("--n-valid", type=click.IntRange(1), default=50, show_default=True, help="Valid pairs scored per layer when choosing the layer.")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demonstrations drawn.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the demonstrations drawn.")
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Vector file to write (default: TASK.fv.safetensors or TASK.taskvec.safetensors).")
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="cma: also draw the head AIE map to this PNG.")
@@ -215,12 +221,17 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
     from train.model import load_model
     from train.taskvec import train_taskvec
 
+    if heatmap and method != "cma":
+        raise click.UsageError("--heatmap draws the head map of --method cma; a task vector has none")
     t = load_task(task)
     out = Path(out or f"{t.name}.{'fv' if method == 'cma' else 'taskvec'}.safetensors")
-    if out.exists() and not force:
-        raise click.ClickException(f"{out} exists; pass --force to overwrite it")
+    check_outputs([out, heatmap], force)
     tpl = template(template_name)
-    lm = load_model(model, device, dtype)
+    _check_layer_first(layer, model)
+    lm = load_model(model, device, dtype, cli_threads())
+    check_layer(layer, lm.n_layer)  # a Hugging Face directory's, now that it is loaded
+    if n_heads is not None and n_heads > lm.n_layer * lm.n_head:
+        raise click.BadParameter(f"{n_heads} is more than the model's {lm.n_layer * lm.n_head} heads", param_hint="--heads")
     predict = torch_predictor(lm)
     if method == "cma":
         vf, hm, grid = train_fv(lm, t, tpl, predict, k, n_prompts, n_heads, layer, n_valid, seed)
@@ -228,16 +239,17 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
         click.echo("heads (layer, head): AIE  " + "  ".join(f"({L},{h}): {float(hm.aie[L, h]):.3f}" for L, h in heads))
         for n, acc in grid.items():
             click.echo(f"valid zero-shot+FV, top {n} heads, by layer: " + " ".join(f"{L}:{a:.2f}" for L, a in acc.items()))
-        if heatmap:
-            from train.plots import plot_head_maps
-
-            plot_head_maps({t.name: hm.aie.numpy()}, heatmap, {t.name: heads})
     else:
         vf, acc = train_taskvec(lm, t, tpl, predict, k, n_prompts, layer, n_valid, seed)
         if acc:
             click.echo("valid zero-shot+TV by layer: " + " ".join(f"{L}:{a:.2f}" for L, a in acc.items()))
-    vectorfile.save(vf, out, overwrite=force)
+    vectorfile.save(vf, out, overwrite=force)  # before the picture, so that a failing picture never costs the vector
     click.echo(f"{vf.tensor} ({vf.mode}) {method} vector for {t.name} -> {out}")
+    if heatmap:
+        from train.plots import plot_head_maps
+
+        plot_head_maps({t.name: hm.aie.numpy()}, heatmap, {t.name: heads})
+        click.echo(f"head map -> {heatmap}")
 
 
 def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto"):
@@ -248,7 +260,7 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
 
     out = {}
     if engine in ("llamacpp", "both"):
-        s = Session(resolve_model(model))
+        s = Session(resolve_model(model), n_threads=cli_threads())
         if vector_model:
             check_fingerprint(vector_model, s.fingerprint())
         out["llama.cpp"] = (llamacpp_predictor(s), s.tokenize)
@@ -256,11 +268,24 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
         from train.evaluate import torch_predictor
         from train.model import load_model
 
-        lm = lm or load_model(model, device, dtype)
+        lm = lm or load_model(model, device, dtype, cli_threads())
         if vector_model and lm.fingerprint:
             check_fingerprint(vector_model, lm.fingerprint)
         out["torch"] = (torch_predictor(lm), lm.tokenize)
     return out
+
+
+def _check_layer_first(layer: int | None, model):
+    """--layer against the GGUF's block count, read from its metadata before any weights load or convert (a
+    Hugging Face directory is checked once loaded)."""
+    from pathlib import Path
+
+    from fvpatch.modelfile import ModelFile
+    from fvpatch.models import resolve_model
+
+    if layer is not None and not (model and Path(model).is_dir()):
+        with ModelFile(resolve_model(model), vocab_only=True) as mf:
+            check_layer(layer, mf.n_layer)
 
 
 def _task_and_template(task, template_name, vf):
@@ -273,11 +298,12 @@ def _task_and_template(task, template_name, vf):
 eval_options = [
     click.option("--task", required=True, help="A vendored relation task (e.g. antonym) or your .json/.jsonl/.csv of input/output pairs."),
     click.option("--engine", type=click.Choice(["llamacpp", "torch", "both"]), default="llamacpp", show_default=True, help="Where to run the model."),
-    click.option("--k", type=int, default=10, show_default=True, help="Demonstrations in the ICL and shuffled-label prompts."),
+    click.option("--k", type=click.IntRange(2), default=10, show_default=True, help="Demonstrations in the ICL and shuffled-label prompts (at least 2, which shuffled labels need)."),
     click.option("--template", "template_name", default=None, help="Prompt template: qa, arrow, or a string with {x} and {y} (default: the vector's, else qa)."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the demonstrations drawn."),
+    click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the demonstrations drawn."),
     click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."),
     click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here."),
+    click.option("--force", is_flag=True, help="Overwrite the files it writes."),
 ]
 
 
@@ -298,8 +324,8 @@ def _write_json(out, payload):
 @_eval_options
 @click.option("--vector", default=None, help="Vector file (or shipped vector name) to patch at the last prompt token; without it only the baselines run.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
-@click.option("--n", "n_items", type=int, default=100, show_default=True, help="Queries scored (the first of the split).")
-def task(task, engine, k, template_name, seed, model, out, dtype, device, vector, split, n_items):
+@click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split).")
+def task(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, split, n_items):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
     k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
 
@@ -312,6 +338,7 @@ def task(task, engine, k, template_name, seed, model, out, dtype, device, vector
     from fvpatch.cli import vector_path
     from fvpatch.evaluate import build_items, evaluate
 
+    check_outputs([out], force)
     vf = vectorfile.load(vector_path(vector)) if vector else None
     t, tpl = _task_and_template(task, template_name, vf)
     results = {}
@@ -334,10 +361,10 @@ def task(task, engine, k, template_name, seed, model, out, dtype, device, vector
 @click.option("--vector", default=None, help="A function vector file (add mode) to move across layers.")
 @click.option("--method", type=click.Choice(["taskvec"]), default=None, help="Instead of --vector: compute the task vector of every layer (needs torch).")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True, help="Which split's queries to score.")
-@click.option("--n", "n_items", type=int, default=50, show_default=True, help="Queries scored per layer.")
+@click.option("--n", "n_items", type=click.IntRange(1), default=50, show_default=True, help="Queries scored per layer.")
 @click.option("--condition", type=click.Choice(["zero_shot", "shuffled"]), default="zero_shot", show_default=True, help="Which prompts get the vector.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy against layer to this PNG.")
-def sweep(task, engine, k, template_name, seed, model, out, dtype, device, vector, method, split, n_items, condition, plot):
+def sweep(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, method, split, n_items, condition, plot):
     """Accuracy with the vector placed at each layer in turn (a function vector is added there unchanged;
     task vectors are recomputed per layer), next to the zero-shot and ICL baselines.
 
@@ -355,6 +382,7 @@ def sweep(task, engine, k, template_name, seed, model, out, dtype, device, vecto
 
     if (vector is None) == (method is None):
         raise click.UsageError("give exactly one of --vector FILE or --method taskvec")
+    check_outputs([out, plot], force)
     vf = vectorfile.load(vector_path(vector)) if vector else None
     t, tpl = _task_and_template(task, template_name, vf)
     lm = None
@@ -366,7 +394,7 @@ def sweep(task, engine, k, template_name, seed, model, out, dtype, device, vecto
         from train.model import load_model
         from train.taskvec import task_vectors
 
-        lm = load_model(model, device, dtype)
+        lm = load_model(model, device, dtype, cli_threads())
         rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
         files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
     results = {}

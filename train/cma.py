@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
+from fvpatch.errors import FvpatchError
 from fvpatch.evaluate import Predict, build_items, sweep
 from fvpatch.prompts import Template, answer_token, prompts_for
 from fvpatch.tasks import Task
@@ -58,7 +59,7 @@ def cma_prompts(lm: LoadedModel, task: Task, tpl: Template, n: int, k: int, seed
     """N clean k-shot prompts and their shuffled-label twins (same demo inputs), with answer tokens, from the train split."""
     queries = task.train[:n]
     if len(queries) < n:
-        raise ValueError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than the {n} prompts asked for")
+        raise FvpatchError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than the {n} prompts asked for")
     clean = prompts_for(tpl, queries, task.train, k, seed=seed)
     corrupted = prompts_for(tpl, queries, task.train, k, shuffled=True, seed=seed)
     answers = [answer_token(lm.tokenize, p) for p in clean]

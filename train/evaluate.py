@@ -6,6 +6,7 @@ The protocol itself (prompts, conditions, subsets) is fvpatch.evaluate's, shared
 import torch
 from tqdm import tqdm
 
+from fvpatch.errors import FvpatchError
 from fvpatch.evaluate import Predict
 from fvpatch.vectorfile import VectorFile
 from train.hooks import patch_residual
@@ -27,7 +28,7 @@ def last_logits(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, last: to
 
 def vector_tensor(lm: LoadedModel, vector: VectorFile) -> torch.Tensor:
     if vector.layer is None or not vector.tensor.startswith("l_out-"):
-        raise ValueError(f"the PyTorch engine patches block outputs (l_out-L); this vector is for {vector.tensor!r}")
+        raise FvpatchError(f"the PyTorch engine patches block outputs (l_out-L); this vector is for {vector.tensor!r}")
     return torch.from_numpy(vector.row(None)).to(lm.device)
 
 
@@ -41,7 +42,8 @@ def torch_predictor(lm: LoadedModel, batch_size: int = 32) -> Predict:
             if v is None:
                 logits = last_logits(lm, ids, mask, last)
             else:
-                with patch_residual(lm.model, vector.layer, last, v, mode=vector.mode, scale=vector.scale):
+                at = None if vector.meta.get("fvpatch.apply_at") == "all" else last
+                with patch_residual(lm.model, vector.layer, at, v, mode=vector.mode, scale=vector.scale):
                     logits = last_logits(lm, ids, mask, last)
             out += logits.argmax(-1).tolist()
         return out

@@ -2,7 +2,8 @@
 
 The vector is added to the residual stream after block L at the last token of zero-shot prompts
 (`Q: x\\nA:`), the token that predicts the answer; with `every_answer_token` also at every answer token
-before the last, as the runtime applies it with `--every-token`. The model stays frozen. The loss is
+before the last, as the runtime applies it with `--every-token`; with `positions="all"` at every token of
+prompt and answer, as llama.cpp applies a control vector (`fvpatch export`). The model stays frozen. The loss is
 the mean NLL of all tokens of the answer word (per pair, then over pairs), plus an optional L2 penalty
 on the vector or on its distance from the initial vector. Adam with cosine decay, the whole training
 set in every step, early stopping on the valid pairs' loss: the vector kept is the best one on valid.
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm import tqdm
 
+from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.prompts import Template, answer_tokens, build
 from fvpatch.tasks import Pair, Task
 from fvpatch.vectorfile import VectorFile
@@ -30,6 +32,7 @@ from train.hooks import patch_residual, record_residual
 from train.model import LoadedModel
 
 INITS = ("fv", "taskvec", "random", "zeros")
+POSITIONS = ("last", "all")  # the vector at the last prompt token, or at every token (a control vector)
 
 # The FFV layer chosen on each model's valid pairs (`python -m train.sweep_ffv --model NAME`), by the model's
 # name (general.name, the same in every quantization of it): results/ffv/sweep.md for the default model,
@@ -48,6 +51,7 @@ class Config:
     l2: float = 0.0  # penalty on ||v||^2 / ||residual||^2
     l2_from_init: float = 0.0  # penalty on ||v - v0||^2 / ||residual||^2
     every_answer_token: bool = False
+    positions: str = "last"  # or "all": every token, for use as a control vector
     eval_every: int = 5
     patience: int = 4  # evaluations without a better valid loss before stopping
     seed: int = 0
@@ -57,33 +61,37 @@ class Config:
 class Examples:
     """Zero-shot prompts with their answers, split where the vector starts to matter.
 
-    Nothing before a prompt's last token depends on the vector, so that prefix is run once and kept as a
-    KV cache; each training step runs only the rest (the last prompt token and the answer), a few tokens
-    a row instead of the whole prompt. Prefixes are right-padded, so padding sits between a row's prefix
-    and its rest, masked out, while position ids keep every token at its llama.cpp position.
+    When the vector goes only at the last prompt token, nothing before it depends on the vector, so that
+    prefix is run once and kept as a KV cache; each training step runs only the rest (the last prompt token
+    and the answer), a few tokens a row instead of the whole prompt. Prefixes are right-padded, so padding
+    sits between a row's prefix and its rest, masked out, while position ids keep every token at its
+    llama.cpp position. A vector at every token changes the prefix too: then `ids` hold whole prompts.
     """
 
-    ids: torch.Tensor  # (b, s) the prompt's last token, then the answer's tokens, right-padded
+    ids: torch.Tensor  # (b, s) the prompt's last token (or the whole prompt), then the answer's tokens, right-padded
     mask: torch.Tensor  # (b, p + s) over the cached prefix and `ids`
     position_ids: torch.Tensor  # (b, s)
     n_answer: torch.Tensor  # (b,) tokens in each answer
-    cache: object  # the prefixes' KV cache, copied for each forward
+    cache: object  # the prefixes' KV cache, copied for each forward; None when ids hold whole prompts
     pairs: list[Pair]
+    start: torch.Tensor  # (b,) index in ids of each prompt's last token
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, index in ids, token) of every answer token, the index being the one that predicts it."""
         rows = torch.repeat_interleave(torch.arange(len(self.n_answer), device=self.ids.device), self.n_answer)
-        pos = torch.cat([torch.arange(int(n), device=self.ids.device) for n in self.n_answer])
+        pos = self.start[rows] + torch.cat([torch.arange(int(n), device=self.ids.device) for n in self.n_answer])
         return rows, pos, self.ids[rows, pos + 1]
 
     def forward(self, lm: LoadedModel) -> torch.Tensor:
         """Final hidden states (b, s, d) of `ids` after the cached prefixes."""
+        if self.cache is None:
+            return lm.model.model(input_ids=self.ids, attention_mask=self.mask, use_cache=False).last_hidden_state
         return lm.model.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.position_ids,
                               cache=copy.deepcopy(self.cache), use_cache=True).last_hidden_state
 
 
 @torch.no_grad()
-def encode(lm: LoadedModel, tpl: Template, pairs: list[Pair]) -> Examples:
+def encode(lm: LoadedModel, tpl: Template, pairs: list[Pair], cache_prefix: bool = True) -> Examples:
     if not pairs:
         raise ValueError("no pairs to encode")
     prefixes, rests = [], []
@@ -92,23 +100,32 @@ def encode(lm: LoadedModel, tpl: Template, pairs: list[Pair]) -> Examples:
         ids, answer = answer_tokens(lm.tokenize, prompt.text, prompt.answer)  # raises if the prompt's end merges with the answer
         prefixes.append(ids[:-1])
         rests.append(ids[-1:] + answer)
+    if not cache_prefix:
+        ids, mask, _ = lm.batch([p + r for p, r in zip(prefixes, rests)])
+        n_answer = torch.tensor([len(r) - 1 for r in rests], device=lm.device)
+        start = torch.tensor([len(p) for p in prefixes], device=lm.device)
+        return Examples(ids, mask, torch.arange(ids.shape[1], device=lm.device).expand_as(ids), n_answer, None, list(pairs), start)
     prefix_ids, prefix_mask, _ = lm.batch(prefixes)
     ids, rest_mask, _ = lm.batch(rests)
     cache = lm.model.model(input_ids=prefix_ids, attention_mask=prefix_mask, use_cache=True).cache
     n_prefix = prefix_mask.sum(1, keepdim=True)
     position_ids = n_prefix + torch.arange(ids.shape[1], device=lm.device)
     n_answer = rest_mask.sum(1) - 1
-    return Examples(ids, torch.cat([prefix_mask, rest_mask], 1), position_ids, n_answer, cache, list(pairs))
+    return Examples(ids, torch.cat([prefix_mask, rest_mask], 1), position_ids, n_answer, cache, list(pairs), torch.zeros_like(n_answer))
 
 
-def answer_nll(lm: LoadedModel, ex: Examples, vector: torch.Tensor, layer: int, every_answer_token: bool = False) -> torch.Tensor:
+def answer_nll(lm: LoadedModel, ex: Examples, vector: torch.Tensor, layer: int, every_answer_token: bool = False, all_tokens: bool = False) -> torch.Tensor:
     """Mean NLL of the answers' tokens with `vector` added after block `layer`: (b,), one value per pair."""
     rows, pos, tokens = ex.targets()
     with ExitStack() as stack:
-        for j in range(int(ex.n_answer.max()) if every_answer_token else 1):
+        if all_tokens:
+            if ex.cache is not None:
+                raise ValueError("a vector at every token needs examples encoded with whole prompts (cache_prefix=False)")
+            stack.enter_context(patch_residual(lm.model, layer, None, vector))
+        for j in range(0 if all_tokens else int(ex.n_answer.max()) if every_answer_token else 1):
             # rows whose answer is shorter than j+1 tokens get a zero vector at their first index
             on = ex.n_answer > j
-            stack.enter_context(patch_residual(lm.model, layer, j * on, vector * on[:, None].to(vector.dtype)))
+            stack.enter_context(patch_residual(lm.model, layer, ex.start + j * on, vector * on[:, None].to(vector.dtype)))
         hidden = ex.forward(lm)
     nll = torch.nn.functional.cross_entropy(unembed(lm, hidden[rows, pos]).float(), tokens, reduction="none")
     return torch.zeros(len(ex.n_answer), device=nll.device).index_add(0, rows, nll) / ex.n_answer
@@ -119,7 +136,7 @@ def last_residual(lm: LoadedModel, ex: Examples, layer: int) -> torch.Tensor:
     """(b, d): the residual after block `layer` at each prompt's last token, unpatched."""
     with record_residual(lm.model, [layer]) as res:
         ex.forward(lm)
-    return res[layer][:, 0].float()
+    return res[layer][torch.arange(len(ex.start), device=ex.start.device), ex.start].float()
 
 
 def residual_rms(lm: LoadedModel, ex: Examples, layer: int) -> float:
@@ -179,14 +196,14 @@ def fit(lm: LoadedModel, train_ex: Examples, valid_ex: Examples, v0: torch.Tenso
 
     def valid_loss() -> float:
         with torch.no_grad():
-            return float(answer_nll(lm, valid_ex, v, cfg.layer, cfg.every_answer_token).mean())
+            return float(answer_nll(lm, valid_ex, v, cfg.layer, cfg.every_answer_token, cfg.positions == "all").mean())
 
     best, best_v, since = valid_loss(), v.detach().clone(), 0
     hist.valid_step.append(0)
     hist.valid_loss.append(best)
     bar = tqdm(range(1, cfg.steps + 1), desc=f"ffv layer {cfg.layer}", disable=not progress, leave=False)
     for step in bar:
-        loss = answer_nll(lm, train_ex, v, cfg.layer, cfg.every_answer_token).mean()
+        loss = answer_nll(lm, train_ex, v, cfg.layer, cfg.every_answer_token, cfg.positions == "all").mean()
         hist.step.append(step)
         hist.train_loss.append(loss.item())
         if cfg.l2:
@@ -220,20 +237,26 @@ class Data:
     valid: Examples
 
 
-def prepare(lm: LoadedModel, task: Task, tpl: Template, n_train: int = 20, n_valid: int = 50) -> Data:
-    """The first `n_train` train pairs and the first `n_valid` valid pairs, encoded; the test pairs are never seen."""
+def prepare(lm: LoadedModel, task: Task, tpl: Template, n_train: int = 20, n_valid: int = 50, positions: str = "last") -> Data:
+    """The first `n_train` train pairs and the first `n_valid` valid pairs, encoded for a vector at `positions`
+    (last or all); the test pairs are never seen."""
     if len(task.train) < n_train:
-        raise ValueError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than --n-train {n_train}")
+        raise FvpatchError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than --n-train {n_train}")
     if not task.valid:
-        raise ValueError(f"task {task.name!r} has no valid pairs for early stopping; give it more pairs")
+        raise FvpatchError(f"task {task.name!r} has no valid pairs for early stopping; give it more pairs")
     small = Task(task.name, task.train[:n_train], task.valid[:n_valid], [])
-    return Data(small, encode(lm, tpl, small.train), encode(lm, tpl, small.valid))
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    cache = positions == "last"
+    return Data(small, encode(lm, tpl, small.train, cache), encode(lm, tpl, small.valid, cache))
 
 
 def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch.Tensor | None = None, progress: bool = True) -> tuple[VectorFile, History]:
     """Train from `v0` (default: the vector cfg.init makes) and export the vector with the best valid loss."""
     if not 0 <= cfg.layer < lm.n_layer:
-        raise IndexError(f"layer {cfg.layer} is outside this model's {lm.n_layer} layers (0..{lm.n_layer - 1})")
+        raise OutOfRange(f"layer {cfg.layer} is outside this model's {lm.n_layer} layers (0..{lm.n_layer - 1})")
+    if (cfg.positions == "all") != (data.train.cache is None):
+        raise ValueError(f"positions {cfg.positions!r} needs data from prepare(..., positions={cfg.positions!r})")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rms = residual_rms(lm, data.train, cfg.layer)
@@ -241,7 +264,7 @@ def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch
         v0 = initial_vector(lm, data.task, tpl, cfg, data.train)
     v, hist = fit(lm, data.train, data.valid, v0, cfg, rms, progress)
     with torch.no_grad():
-        train_loss = float(answer_nll(lm, data.train, v, cfg.layer, cfg.every_answer_token).mean())
+        train_loss = float(answer_nll(lm, data.train, v, cfg.layer, cfg.every_answer_token, cfg.positions == "all").mean())
     meta = {
         "fvpatch.method": "fine-tuned function vector",
         "fvpatch.task": data.task.name,
@@ -254,6 +277,7 @@ def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch
         "fvpatch.train_loss": f"{train_loss:.4f}",
         "fvpatch.valid_loss": f"{min(hist.valid_loss):.4f}",
         "fvpatch.every_answer_token": str(cfg.every_answer_token).lower(),
+        "fvpatch.apply_at": cfg.positions,
         "fvpatch.train_dtype": str(lm.dtype).removeprefix("torch."),
         "fvpatch.config": json.dumps(asdict(cfg)),
     }

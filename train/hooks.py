@@ -51,6 +51,7 @@ def _rows_and_positions(positions: int | torch.Tensor, batch: int, seq: int, dev
         pos = pos.expand(batch)
     if pos.shape != (batch,):
         raise ValueError(f"positions must be an int or a LongTensor of shape ({batch},), got shape {tuple(pos.shape)}")
+    pos = torch.where(pos < 0, pos + seq, pos)
     if bool(((pos < 0) | (pos >= seq)).any()):
         raise IndexError(f"token positions {pos.tolist()} are outside the sequence of {seq} tokens (0..{seq - 1}; use batch()'s last_index for the last real token)")
     return torch.arange(batch, device=device), pos
@@ -86,27 +87,35 @@ def record_residual(model: nn.Module, layers: list[int]):
         yield out
 
 
-@contextmanager
-def patch_residual(model: nn.Module, layer: int, positions, vector: torch.Tensor, mode: str = "add", scale: float = 1.0):
-    """Add `vector` (d,) or (batch, d) to, or put it in place of, block `layer`'s output at one token per row.
-
-    Differentiable with respect to `vector`."""
+def patch_output(output, positions, vector: torch.Tensor, mode: str = "add", scale: float = 1.0):
+    """A decoder block's output with `vector` (d,) or (batch, d) added at, or put in place of, one token per
+    row (`positions`; negative counts from the end of the sequence), or added at every token (None)."""
     if mode not in MODES:
         raise ValueError(f"patch mode must be one of {MODES}, got {mode!r}")
+    if positions is None and mode != "add":
+        raise ValueError("a vector patched at every token must be added, not put in place of the residual")
+    h = _hidden(output)
+    v = vector.to(h.device, h.dtype)
+    if v.shape not in ((h.shape[-1],), (h.shape[0], h.shape[-1])):
+        raise ValueError(f"vector must have shape ({h.shape[-1]},) or ({h.shape[0]}, {h.shape[-1]}), got {tuple(v.shape)}")
+    v = v.expand(h.shape[0], -1) * scale
+    if positions is None:
+        return _with_hidden(output, h + v[:, None, :])
+    rows, pos = _rows_and_positions(positions, h.shape[0], h.shape[1], h.device)
+    if mode == "add":
+        v = h[rows, pos] + v
+    h = h.clone()  # the block's own output may be needed by autograd
+    h[rows, pos] = v
+    return _with_hidden(output, h)
 
-    def hook(module, args, output):
-        h = _hidden(output)
-        rows, pos = _rows_and_positions(positions, h.shape[0], h.shape[1], h.device)
-        v = vector.to(h.device, h.dtype)
-        if v.shape not in ((h.shape[-1],), (h.shape[0], h.shape[-1])):
-            raise ValueError(f"vector must have shape ({h.shape[-1]},) or ({h.shape[0]}, {h.shape[-1]}), got {tuple(v.shape)}")
-        v = v.expand(h.shape[0], -1) * scale
-        if mode == "add":
-            v = h[rows, pos] + v
-        h = h.clone()  # the block's own output may be needed by autograd
-        h[rows, pos] = v
-        return _with_hidden(output, h)
 
+@contextmanager
+def patch_residual(model: nn.Module, layer: int, positions, vector: torch.Tensor, mode: str = "add", scale: float = 1.0):
+    """Patch block `layer`'s output in every forward inside the block (see patch_output). Differentiable with
+    respect to `vector`."""
+    if mode not in MODES:
+        raise ValueError(f"patch mode must be one of {MODES}, got {mode!r}")
+    hook = lambda module, args, output: patch_output(output, positions, vector, mode, scale)  # noqa: E731
     with _hooks([_layer(model, layer).register_forward_hook(hook)]):
         yield
 

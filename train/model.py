@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fvpatch.errors import FvpatchError
 from fvpatch.models import file_key, models_dir, resolve_model
 from fvpatch.modelfile import ModelFile
+from fvpatch.threads import configured_threads
 from train.hooks import decoder_layers, head_shape, record_residual
 
 # GGUF architectures that transformers' GGUF loader reads and that agree with llama.cpp layer by layer, train an
@@ -81,7 +83,7 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise FvpatchError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -92,11 +94,11 @@ def torch_device(device: str | torch.device | None) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     kind = name.split(":")[0]
     if kind not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+        raise FvpatchError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of torch (README: Training on bigger models)")
+        raise FvpatchError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; install a CUDA build of torch (README: Training on bigger models)")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device mps: this torch ({torch.__version__}) has no Apple MPS backend here (it needs macOS on Apple silicon)")
+        raise FvpatchError(f"--device mps: this torch ({torch.__version__}) has no Apple MPS backend here (it needs macOS on Apple silicon)")
     return torch.device(name)
 
 
@@ -131,11 +133,16 @@ def _converted(gguf: Path, dtype: torch.dtype) -> tuple[Path, torch.dtype]:
     return cache, dtype
 
 
-def load_model(source: str | Path | None = None, device: str | torch.device | None = "auto", dtype: str | torch.dtype = torch.float32) -> LoadedModel:
+def load_model(source: str | Path | None = None, device: str | torch.device | None = "auto", dtype: str | torch.dtype = torch.float32,
+               threads: int | None = None) -> LoadedModel:
     """A GGUF file (default: the default model) or a Hugging Face model directory, in eval mode with no grads,
-    its weights in `dtype` on `device` (see torch_device)."""
+    its weights in `dtype` on `device` (see torch_device). PyTorch's CPU threads are set to `threads`, else to
+    $FVPATCH_THREADS or $OMP_NUM_THREADS (fvpatch.threads); none given keeps PyTorch's default."""
     from transformers import AutoModelForCausalLM
 
+    threads = threads or configured_threads()
+    if threads:
+        torch.set_num_threads(threads)
     dtype, device = torch_dtype(dtype), torch_device(device)
     if source is not None and Path(source).is_dir():
         directory, tokenizer, fingerprint = Path(source), _HFTokenizer(Path(source)), None
@@ -143,7 +150,7 @@ def load_model(source: str | Path | None = None, device: str | torch.device | No
         source = resolve_model(source)  # a GGUF path, a known model's short name, or None for the default model
         tokenizer = ModelFile(source, vocab_only=True)
         if tokenizer.arch not in ARCHITECTURES:
-            raise ValueError(f"{source.name}: the training side cannot load architecture {tokenizer.arch!r}; it loads {', '.join(ARCHITECTURES)} "
+            raise FvpatchError(f"{source.name}: the training side cannot load architecture {tokenizer.arch!r}; it loads {', '.join(ARCHITECTURES)} "
                              "(fvpatch save/patch still run it in llama.cpp)")
         directory, fingerprint = _converted(source, dtype)[0], tokenizer.fingerprint()
 
@@ -175,5 +182,5 @@ def _check_float16_range(lm: LoadedModel):
         lm.model.model(input_ids=torch.tensor([tokens], device=lm.device))
     bad = next((L for L in range(lm.n_layer) if not torch.isfinite(out[L]).all()), None)
     if bad is not None:
-        raise ValueError(f"this model overflows float16 (block {bad}'s output exceeds ±65504 and turns to inf/NaN); "
+        raise FvpatchError(f"this model overflows float16 (block {bad}'s output exceeds ±65504 and turns to inf/NaN); "
                          "use --dtype bfloat16 (float32's range in half the memory) or float32")

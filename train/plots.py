@@ -8,6 +8,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fvpatch.atomic import write_figure  # noqa: E402
+
 
 def plot_head_maps(maps: dict[str, np.ndarray], path: str | Path, top: dict[str, list[tuple[int, int]]] | None = None) -> Path:
     """One panel per task: the AIE of each head, layer (rows) by head (columns); chosen heads outlined."""
@@ -27,7 +29,7 @@ def plot_head_maps(maps: dict[str, np.ndarray], path: str | Path, top: dict[str,
     axes[0][0].set_yticks(range(0, next(iter(maps.values())).shape[0], 2))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="AIE: gain in P(answer's first token)")
     fig.suptitle("Average indirect effect of each attention head (boxes: the function vector's heads)", fontsize=10)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    write_figure(fig, path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -58,6 +60,6 @@ def plot_layer_curves(curves: dict[str, dict[str, dict[int, float]]], baselines:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_json
+from fvpatch.atomic import write_figure, write_json, write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
 from fvpatch.prompts import template
@@ -96,6 +96,9 @@ def run_task(lm, predicts, tpl, name, cfg, n_test, core: bool, full: bool, resul
     if core:
         row["retention"] = {c: (a / row["acc"]["torch"][c] if row["acc"]["torch"][c] else None) for c, a in row["acc"]["llamacpp"].items()}
     ffv.meta["fvpatch.test_top1"] = f"{row['acc']['llamacpp']['ffv']:.4f}"
+    ffv.meta["fvpatch.test_zero_shot_top1"] = f"{row['acc']['llamacpp']['zero_shot']:.4f}"
+    if "icl_10shot" in row["acc"]["llamacpp"]:
+        ffv.meta["fvpatch.test_icl_top1"] = f"{row['acc']['llamacpp']['icl_10shot']:.4f}"
     ffv.meta["fvpatch.test_n"] = str(row["n_test"])
     ffv.meta["fvpatch.test_engine"] = f"llama.cpp, {lm.fingerprint['file']}, zero-shot {tpl.name} prompts, top-1 first token"
     vectorfile.save(ffv, bank_dir / f"{name}.ffv.safetensors", overwrite=True)
@@ -122,7 +125,7 @@ def plot_curves(rows: list[dict], init: str, path: Path):
         ax.set_ylabel("answer NLL")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_figure(fig, path, dpi=110)
 
 
 def markdown(report: dict) -> str:
@@ -215,7 +218,7 @@ def main():
                        "n_test": r["n_test"]} for r in rows],
     }
     write_json(results / "report.json", report)
-    (results / "report.md").write_text(markdown(report))
+    write_text(results / "report.md", markdown(report))
     if len(core) == len(CORE_TASKS):
         plot_curves(core, cfg.init, results / "loss_curves.png")
     print(markdown(report))

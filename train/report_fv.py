@@ -25,7 +25,7 @@ import torch
 
 from fvpatch import vectorfile
 from fvpatch.evaluate import base_correct, build_items, llamacpp_predictor, summarize, vector_correct
-from fvpatch.atomic import write_json
+from fvpatch.atomic import write_json, write_text
 from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
@@ -160,7 +160,7 @@ def main():
               "command": "OMP_NUM_THREADS=1 .venv/bin/python -m train.report_fv" + ("" if name == DEFAULT_MODEL else f" --model {name}"),
               "head_counts": list(rows[0]["fv"]["valid_grid"])}
     write_json(results / "report.json", report)
-    (results / "report.md").write_text(markdown(report))
+    write_text(results / "report.md", markdown(report))
     draw(report, results)
     print(markdown(report))
 

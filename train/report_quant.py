@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_json
+from fvpatch.atomic import write_json, write_text
 from fvpatch.bank import NAMES_KEY
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_model, short_name
@@ -100,7 +100,7 @@ def main():
                     print(f"{quant:<18} {f.stem:<32} {pct(row['acc'][quant])}", flush=True)
                     write_json(out, report)
     write_json(out, report)
-    out.with_suffix(".md").write_text(markdown(report))
+    write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
 
 

@@ -49,20 +49,25 @@ def zero_shot_top1(lm, predict, tpl, pairs, vf) -> float:
     return sum(p == a for p, a in zip(preds, answers)) / len(answers)
 
 
+def config(r: dict) -> tuple:
+    """A run's configuration (runs from before --positions were all at the last token)."""
+    return r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"], r.get("positions", "last")
+
+
 def summary(runs: list[dict]) -> str:
     """Markdown: valid top-1 (and valid loss) per configuration and task, with the mean over tasks."""
     tasks = list(dict.fromkeys(r["task"] for r in runs))
-    configs = sorted({(r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"]) for r in runs})
-    by = {(r["task"], r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"]): r for r in runs}
-    lines = ["| layer | init | lr | steps | every answer token | " + " | ".join(tasks) + " | mean top-1 | mean loss |",
-             "|---|---|---|---|---|" + "---|" * (len(tasks) + 2)]
+    configs = sorted({config(r) for r in runs})
+    by = {(r["task"], *config(r)): r for r in runs}
+    lines = ["| layer | init | lr | steps | every answer token | positions | " + " | ".join(tasks) + " | mean top-1 | mean loss |",
+             "|---|---|---|---|---|---|" + "---|" * (len(tasks) + 2)]
     for c in configs:
         got = [by.get((t, *c)) for t in tasks]
         cells = " | ".join("-" if g is None else f"{100 * g['valid_top1']:.0f}% ({g['valid_loss']:.2f})" for g in got)
         full = all(g is not None for g in got)
         mean = f"{100 * sum(g['valid_top1'] for g in got) / len(got):.1f}%" if full else "-"
         loss = f"{sum(g['valid_loss'] for g in got) / len(got):.2f}" if full else "-"
-        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {'yes' if c[4] else 'no'} | {cells} | {mean} | {loss} |")
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {'yes' if c[4] else 'no'} | {c[5]} | {cells} | {mean} | {loss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -74,6 +79,7 @@ def main():
     ap.add_argument("--lrs", default=str(Config.lr))
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--every-answer-token", action="store_true")
+    ap.add_argument("--positions", choices=["last", "all"], default="last", help="Train for the last prompt token or for every token (a control vector).")
     ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32")
     ap.add_argument("--device", choices=list(DEVICES), default="auto")
@@ -82,28 +88,29 @@ def main():
     args.out = args.out or default_out(args.model, args.dtype)
 
     runs = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["task"], r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"]) for r in runs}
+    done = {(r["task"], *config(r)) for r in runs}
     lm = load_model(args.model, args.device, args.dtype)
     header = HEADER.format(model=lm.fingerprint["file"], dtype=args.dtype,
                            args="".join(f" --{k} {v}" for k, v in (("model", args.model), ("dtype", args.dtype)) if v not in (None, "float32")))
     predict = torch_predictor(lm)
     tpl = template("qa")
     for name in args.tasks.split(","):
-        data = prepare(lm, load_task(name), tpl)
+        data = prepare(lm, load_task(name), tpl, positions=args.positions)
         fv = None
         for layer in map(int, args.layers.split(",")):
             for init in args.inits.split(","):
                 for lr in map(float, args.lrs.split(",")):
-                    key = (name, layer, init, lr, args.steps, args.every_answer_token)
+                    key = (name, layer, init, lr, args.steps, args.every_answer_token, args.positions)
                     if key in done:
                         continue
-                    cfg = Config(layer=layer, init=init, lr=lr, steps=args.steps, every_answer_token=args.every_answer_token)
+                    cfg = Config(layer=layer, init=init, lr=lr, steps=args.steps, every_answer_token=args.every_answer_token, positions=args.positions)
                     t = time.perf_counter()
                     if init == "fv" and fv is None:  # the function vector does not depend on the layer it is added at
                         fv = initial_vector(lm, data.task, tpl, cfg, data.train)
                     vf, hist = train_ffv(lm, data, tpl, cfg, v0=fv if init == "fv" else None, progress=False)
                     runs.append({
                         "task": name, "layer": layer, "init": init, "lr": lr, "steps": args.steps, "every_answer_token": args.every_answer_token,
+                        "positions": args.positions,
                         "valid_top1": zero_shot_top1(lm, predict, tpl, data.task.valid, vf),
                         "valid_loss": min(hist.valid_loss), "init_valid_loss": hist.valid_loss[0], "best_step": hist.best_step,
                         "seconds": round(time.perf_counter() - t, 1), "norm": float(torch.from_numpy(vf.rows).norm()),

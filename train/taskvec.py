@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
+from fvpatch.errors import FvpatchError
 from fvpatch.evaluate import Predict, build_items, sweep
 from fvpatch.prompts import Template, prompts_for
 from fvpatch.tasks import Task
@@ -24,7 +25,7 @@ def task_vectors(lm: LoadedModel, task: Task, tpl: Template, k: int = 10, n_sets
     """(n_layer, d): the mean residual at the last token of `n_sets` demos-plus-dummy-query prompts, at every layer."""
     queries = task.train[-n_sets:]  # the dummy queries; their answers are never shown
     if len(queries) < n_sets:
-        raise ValueError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than the {n_sets} demo sets asked for")
+        raise FvpatchError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than the {n_sets} demo sets asked for")
     tokens = [lm.tokenize(p.text) for p in prompts_for(tpl, queries, task.train, k, seed=seed)]
     layers = list(range(lm.n_layer))
     total = torch.zeros(lm.n_layer, lm.n_embd, device=lm.device)

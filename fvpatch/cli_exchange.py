@@ -1,0 +1,127 @@
+"""`fvpatch export` and `fvpatch import`: vectors to and from llama.cpp control-vector GGUF files."""
+
+from pathlib import Path
+
+import click
+
+from fvpatch import controlvector, vectorfile
+from fvpatch.cli import FiniteFloat, emit, main, vector_path
+from fvpatch.errors import FvpatchError
+
+
+def _source(spec: str) -> tuple[vectorfile.VectorFile, str]:
+    """A vector file or shipped name, or one relation of a bank file as BANK#RELATION."""
+    path, _, relation = spec.partition("#")
+    vf = vectorfile.load(vector_path(path))
+    if not relation:
+        return vf, spec
+    from fvpatch.bank import NAMES_KEY, load_bank
+
+    bank = load_bank(vector_path(path))
+    if relation not in bank.names:
+        raise FvpatchError(f"{path}: the bank has no relation {relation!r} (it has {', '.join(bank.names)})")
+    if NAMES_KEY not in vf.meta:
+        raise FvpatchError(f"{path} is not a bank file; give BANK#RELATION only for a bank")
+    row = bank.vectors[bank.names.index(relation)]
+    return vectorfile.VectorFile(bank.tensor, row, [-1], bank.model, mode="add", meta={"fvpatch.task": relation}), spec
+
+
+@main.command("export")
+@click.argument("sources", nargs=-1, required=True, metavar="VECTOR...")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--to", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="Output format: llama.cpp's control-vector GGUF.")
+@click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Scale of each VECTOR, in order (default: each file's own scale).")
+@click.option("--force", is_flag=True, help="Overwrite OUT.")
+def export_cmd(sources, out, fmt, scales, force):
+    """Export vectors as a llama.cpp control vector (GGUF), for `llama-cli` / `llama-server --control-vector`.
+
+    VECTOR is a vector file, a shipped vector's name (MODEL/NAME where several models ship one), or one
+    relation of a bank as BANK#RELATION. Vectors for the same layer are summed after scaling. Only an
+    added residual vector (l_out-N, N >= 1, mode add) can be a control vector, and llama.cpp adds it at
+    EVERY token, prompt and generated, where fvpatch adds a function vector at the last prompt token and
+    the generated ones: the README's positions table says what that costs each shipped vector.
+
+    \b
+    Example:
+      fvpatch export gemma-3-270m/antonym.ffv antonym.gguf
+      llama-cli -m models/gemma-3-270m-q4_k_m.gguf --control-vector antonym.gguf -p "Q: hot" -n 3
+    """
+    if scales and len(scales) != len(sources):
+        raise click.UsageError(f"give one --scale per VECTOR ({len(sources)}), or none")
+    if Path(out).exists() and not force:
+        raise FvpatchError(f"{out} exists; pass --force to overwrite it")
+    loaded = [_source(s) for s in sources]
+    items = [(vf, scales[i] if scales else vf.scale, origin) for i, (vf, origin) in enumerate(loaded)]
+    cv = controlvector.from_vectors(items)
+    for vf, _, origin in items:
+        if vf.meta.get("fvpatch.apply_at", "last") != "all":
+            click.echo(f"note: {origin} was made to be added at the last prompt token; a control vector adds it at every token"
+                       f"{_measured_drop(vf)}", err=True)
+    controlvector.save(cv, out, overwrite=force)
+    layers = ", ".join(f"l_out-{n}" for n in cv.directions)
+    click.echo(f"{out}: control vector for {cv.model_hint}, {layers}; use: llama-cli --control-vector {out}")
+
+
+def _measured_drop(vf: vectorfile.VectorFile) -> str:
+    counts = vectorfile.positions_top1(vf.meta)
+    if counts is None:
+        return " (its accuracy at every token has not been measured: python -m train.report_positions)"
+    n, last, every = counts["n"], counts["last"], counts["all"]
+    return f" (held-out top-1 on {n} test pairs: {last / n:.0%} at the last token, {every / n:.0%} at every token)"
+
+
+@main.command("import")
+@click.argument("source", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path())
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="The model the control vector is for (default: the one an fvpatch export records, else gemma-3-270m).")
+@click.option("--layer", type=click.IntRange(min=1), default=None, help="Import only this block's direction.")
+@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def import_cmd(source, out, model, layer, force, as_json):
+    """Import a llama.cpp control vector (GGUF, from fvpatch, repeng or llama-cvector-generator) as vector files.
+
+    Each `direction.N` becomes an add-mode vector for l_out-N, applied at every token (metadata
+    `fvpatch.apply_at = all`), as llama.cpp applies it. Where the writer measured it differs: repeng at
+    l_out-N, llama-cvector-generator at l_out-(N-1); the file's metadata records which writer it looks
+    like. OUT is a file for one direction, else a folder that gets `l_out-N.safetensors` per direction.
+
+    \b
+    Example:
+      fvpatch import antonym.gguf antonym-all.safetensors
+      fvpatch patch -p "Q: hot\\nA:" --vector antonym-all.safetensors -n 3
+    """
+    cv = controlvector.load(source)
+    files = controlvector.to_vector_files(cv, Path(source).name)
+    if layer is not None:
+        if layer not in files:
+            raise FvpatchError(f"{source} has no direction for block {layer} (it has {', '.join(map(str, files))})")
+        files = {layer: files[layer]}
+    if not cv.model or model is not None:
+        _stamp(files, cv, model, source)
+    out = Path(out)
+    targets = {n: out if len(files) == 1 else out / f"l_out-{n}.safetensors" for n in files}
+    for path in targets.values():
+        if path.exists() and not force:
+            raise FvpatchError(f"{path} exists; pass --force to overwrite it")
+    for n, vf in files.items():
+        vectorfile.save(vf, targets[n], overwrite=force)
+    emit(as_json, {"source": source, "writer": cv.writer, "files": {f"l_out-{n}": str(p) for n, p in targets.items()}},
+         [f"{source} ({cv.writer}): l_out-{n} -> {p}" for n, p in targets.items()])
+
+
+def _stamp(files: dict[int, vectorfile.VectorFile], cv: controlvector.ControlVector, model: str | None, source: str):
+    """Record the model a foreign control vector is for, refusing one of another width or depth."""
+    from fvpatch.modelfile import ModelFile
+    from fvpatch.models import resolve_model
+
+    with ModelFile(resolve_model(model), vocab_only=True) as mf:
+        fp = mf.fingerprint()
+    if cv.n_embd != int(fp["n_embd"]):
+        raise FvpatchError(f"{source}: directions of width {cv.n_embd}, but {fp['file']} has width {fp['n_embd']}; give its model with --model")
+    if max(cv.directions) >= int(fp["n_layer"]):
+        raise FvpatchError(f"{source}: a direction for block {max(cv.directions)}, but {fp['file']} has blocks 0..{int(fp['n_layer']) - 1}")
+    if cv.model_hint and cv.model_hint != fp["arch"]:
+        click.echo(f"note: {source} says it is for a {cv.model_hint!r} model; stamped for {fp['file']} ({fp['arch']})", err=True)
+    for vf in files.values():
+        vf.model = dict(fp)
+

@@ -1,0 +1,37 @@
+"""`fvpatch serve`: an OpenAI-compatible local server that takes vectors per request."""
+
+import click
+
+from fvpatch.cli import main, model_options, open_session
+
+
+@main.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (another than localhost exposes the model to the network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free one).")
+def serve(model, n_ctx, n_gpu_layers, host, port):
+    """Serve the model on /v1/completions and /v1/chat/completions (OpenAI's API, streaming too), where
+    each request may add vectors: "vectors": [{"vector": NAME_OR_FILE, "scale": 1.0, "positions": "last"}].
+
+    positions: "last" (the last prompt token and every generated one, as function vectors are applied),
+    "all" (every token, as a llama.cpp control vector), or a list of prompt token indices. One model is
+    loaded; requests take turns on it, each with only its own vectors.
+
+    \b
+    Example:
+      fvpatch serve --port 8080
+      curl -s localhost:8080/v1/completions -d '{"prompt": "Q: hot\\nA:", "max_tokens": 3,
+           "vectors": [{"vector": "antonym.ffv"}]}'
+    """
+    from fvpatch.models import short_name
+    from fvpatch.server import make_server
+
+    with open_session(model, n_ctx, n_gpu_layers) as s:
+        server = make_server(s, host, port, short_name(s.path))
+        click.echo(f"fvpatch serving {s.path.name} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", err=True)
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.server_close()

@@ -1,0 +1,227 @@
+"""An OpenAI-compatible local server whose requests may carry vectors: one loaded model, a vector per request.
+
+POST /v1/completions and /v1/chat/completions take the usual fields (prompt or messages, max_tokens,
+temperature, seed, stop, stream) plus `vectors`: a list of {"vector": NAME_OR_FILE, "scale": 1.0,
+"positions": "last" | "all" | [token indices]}. "last" adds the vector at the last prompt token and every
+generated token (as function vectors are applied: `fvpatch patch --every-token`), "all" at every token (as
+llama.cpp applies a control vector), a list at those prompt positions only. The layer and tensor come from
+the file. GET /v1/models lists the model.
+
+llama.cpp's context holds one sequence's state, so requests take turns on it: each runs alone from a clear
+KV cache with only its own patches, which is what keeps concurrent requests from leaking into each other.
+A bad request gets a 4xx whose error message is one line; the server keeps serving.
+"""
+
+import json
+import threading
+import time
+import uuid
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+
+from fvpatch import vectorfile
+from fvpatch.errors import FvpatchError
+from fvpatch.models import check_fingerprint
+from fvpatch.session import Patch, Session
+
+MAX_BODY = 1 << 20
+
+
+class BadRequest(FvpatchError):
+    pass
+
+
+def _field(body: dict, key: str, kind, default, check=lambda v: True, what: str = ""):
+    value = body.get(key, default)
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind) or not check(value):
+        raise BadRequest(f"{key} must be {what or kind.__name__}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def parse_vectors(session: Session, specs) -> list[Patch]:
+    """The request's `vectors` as patches, each checked against the loaded model."""
+    if not isinstance(specs, list):
+        raise BadRequest("vectors must be a list of {\"vector\": NAME_OR_FILE, \"scale\": 1.0, \"positions\": \"last\"}")
+    fp = session.fingerprint()
+    patches = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("vector"), str) or set(spec) - {"vector", "scale", "positions"}:
+            raise BadRequest(f"vectors[{i}] must be an object with a string \"vector\" and optional \"scale\" and \"positions\"")
+        name = spec["vector"]
+        path = Path(name)
+        if not path.is_file():
+            from fvpatch.shipped import find_vector
+
+            path = find_vector(name, fp)
+        vf = vectorfile.load(path)
+        try:
+            check_fingerprint(vf.model, fp)
+        except ValueError as e:
+            raise BadRequest(f"vectors[{i}] {name}: {e}") from None
+        scale = spec.get("scale", vf.scale)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
+            raise BadRequest(f"vectors[{i}].scale must be a finite number")
+        positions = spec.get("positions", "all" if vf.meta.get("fvpatch.apply_at") == "all" else "last")
+        row = vf.row(None)
+        if positions == "last":
+            patches.append(Patch(vf.tensor, row, -1, vf.mode, float(scale), generated=True))
+        elif positions == "all":
+            if vf.mode != "add":
+                raise BadRequest(f"vectors[{i}] {name} replaces the residual; only an added vector can go at every token")
+            patches.append(Patch(vf.tensor, row, -1, vf.mode, float(scale), all_tokens=True))
+        elif isinstance(positions, list) and positions and all(type(p) is int for p in positions):
+            patches += [Patch(vf.tensor, row, p, vf.mode, float(scale)) for p in positions]
+        else:
+            raise BadRequest(f"vectors[{i}].positions must be \"last\", \"all\" or a non-empty list of token indices")
+        session.check_tensor_name(vf.tensor)
+    return patches
+
+
+class Generator:
+    """Runs one request at a time on the session; `generate` yields text pieces, then the finish reason."""
+
+    def __init__(self, session: Session, model_name: str):
+        self.session = session
+        self.model_name = model_name
+        self.lock = threading.Lock()
+
+    def request(self, body: dict, chat: bool) -> tuple[list[int], list[Patch], dict]:
+        s = self.session
+        if chat:
+            messages = body.get("messages")
+            if not (isinstance(messages, list) and messages and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+                raise BadRequest("messages must be a non-empty list of {\"role\": ..., \"content\": \"...\"}")
+            tokens = s.tokenize(s.chat_prompt(messages), special=True)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str) or not prompt:
+                raise BadRequest("prompt must be a non-empty string")
+            tokens = s.tokenize(prompt)
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+            raise BadRequest("stop must be a string or a list of non-empty strings")
+        opts = {
+            "max_tokens": _field(body, "max_tokens", int, 16, lambda v: 1 <= v <= s.n_ctx - len(tokens), f"an integer from 1 to {s.n_ctx - len(tokens)} (what the context leaves after the prompt)"),
+            "temperature": _field(body, "temperature", (int, float), 0.0, lambda v: np.isfinite(v) and 0 <= v <= 2, "a number from 0 to 2"),
+            "seed": _field(body, "seed", int, 0, lambda v: v >= 0, "a non-negative integer"),
+            "stop": stop,
+        }
+        return tokens, parse_vectors(s, body.get("vectors", [])), opts
+
+    def generate(self, tokens: list[int], patches: list[Patch], opts: dict, emit):
+        """Run the request, calling emit(piece) as text arrives; returns (finish_reason, completion tokens)."""
+        pieces: list[bytes] = []
+        sent = 0
+        state = {"stopped": False}
+
+        def on_token(tok: int) -> bool:
+            nonlocal sent
+            if self.session.is_eog(tok):
+                return False
+            pieces.append(self.session.piece(tok))
+            text = b"".join(pieces).decode("utf-8", "ignore")
+            cut = min((text.find(x) for x in opts["stop"] if x in text), default=-1)
+            if cut >= 0:
+                text, state["stopped"] = text[:cut], True
+            if len(text) > sent:
+                emit(text[sent:])
+                sent = len(text)
+            return state["stopped"]
+
+        with self.lock:
+            r = self.session.run(tokens, patches=patches, max_tokens=opts["max_tokens"], temperature=opts["temperature"],
+                                 seed=opts["seed"], on_token=on_token)
+        ended = state["stopped"] or (r.generated and self.session.is_eog(r.generated[-1]))
+        return ("stop" if ended else "length"), len(r.generated)
+
+
+def make_handler(gen: Generator):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, fmt, *args):  # one line per request on stderr, as llama-server does
+            if not getattr(self.server, "quiet", False):
+                super().log_message(fmt, *args)
+
+        def _json(self, status: int, payload: dict):
+            data = json.dumps(payload, ensure_ascii=False).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, status: int, message: str):
+            self._json(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+        def do_GET(self):
+            if self.path.rstrip("/") == "/v1/models":
+                self._json(200, {"object": "list", "data": [{"id": gen.model_name, "object": "model", "owned_by": "fvpatch"}]})
+            else:
+                self._error(404, f"no such endpoint: GET {self.path}")
+
+        def do_POST(self):
+            route = self.path.rstrip("/")
+            if route not in ("/v1/completions", "/v1/chat/completions"):
+                return self._error(404, f"no such endpoint: POST {self.path}")
+            chat = route.endswith("chat/completions")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                if not 0 < length <= MAX_BODY:
+                    raise BadRequest(f"the request body must be JSON of 1 byte to {MAX_BODY} bytes")
+                body = json.loads(self.rfile.read(length))
+                if not isinstance(body, dict):
+                    raise BadRequest("the request body must be a JSON object")
+                tokens, patches, opts = gen.request(body, chat)
+            except json.JSONDecodeError as e:
+                return self._error(400, f"the request body is not JSON ({e})")
+            except (FvpatchError, ValueError, IndexError) as e:
+                return self._error(400, str(e).splitlines()[0])
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+            base = {"id": rid, "created": int(time.time()), "model": gen.model_name}
+            if body.get("stream"):
+                return self._stream(base, chat, tokens, patches, opts)
+            parts: list[str] = []
+            finish, n = gen.generate(tokens, patches, opts, parts.append)
+            text = "".join(parts)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
+                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            self._json(200, base | {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
+                                    "usage": {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}})
+
+        def _stream(self, base, chat, tokens, patches, opts):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            kind = "chat.completion.chunk" if chat else "text_completion"
+
+            def send(choice):
+                self.wfile.write(f"data: {json.dumps(base | {'object': kind, 'choices': [choice]}, ensure_ascii=False)}\n\n".encode())
+                self.wfile.flush()
+
+            if chat:
+                send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+            piece = (lambda t: {"index": 0, "delta": {"content": t}, "finish_reason": None}) if chat else \
+                    (lambda t: {"index": 0, "text": t, "logprobs": None, "finish_reason": None})
+            finish, _ = gen.generate(tokens, patches, opts, lambda t: send(piece(t)))
+            send({"index": 0, "delta": {}, "finish_reason": finish} if chat else {"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+            self.close_connection = True
+
+    return Handler
+
+
+def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None, quiet: bool = False) -> ThreadingHTTPServer:
+    """A server bound to host:port (port 0 picks a free one); call serve_forever(), shutdown() to stop."""
+    server = ThreadingHTTPServer((host, port), make_handler(Generator(session, model_name or session.path.stem)))
+    server.daemon_threads = True
+    server.quiet = quiet
+    return server

@@ -1,0 +1,206 @@
+"""Bad input on every command: a non-zero exit, one line on stderr, no traceback, and no file written or changed.
+
+The cases run in-process (click's CliRunner) on the tiny synthetic GGUF, and the training commands are refused
+before any weights load. The ones that used to abort the whole process (llama.cpp asserting on a small --n-ctx,
+std::bad_alloc on OMP_NUM_THREADS=100000) run as subprocesses, where an abort shows as a signal.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fvpatch import Save, vectorfile
+from fvpatch.analogy import CFVMap
+from fvpatch.bank import Bank, save_bank
+from fvpatch.cli import main
+from tests.test_vectorfile import refused_in_one_line
+from tests.tiny_model import N_EMBD, N_LAYER
+
+PROMPT = "Q: hot\nA:"
+BANK = ["antonym", "capitalize", "present-past"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
+    """Input files the cases name: a vector made on the tiny model and two of the wrong width, banks with a broken
+    map or names, a pairs file and an analogy file that are not what they should be."""
+    d = tmp_path_factory.mktemp("inputs")
+    fp = tiny_session.fingerprint()
+    row = tiny_session.run(PROMPT, saves=[Save("l_out-1", (-1,))]).saved["l_out-1"]
+    vectorfile.save(vectorfile.VectorFile("l_out-1", row, [-1], fp, "add"), d / "v.safetensors")
+    for mode in vectorfile.MODES:
+        vectorfile.save(vectorfile.VectorFile("l_out-1", np.ones(N_EMBD + 1), [-1], fp, mode), d / f"wide-{mode}.safetensors")
+    meta = CFVMap(np.eye(len(BANK)), np.zeros(len(BANK)), 1.0).to_meta()
+    save_bank(Bank(BANK, np.ones((len(BANK), N_EMBD)), "l_out-1", fp, meta=meta), d / "bank.safetensors")
+    save_bank(Bank(BANK, np.ones((len(BANK), N_EMBD)), "l_out-1", fp, meta=meta | {"fvpatch.cfv.weight": "[[NaN, 0, 0], [0, 1, 0], [0, 0, 1]]"}),
+              d / "nan-map.safetensors")
+    bad = vectorfile.load(d / "bank.safetensors")
+    bad.meta["fvpatch.bank.names"] = "[antonym"
+    vectorfile.save(bad, d / "bad-names.safetensors")
+    (d / "latin1.json").write_bytes('[{"input": "café", "output": "x"}]'.encode("latin-1"))
+    (d / "analogies.jsonl").write_text('{"stem": ["a", "b"], "choice": [["c", "d"]], "answer": 1e400}\n')
+    return {p.stem.replace("-", "_"): str(p) for p in d.iterdir()}
+
+
+# (arguments, what the one line must say); {m} is the tiny model, {o} the folder the command writes in, which holds
+# `exists.safetensors`, a regular file `plain` and a folder `folder`; other names are the files of `inputs`
+MODEL = ["-m", "{m}"]
+GEN = ["generate", *MODEL, "-p", PROMPT]
+SAVE = ["save", *MODEL, "-p", PROMPT, "--save"]
+PATCH = ["patch", *MODEL, "-p", PROMPT]
+LENS = ["lens", *MODEL, "-p", PROMPT]
+ANALOGY = ["analogy", *MODEL, "hot:cold::tall:?"]
+FFV = ["train", "ffv", *MODEL, "--task", "antonym", "-o", "{o}/f"]
+FV = ["train", "fv", *MODEL, "--task", "antonym", "-o", "{o}/f"]
+CFV = ["train", "cfv", *MODEL, "--bank", "{bank}", "-o", "{o}/c"]
+TASK = ["eval", "task", *MODEL, "--task", "antonym"]
+CASES = {
+    "n-ctx 0": ([*GEN, "--n-ctx", "0"], "--n-ctx"),
+    "n-ctx past int32": ([*GEN, "--n-ctx", str(2**32)], "--n-ctx"),
+    "-n -5": ([*GEN, "-n", "-5"], "--max-tokens"),
+    "more tokens than the context": ([*GEN, "-n", "100000"], "exceeds the context"),
+    "temperature nan": ([*GEN, "--temperature", "nan"], "not a finite number"),
+    "temperature -1": ([*GEN, "--temperature", "-1"], "not at least 0"),
+    "seed -1": ([*GEN, "--seed", "-1"], "--seed"),
+    "threads 0": ([*GEN, "--threads", "0"], "--threads"),
+    "threads 100000": ([*GEN, "--threads", "100000"], "--threads"),
+    "missing model file": (["generate", "-m", "{o}/missing.gguf", "-p", "x"], "does not exist"),
+    "model not GGUF": (["generate", "-m", "{o}/plain", "-p", "x"], "could not load"),
+    "unknown model name": (["generate", "-m", "no-such-model", "-p", "x"], "neither a file nor a known model"),
+    "save over a file": ([*SAVE, "l_out-1", "{o}/exists.safetensors"], "exists; pass --force"),
+    "save to a folder": ([*SAVE, "l_out-1", "{o}/folder", "--force"], "is a directory"),
+    "save under a file": ([*SAVE, "l_out-1", "{o}/plain/v.safetensors"], "plain is a file, not a folder"),
+    "save one file twice": ([*SAVE, "l_out-1", "{o}/a", "--save", "l_out-2", "{o}/a"], "more than one output"),
+    "second output exists": ([*SAVE, "l_out-1", "{o}/new", "--save", "l_out-2", "{o}/exists.safetensors"], "exists"),
+    "save a layer beyond": ([*SAVE, f"l_out-{N_LAYER}", "{o}/new"], f"beyond this model's {N_LAYER} layers"),
+    "save a token beyond": ([*SAVE, "l_out-1", "{o}/new", "--token-idx", "99"], "outside the prompt"),
+    "save a tensor that never fires": ([*SAVE, "l_outt-1", "{o}/new"], "never appeared"),
+    "add a vector of the wrong width": ([*PATCH, "--vector", "{wide_add}"], "width 65 does not fit tensor 'l_out-1' of width 64"),
+    "replace with the wrong width": ([*PATCH, "--vector", "{wide_replace}"], "width 65 does not fit tensor 'l_out-1' of width 64"),
+    "scale nan": ([*PATCH, "--vector", "{v}", "--scale", "nan"], "not a finite number"),
+    "scale overflows": ([*PATCH, "--vector", "{v}", "--scale", "1e38"], "overflows float32"),
+    "no such row": ([*PATCH, "--vector", "{v}", "--from-token-idx", "5"], "no row for token 5"),
+    "missing vector": ([*PATCH, "--vector", "{o}/missing.safetensors"], "neither a file nor a shipped vector"),
+    "nothing to patch": (PATCH, "give at least one"),
+    "inspect a folder": (["inspect", "{o}/folder"], "is a directory"),
+    "tensors --layer 99": (["tensors", *MODEL, "--layer", "99"], f"beyond this model's {N_LAYER} layers (0..{N_LAYER - 1})"),
+    "tensors --layer -1": (["tensors", *MODEL, "--layer", "-1"], "--layer"),
+    "lens --layer 3,3": ([*LENS, "--layer", "3,3"], "names a layer twice"),
+    "lens --layer 1,9": ([*LENS, "--layer", "1,9"], "layer 9 is beyond"),
+    "lens --layer 3-1": ([*LENS, "--layer", "3-1"], "names no layer"),
+    "lens --top 0": ([*LENS, "--top", "0"], "--top"),
+    "lens --png over a file": ([*LENS, "--png", "{o}/exists.safetensors"], "exists; pass --force"),
+    "lens --png under a file": ([*LENS, "--png", "{o}/plain/lens.png"], "not a folder"),
+    "decode --top 0": (["decode", *MODEL, "{v}", "--top", "0"], "--top"),
+    "sweep -n 0": (["sweep", *MODEL, "-p", "a b c", "--target", "d e", "-n", "0"], "--max-tokens"),
+    "sweep a layer beyond": (["sweep", *MODEL, "-p", "a b c", "--target", "d e", "--layer", "0,7"], "layer 7 is beyond"),
+    "reversal --n 0": (["reversal", *MODEL, "--n", "0"], "--n"),
+    "reversal -o a folder": (["reversal", *MODEL, "--layer", "0", "-o", "{o}/folder"], "is a directory"),
+    "reversal -o under a file": (["reversal", *MODEL, "--layer", "0", "-o", "{o}/plain/r.json"], "not a folder"),
+    "reversal --lengths 1": (["reversal", *MODEL, "--layer", "0", "--lengths", "1"], "list lengths must lie in 2.."),
+    "analogy not an analogy": (["analogy", *MODEL, "hot:cold", "--bank", "{bank}"], "expected an analogy like"),
+    "analogy --top 0": ([*ANALOGY, "--top", "0"], "--top"),
+    "bank map with NaN": ([*ANALOGY, "--bank", "{nan_map}"], "nan-map.safetensors: fvpatch.cfv.weight must be finite"),
+    "bank names not JSON": ([*ANALOGY, "--bank", "{bad_names}"], "bad-names.safetensors: fvpatch.bank.names is not valid JSON"),
+    "quantize to an unknown type": (["quantize", "{m}", "Q9_9", "{o}/q.gguf"], "unknown quantization"),
+    "quantize over a file": (["quantize", "{m}", "Q8_0", "{o}/exists.safetensors"], "exists; pass --force"),
+    # training and evaluation: refused before any weights load
+    "ffv --steps 0": ([*FFV, "--steps", "0"], "--steps"),
+    "ffv --n-train -1": ([*FFV, "--n-train", "-1"], "--n-train"),
+    "ffv --lr inf": ([*FFV, "--lr", "inf"], "not a finite number"),
+    "ffv --lr 0": ([*FFV, "--lr", "0"], "not above 0"),
+    "ffv --l2 nan": ([*FFV, "--l2", "nan"], "not a finite number"),
+    "ffv --layer 99": ([*FFV, "--layer", "99"], "--layer 99 is beyond"),
+    "ffv --layer -1": ([*FFV, "--layer", "-1"], "--layer"),
+    "ffv -o exists": (["train", "ffv", *MODEL, "--task", "antonym", "-o", "{o}/exists.safetensors"], "exists; pass --force"),
+    "ffv -o under a file": (["train", "ffv", *MODEL, "--task", "antonym", "-o", "{o}/plain/f"], "not a folder"),
+    "pairs not UTF-8": (["train", "ffv", *MODEL, "--pairs", "{latin1}", "-o", "{o}/f"], "latin1.json: not UTF-8"),
+    "unknown template": ([*FFV, "--template", "nope"], "unknown template"),
+    "fv --layer 99": ([*FV, "--layer", "99"], "--layer 99 is beyond"),
+    "fv --heads 0": ([*FV, "--heads", "0"], "--heads"),
+    "fv --heads -1": ([*FV, "--heads", "-1"], "--heads"),
+    "fv --n-prompts 0": ([*FV, "--n-prompts", "0"], "--n-prompts"),
+    "fv --k 1": ([*FV, "--k", "1"], "--k"),
+    "fv --heatmap of a task vector": (["train", "fv", *MODEL, "--task", "antonym", "--method", "taskvec", "-o", "{o}/f", "--heatmap", "{o}/h.png"], "--heatmap"),
+    "fv --heatmap on -o": ([*FV, "--heatmap", "{o}/f"], "more than one output"),
+    "cfv --steps 0": ([*CFV, "--steps", "0"], "--steps"),
+    "cfv --lr nan": ([*CFV, "--lr", "nan"], "not a finite number"),
+    "cfv from a bad bank": (["train", "cfv", *MODEL, "--bank", "{bad_names}", "-o", "{o}/c"], "fvpatch.bank.names is not valid JSON"),
+    "eval task --n -6": ([*TASK, "--n", "-6"], "--n"),
+    "eval task --n 0": ([*TASK, "--n", "0"], "--n"),
+    "eval task --k 1": ([*TASK, "--k", "1"], "--k"),
+    "eval task -o exists": ([*TASK, "-o", "{o}/exists.safetensors"], "exists; pass --force"),
+    "eval task -o under a file": ([*TASK, "-o", "{o}/plain/r.json"], "not a folder"),
+    "eval sweep --plot exists": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{v}", "--plot", "{o}/exists.safetensors"], "exists"),
+    "eval analogy --n 0": (["eval", "analogy", *MODEL, "--n", "0"], "--n"),
+    "eval analogy -o exists": (["eval", "analogy", *MODEL, "--bank", "{bank}", "-o", "{o}/exists.safetensors"], "exists; pass --force"),
+    "eval analogy bad data": (["eval", "analogy", *MODEL, "--bank", "{bank}", "--data", "{analogies}", "--force"], "analogies.jsonl:1: expected"),
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_in_one_line(case, tiny_gguf, inputs, tmp_path, monkeypatch):
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "models"))  # nothing may convert the tiny model into the real cache
+    out = tmp_path / "out"
+    (out / "folder").mkdir(parents=True)
+    (out / "plain").write_text("a regular file\n")
+    (out / "exists.safetensors").write_bytes(b"an earlier result")
+    before = snapshot(tmp_path)
+    args, says = CASES[case]
+    r = CliRunner().invoke(main, [a.format(m=tiny_gguf, o=out, **inputs) for a in args])
+    assert refused_in_one_line(r) is None, refused_in_one_line(r)
+    assert says in r.stderr, r.stderr
+    assert snapshot(tmp_path) == before  # nothing written, nothing half-written, nothing replaced
+
+
+# ---- in a process of their own: what used to abort -------------------------------------------------------------
+
+
+def fvpatch(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("FVPATCH_THREADS", "OMP_NUM_THREADS")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "fvpatch.cli", *args], capture_output=True, text=True, env=environ, timeout=120)
+
+
+@pytest.mark.parametrize("n_ctx", [1, 8, 31, 300])
+def test_a_small_context_runs(n_ctx, tiny_gguf, tmp_path):
+    """llama.cpp shrinks its batch to a context below 512 tokens (and asserted outputs per sequence against it): a
+    prompt longer than that batch used to abort the process. Any context of 1 or more tokens runs now."""
+    r = fvpatch("save", "-m", str(tiny_gguf), "-p", "a b c d e f g h i j k l " * 3, "--save", "l_out-1", str(tmp_path / "v.safetensors"),
+                "--token-idx", "-1", "-n", "2", "--n-ctx", str(n_ctx), "--json", env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("var, value", [("OMP_NUM_THREADS", "100000"), ("FVPATCH_THREADS", "abc"), ("FVPATCH_THREADS", "0"),
+                                        ("FVPATCH_THREADS", "513"), ("FVPATCH_THREADS", "-2")])
+def test_a_bad_thread_count_is_one_line(var, value, tiny_gguf):
+    r = fvpatch("generate", "-m", str(tiny_gguf), "-p", PROMPT, "-n", "1", env={var: value})
+    assert r.returncode == 1 and not r.stdout
+    assert r.stderr.strip().splitlines() == [f"Error: {var}={value!r} is not a thread count; give a whole number from 1 to 512"]
+
+
+def test_omp_list_form(tiny_gguf):
+    r = fvpatch("generate", "-m", str(tiny_gguf), "-p", PROMPT, "-n", "1", env={"OMP_NUM_THREADS": "2,1"})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_omp_garbage(value, tiny_gguf):
+    """Refused in one line of fvpatch's own; the OpenMP runtime, loaded with llama.cpp before any fvpatch code
+    runs, prints its own warning about the variable first."""
+    r = fvpatch("generate", "-m", str(tiny_gguf), "-p", PROMPT, "-n", "1", env={"OMP_NUM_THREADS": value})
+    ours = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("libgomp:")]
+    assert r.returncode == 1 and ours == [f"Error: OMP_NUM_THREADS={value!r} is not a thread count; give a whole number from 1 to 512"]
+
+
+def test_threads_flag_wins_over_the_environment(tiny_gguf):
+    r = fvpatch("generate", "-m", str(tiny_gguf), "-p", PROMPT, "-n", "1", "--threads", "2", env={"FVPATCH_THREADS": "abc"})
+    assert r.returncode == 0, r.stderr

@@ -1,0 +1,115 @@
+"""`fvpatch serve` answers the real openai client, with and without vectors, and never mixes requests."""
+
+import json
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from fvpatch.server import make_server
+from fvpatch.session import Session
+
+pytestmark = pytest.mark.slow
+PROMPT = "Q: maximal\nA:"
+
+
+@pytest.fixture(scope="module")
+def server(gemma_path):
+    with Session(gemma_path) as s:
+        srv = make_server(s, "127.0.0.1", 0, "gemma-3-270m", quiet=True)
+        thread = threading.Thread(target=srv.serve_forever, daemon=True)
+        thread.start()
+        yield srv
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none", max_retries=0)
+
+
+def cli_patch(gemma_path, vector, *extra) -> str:
+    """The same prompt and vector through `fvpatch patch`, the reference a served answer must equal."""
+    out = subprocess.run([sys.executable, "-m", "fvpatch.cli", "patch", "-m", str(gemma_path), "-p", PROMPT, "--vector", vector, "-n", "4",
+                          "--every-token", "--json", *extra], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)["completion"]
+
+
+def test_completion_with_and_without_a_vector(client, gemma_path):
+    plain = client.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, temperature=0)
+    steered = client.completions.create(model="gemma-3-270m", prompt=PROMPT, max_tokens=4, temperature=0,
+                                        extra_body={"vectors": [{"vector": "antonym.ffv"}]})
+    assert steered.choices[0].text.strip().startswith("minimal")
+    assert plain.choices[0].text != steered.choices[0].text
+    assert steered.choices[0].text == cli_patch(gemma_path, "antonym.ffv")
+    assert steered.usage.completion_tokens == 4 and steered.choices[0].finish_reason == "length"
+
+
+def test_concurrent_requests_keep_their_own_vectors(client, gemma_path):
+    asks = [("antonym.ffv", "Q: maximal\nA:"), ("present-past.ffv", "Q: maximal\nA:"), (None, "Q: maximal\nA:")] * 2
+
+    def ask(vector_prompt):
+        vector, prompt = vector_prompt
+        body = {"vectors": [{"vector": vector}]} if vector else {}
+        return client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, extra_body=body).choices[0].text
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, asks))
+    assert got[:3] == got[3:]
+    assert got[0] == cli_patch(gemma_path, "antonym.ffv") and got[1] == cli_patch(gemma_path, "present-past.ffv")
+    assert len(set(got[:3])) == 3
+
+
+def test_streaming_gives_the_same_text(client):
+    body = {"vectors": [{"vector": "antonym.ffv", "positions": "last"}]}
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, extra_body=body).choices[0].text
+    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, extra_body=body, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream) == whole
+
+
+@pytest.mark.parametrize("vectors,message", [
+    ([{"vector": "no-such-vector"}], "neither a file nor a shipped vector"),
+    ([{"vector": "antonym.ffv", "scale": "big"}], "scale must be a finite number"),
+    ([{"vector": "antonym.ffv", "positions": "middle"}], "positions must be"),
+    ([{"vector": "antonym.taskvec", "positions": "all"}], "only an added vector"),
+    ("antonym.ffv", "vectors must be a list"),
+])
+def test_a_bad_vector_is_a_400_and_the_server_keeps_serving(client, vectors, message):
+    with pytest.raises(openai.BadRequestError, match=message) as e:
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": vectors})
+    assert "\n" not in e.value.body["message"]
+    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+def test_chat_needs_a_template(client):
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+
+
+def test_chat_with_a_vector_on_an_instruct_model(smollm_path, tmp_path):
+    from fvpatch import vectorfile
+    from fvpatch.session import Save
+
+    with Session(smollm_path) as s:
+        # a vector of this model: its residual after block 10 at the end of another text
+        row = s.run("The weather in Paris is", saves=[Save("l_out-10")]).saved["l_out-10"]
+        path = vectorfile.save(vectorfile.VectorFile("l_out-10", row, [-1], s.fingerprint(), mode="add"), tmp_path / "v.safetensors")
+        srv = make_server(s, "127.0.0.1", 0, quiet=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+            msgs = [{"role": "user", "content": "Name a colour."}]
+            plain = c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0)
+            steered = c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0,
+                                                extra_body={"vectors": [{"vector": str(path), "scale": 2.0, "positions": "all"}]})
+            assert plain.choices[0].message.role == "assistant" and plain.choices[0].message.content
+            assert steered.choices[0].message.content != plain.choices[0].message.content
+            chunks = list(c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, stream=True))
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == plain.choices[0].message.content
+        finally:
+            srv.shutdown()
+            srv.server_close()

@@ -1,0 +1,79 @@
+"""Apply an fvpatch vector file to a transformers model, with the runtime's layer and token convention.
+
+    from train.apply import patched
+    with patched(model, "vectors/gemma-3-270m/antonym.ffv.safetensors"):
+        out = model.generate(**tokenizer("Q: hot\\nA:", return_tensors="pt"), max_new_tokens=3)
+
+`l_out-L` is the output of decoder block L (`model.model.layers[L]`), as in llama.cpp. Positions follow
+`fvpatch patch`: the vector goes at the prompt's token `token` (default: the last; negative counts from the
+end, a non-negative index from the start of each row, so use it with right padding or one prompt), at
+every generated token too with `every_token=True`, and at every token when `all_tokens` (the default for a
+file whose `fvpatch.apply_at` is all, such as an imported control vector). A vector saved from llama.cpp
+with `fvpatch save` works the same way: choose its row with `row=` (the saved token position).
+"""
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from fvpatch import vectorfile
+from fvpatch.errors import FvpatchError
+from train.hooks import decoder_layers, patch_output
+
+
+def check_model(vf: vectorfile.VectorFile, model, force: bool = False):
+    """Refuse a vector made on a model of another architecture or shape than this transformers model."""
+    config = getattr(model.config, "text_config", None) or model.config
+    arch = config.model_type.removesuffix("_text")
+    got = {"arch": arch, "n_layer": str(config.num_hidden_layers), "n_embd": str(config.hidden_size)}
+    wanted = {k: vf.model.get(k) for k in got}
+    if wanted["n_embd"] != got["n_embd"] or wanted["n_layer"] != got["n_layer"]:
+        raise FvpatchError(f"the vector was made on a model with n_layer={wanted['n_layer']}, n_embd={wanted['n_embd']}; "
+                           f"this one has n_layer={got['n_layer']}, n_embd={got['n_embd']}")
+    if wanted["arch"] != arch and not force:
+        raise FvpatchError(f"the vector was made on a {wanted['arch']!r} model, this one is {arch!r}; pass force=True to apply it anyway")
+
+
+@contextmanager
+def patched(model, vector, token: int = -1, row: int | None = None, every_token: bool = False, all_tokens: bool | None = None,
+            mode: str | None = None, scale: float | None = None, force: bool = False):
+    """Inside the block, every forward of `model` carries the vector (a path, a shipped name or a VectorFile)."""
+    if isinstance(vector, vectorfile.VectorFile):
+        vf = vector
+    else:
+        from fvpatch.shipped import find_vector
+
+        vf = vectorfile.load(vector if Path(vector).exists() else find_vector(str(vector)))
+    check_model(vf, model, force)
+    if vf.layer is None or not vf.tensor.startswith("l_out-"):
+        raise FvpatchError(f"the PyTorch side patches block outputs (l_out-L); this vector is for {vf.tensor!r}")
+    if not 0 <= vf.layer < len(decoder_layers(model)):
+        raise FvpatchError(f"the vector is for layer {vf.layer}; this model has layers 0..{len(decoder_layers(model)) - 1}")
+    mode = mode or vf.mode
+    scale = vf.scale if scale is None else scale
+    everywhere = vf.meta.get("fvpatch.apply_at") == "all" if all_tokens is None else all_tokens
+    param = next(model.parameters())
+    v = torch.from_numpy(vf.row(row)).to(param.device, param.dtype)
+    block = decoder_layers(model)[vf.layer]
+
+    def hook(module, args, kwargs, output):
+        # a pass that starts at position 0 is a prompt; one that starts later is a generated token
+        position_ids = kwargs.get("position_ids")
+        prompt_pass = position_ids is None or int(position_ids.min()) == 0
+        if everywhere:
+            at = None
+        elif prompt_pass:
+            at = token
+        elif every_token:
+            at = -1
+        else:
+            return output
+        return patch_output(output, at, v, mode, scale)
+
+    handle = block.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield vf
+    finally:
+        handle.remove()
+
