@@ -34,10 +34,11 @@ class Items:
     queries: list[Pair]
 
 
-def build_items(tokenize: Callable[[str], list[int]], tpl: Template, queries: list[Pair], pool: list[Pair], k: int = 10, seed: int = 0) -> Items:
+def build_items(tokenize: Callable[[str], list[int]], tpl: Template, queries: list[Pair], pool: list[Pair], k: int = 10, seed: int = 0,
+                shared_demos: bool = False) -> Items:
     zero = prompts_for(tpl, queries, pool, 0, seed=seed)
-    icl = prompts_for(tpl, queries, pool, k, seed=seed)
-    shuffled = prompts_for(tpl, queries, pool, k, shuffled=True, seed=seed)
+    icl = prompts_for(tpl, queries, pool, k, seed=seed, shared=shared_demos)
+    shuffled = prompts_for(tpl, queries, pool, k, shuffled=True, seed=seed, shared=shared_demos)
     answers = [answer_token(tokenize, p) for p in zero]
     for p, a in zip(icl, answers):
         if answer_token(tokenize, p) != a:
@@ -83,9 +84,14 @@ def patch_of(vector: VectorFile) -> Patch:
     return Patch(vector.tensor, vector.row(None), token=-1, mode=vector.mode, scale=vector.scale, all_tokens=vector.meta.get("fvpatch.apply_at") == "all")
 
 
-def llamacpp_predictor(session: Session) -> Predict:
+def llamacpp_predictor(session: Session, batched: bool = True) -> Predict:
+    """Top-1 after each prompt in llama.cpp: batched (Session.last_logits: the shared prefix decoded once, the
+    rests packed), or one prompt per decode as `fvpatch patch` runs it."""
+
     def predict(token_lists: list[list[int]], vector: VectorFile | None) -> list[int]:
         patches = [patch_of(vector)] if vector is not None else []
+        if batched:
+            return [int(np.argmax(logits)) for logits in session.last_logits(token_lists, patches)]
         return [int(np.argmax(session.run(t, patches=patches).logits)) for t in tqdm(token_lists, desc="llama.cpp", leave=False)]
 
     return predict

@@ -86,15 +86,17 @@ def sample_demos(pool: list[Pair], k: int, exclude: str, rng: random.Random) -> 
     return rng.sample(candidates, k)
 
 
-def prompts_for(tpl: Template, queries: list[Pair], pool: list[Pair], k: int, shuffled: bool = False, seed: int = 0) -> list[Prompt]:
+def prompts_for(tpl: Template, queries: list[Pair], pool: list[Pair], k: int, shuffled: bool = False, seed: int = 0,
+                shared: bool = False) -> list[Prompt]:
     """One prompt per query: k demos drawn from `pool` (never the query itself), labels deranged if `shuffled`.
 
     The demos depend only on (seed, query index), so k-shot and shuffled prompts of the same seed share
-    their demo inputs and differ only in the labels.
+    their demo inputs and differ only in the labels. With `shared`, they depend on the seed alone: every
+    query gets the same demos (unless it is one of them), a prefix that batched evaluation decodes once.
     """
     out = []
     for i, (x, y) in enumerate(queries):
-        rng = random.Random(f"{seed}:{i}")
+        rng = random.Random(f"{seed}" if shared else f"{seed}:{i}")
         demos = sample_demos(pool, k, x, rng) if k else []
         if shuffled:
             demos = shuffle_labels(demos, rng)

@@ -345,6 +345,72 @@ class Session(ModelFile):
                 out[i] = np.stack([self._logits(bi) for bi in rows[i]])
         return out
 
+    def last_logits(self, prompts: list[list[int]], patches: list[Patch] = ()) -> list[np.ndarray]:
+        """The logits after each prompt, the same patches on each, batched for evaluation.
+
+        The prompts' common prefix (the shared demonstrations of a k-shot set, or just BOS) is decoded once in
+        sequence 0, and its KV cache is copied to each prompt's own sequence (`llama_memory_seq_cp`), so only
+        the rests are decoded, packed as sequences into as few decodes as fit a batch. The prefix stops before
+        any position a patch aims at, so a patch at a prompt's last token still sees that prompt's own pass.
+        Batched, the rows go through llama.cpp's quantized kernels in other groupings than one prompt at a time,
+        so a logit can differ by up to about one on a 4-bit model (README, "Batched evaluation"); near-ties flip.
+        """
+        if not prompts or any(not p for p in prompts):
+            raise FvpatchError("every prompt needs at least one token")
+        for p in patches:
+            self.check_tensor_name(p.tensor)
+        shared = min(len(p) for p in prompts) - 1  # every prompt keeps at least its last token to decode
+        for p in prompts[1:]:
+            shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)
+        for p in patches:
+            if not p.all_tokens:
+                shared = min([shared, *(self.resolve_position(p.token, len(q)) for q in prompts)])
+        if len(prompts) == 1 or shared < 1:
+            return [logits[-1] for logits in self.sequence_logits([(p, [], patches) for p in prompts])]
+        mem = ll.llama_get_memory(self._ctx)
+        ll.llama_memory_clear(mem, True)
+        last_block = self.n_layer - 1
+        everywhere = [p for p in patches if p.all_tokens and layer_of(p.tensor) != last_block]  # the last block keeps output rows only
+        for start in range(0, shared, self.n_ubatch):
+            end = min(start + self.n_ubatch, shared)
+            plan: dict[bytes, list] = {}
+            for p in everywhere:
+                plan.setdefault(p.tensor.encode(), []).extend(("patch", p, pos - start, pos) for pos in range(start, end))
+            self._watch, self._seen = set(plan), set()
+            self._decode([(prompts[0][i], i, 0) for i in range(start, end)], set(), plan)
+        out: list[np.ndarray] = [None] * len(prompts)
+        pack: list[int] = []
+        for i in range(len(prompts) + 1):
+            rest = len(prompts[i]) - shared if i < len(prompts) else 0
+            room = min(self.n_ubatch, self.n_ctx - shared)  # copies of the prefix share its cells; the rests need their own
+            if pack and (i == len(prompts) or sum(len(prompts[j]) - shared for j in pack) + rest > room or len(pack) == self.n_seq - 1):
+                self._decode_rests(prompts, pack, shared, patches, out)
+                pack = []
+            if i < len(prompts):
+                if rest > room:
+                    raise FvpatchError(f"prompt {i}: its {rest} tokens after the shared prefix do not fit one batch of {room}; raise --n-ctx")
+                pack.append(i)
+        return out
+
+    def _decode_rests(self, prompts: list[list[int]], pack: list[int], shared: int, patches: list[Patch], out: list):
+        """One decode of the rests of `pack`'s prompts, each in its own sequence holding a copy of the prefix."""
+        mem = ll.llama_get_memory(self._ctx)
+        entries, plan, last = [], {}, {}
+        for seq, i in enumerate(pack, start=1):
+            ll.llama_memory_seq_cp(mem, 0, seq, -1, -1)
+            base = len(entries)
+            entries += [(prompts[i][pos], pos, seq) for pos in range(shared, len(prompts[i]))]
+            last[i] = len(entries) - 1
+            for p in patches:
+                at = self._patch_positions(p, len(prompts[i]), [len(prompts[i]) - 1])
+                plan.setdefault(p.tensor.encode(), []).extend(("patch", p, base + pos - shared, pos) for pos in at if pos >= shared)
+        self._watch, self._seen = set(plan), set()
+        self._decode(entries, set(last.values()), plan)
+        for i, bi in last.items():
+            out[i] = self._logits(bi)
+        for seq in range(1, len(pack) + 1):
+            ll.llama_memory_seq_rm(mem, seq, -1, -1)
+
     def graph_tensor_names(self, prompt: str = "Hello") -> list[str]:
         """Names of the nodes of one decode's compute graph, in compute order."""
         self._record_all = []

@@ -38,8 +38,8 @@ def _torch_options(f):
 @click.option("--n-train", type=click.IntRange(1), default=20, show_default=True, help="Train pairs to learn from (the first of the train split).")
 @click.option("--n-valid", type=click.IntRange(1), default=50, show_default=True, help="Valid pairs for early stopping (at most).")
 @click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M, 16 on Qwen2.5-Coder 1.5B; train.ffv.MEASURED_LAYERS).")
-@click.option("--init", type=click.Choice(["fv", "taskvec", "random", "zeros"]), default="taskvec", show_default=True, help="Starting vector: the task vector or the function vector of 10-shot prompts over the training pairs, a random residual-sized one, or zeros.")
-@click.option("--lr", type=FiniteFloat(min=0, above=True), default=0.05, show_default=True, help="Adam learning rate, relative to the residual's RMS coordinate at the layer.")
+@click.option("--init", type=click.Choice(["fv", "taskvec", "random", "zeros"]), default=None, help="Starting vector: the task vector or the function vector of 10-shot prompts over the training pairs, a random residual-sized one, or zeros. Default: taskvec, or zeros with --positions all (chosen on valid pairs, results/ffv/sweep.md).")
+@click.option("--lr", type=FiniteFloat(min=0, above=True), default=None, help="Adam learning rate, relative to the residual's RMS coordinate at the layer. Default: 0.05, or 0.02 with --positions all.")
 @click.option("--steps", type=click.IntRange(1), default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")
 @click.option("--l2", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the vector's squared norm (relative to the residual's).")
 @click.option("--l2-from-init", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the squared distance from the initial vector.")
@@ -66,7 +66,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
     from fvpatch import vectorfile
     from fvpatch.prompts import template
     from fvpatch.tasks import load_task
-    from train.ffv import Config, default_layer, prepare, train_ffv
+    from train.ffv import ALL_TOKENS, Config, default_layer, prepare, train_ffv
     from train.model import load_model
 
     if (task is None) == (pairs is None):
@@ -81,6 +81,8 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
             click.echo(f"warning: no FFV layer has been chosen on this model's valid pairs; using layer {layer} (the default model's "
                        f"relative depth). Choose one with `python -m train.sweep_ffv --model {model}` or pass --layer", err=True)
     data = prepare(lm, pairs_task, tpl, n_train, n_valid, positions)
+    defaults = ALL_TOKENS if positions == "all" else Config()
+    init, lr = init or defaults.init, lr or defaults.lr
     cfg = Config(layer=layer, init=init, lr=lr, steps=steps, l2=l2, l2_from_init=l2_from_init, every_answer_token=every_answer_token,
                  positions=positions, seed=seed)
     vf, hist = train_ffv(lm, data, tpl, cfg)
@@ -252,7 +254,7 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
         click.echo(f"head map -> {heatmap}")
 
 
-def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto"):
+def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True):
     """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's, if loaded)."""
     from fvpatch.evaluate import llamacpp_predictor
     from fvpatch.models import check_fingerprint, resolve_model
@@ -263,7 +265,7 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
         s = Session(resolve_model(model), n_threads=cli_threads())
         if vector_model:
             check_fingerprint(vector_model, s.fingerprint())
-        out["llama.cpp"] = (llamacpp_predictor(s), s.tokenize)
+        out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
     if engine in ("torch", "both"):
         from train.evaluate import torch_predictor
         from train.model import load_model
@@ -273,6 +275,26 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
             check_fingerprint(vector_model, lm.fingerprint)
         out["torch"] = (torch_predictor(lm), lm.tokenize)
     return out
+
+
+def _load_vector(vector: str | None, model):
+    """--vector: a file, or a shipped vector's name, the copy made for --model first."""
+    from pathlib import Path
+
+    from fvpatch import vectorfile
+    from fvpatch.cli import vector_path
+    from fvpatch.modelfile import ModelFile
+    from fvpatch.models import resolve_model
+
+    if vector is None:
+        return None
+    if Path(vector).exists():
+        return vectorfile.load(vector)
+    source = resolve_model(model)
+    if not source.is_file():  # a Hugging Face model directory: no GGUF fingerprint to choose by
+        return vectorfile.load(vector_path(vector))
+    with ModelFile(source, vocab_only=True) as mf:
+        return vectorfile.load(vector_path(vector, mf.fingerprint()))
 
 
 def _check_layer_first(layer: int | None, model):
@@ -325,7 +347,9 @@ def _write_json(out, payload):
 @click.option("--vector", default=None, help="Vector file (or shipped vector name) to patch at the last prompt token; without it only the baselines run.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
 @click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split).")
-def task(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, split, n_items):
+@click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
+@click.option("--one-at-a-time", is_flag=True, help="llama.cpp: one prompt per decode, as `fvpatch patch` runs, instead of batched (slower; logits can differ by about one on a 4-bit model).")
+def task(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, split, n_items, demos, one_at_a_time):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
     k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
 
@@ -339,11 +363,11 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
     from fvpatch.evaluate import build_items, evaluate
 
     check_outputs([out], force)
-    vf = vectorfile.load(vector_path(vector)) if vector else None
+    vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     results = {}
-    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device).items():
-        items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
+    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time).items():
+        items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed, shared_demos=demos == "shared")
         results[name] = evaluate(predict, items, vf)
     first = next(iter(results.values()))
     click.echo(f"{t.name}, {split} split: {first['n']} items, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}"
@@ -353,7 +377,7 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
     for cond in first["all"]:
         cells = [f"{100 * r['all'][cond]:.1f}% | " + ("-" if r["icl_solved"][cond] is None else f"{100 * r['icl_solved'][cond]:.1f}%") for r in results.values()]
         click.echo(f"| {cond} | " + " | ".join(cells) + " |")
-    _write_json(out, {"task": t.name, "split": split, "k": k, "template": tpl.text, "vector": vector, "results": results})
+    _write_json(out, {"task": t.name, "split": split, "k": k, "demos": demos, "template": tpl.text, "vector": vector, "results": results})
 
 
 @eval_cmd.command()
@@ -383,7 +407,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, dtype, device
     if (vector is None) == (method is None):
         raise click.UsageError("give exactly one of --vector FILE or --method taskvec")
     check_outputs([out, plot], force)
-    vf = vectorfile.load(vector_path(vector)) if vector else None
+    vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     lm = None
     if vf is not None:

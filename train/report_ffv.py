@@ -192,7 +192,7 @@ def main():
     tpl = template("qa")
     tasks = args.tasks.split(",")
     with Session(path, n_threads=args.threads) as session:
-        predicts = {"torch": torch_predictor(lm), "llamacpp": llamacpp_predictor(session)}
+        predicts = {"torch": torch_predictor(lm), "llamacpp": llamacpp_predictor(session, batched=False)}
         for task in tasks:
             done = results / "tasks" / f"{task}.json"
             if done.exists() and (bank_dir / f"{task}.ffv.safetensors").exists():

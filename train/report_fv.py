@@ -32,7 +32,7 @@ from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.cma import train_fv
 from train.evaluate import torch_predictor
-from train.model import load_model
+from train.model import DTYPES, load_model
 from train.plots import plot_head_maps, plot_layer_curves
 from train.taskvec import train_taskvec
 
@@ -135,17 +135,19 @@ def main():
     ap.add_argument("--n-prompts", type=int, default=25, help="Prompts for the head map, and demo sets for the task vector.")
     ap.add_argument("--n-valid", type=int, default=50, help="Valid pairs for choosing heads and layers (at most).")
     ap.add_argument("--n-test", type=int, default=100, help="Test pairs scored (at most; the first of the test split).")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Of the PyTorch model (bfloat16: about half the memory and, on CPUs with AVX-512 BF16, 3x faster).")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     path = resolve_model(args.model)
     name = short_name(path)
     results = ROOT / "results" / "fv" if name == DEFAULT_MODEL else ROOT / "results" / name / "fv"
-    lm = load_model(path)
+    lm = load_model(path, dtype=args.dtype)
     tpl = template("qa")
     tasks = args.tasks.split(",")
     with Session(path, n_threads=torch.get_num_threads()) as session:
-        predicts = {"torch": torch_predictor(lm), "llama.cpp": llamacpp_predictor(session)}
+        # one prompt per decode, as the tables of the other reports were scored
+        predicts = {"torch": torch_predictor(lm), "llama.cpp": llamacpp_predictor(session, batched=False)}
         for task in tasks:
             done = results / "tasks" / f"{task}.json"
             if done.exists():
@@ -157,7 +159,8 @@ def main():
     rows = [json.loads((results / "tasks" / f"{t}.json").read_text()) for t in tasks]
     config = {k: v for k, v in vars(args).items() if k != "model"}
     report = {"model": lm.fingerprint, "config": config | {"k": K, "template": tpl.text}, "tasks": rows,
-              "command": "OMP_NUM_THREADS=1 .venv/bin/python -m train.report_fv" + ("" if name == DEFAULT_MODEL else f" --model {name}"),
+              "command": "OMP_NUM_THREADS=1 .venv/bin/python -m train.report_fv" + ("" if name == DEFAULT_MODEL else f" --model {name}")
+              + ("" if args.dtype == "float32" else f" --dtype {args.dtype}"),
               "head_counts": list(rows[0]["fv"]["valid_grid"])}
     write_json(results / "report.json", report)
     write_text(results / "report.md", markdown(report))

@@ -12,7 +12,8 @@ of its task, zero-shot prompt plus the vector, in llama.cpp:
   control-vector API (`llama_set_adapter_cvec`), no callback.
 A vector trained for every token (`train ffv --positions all`, metadata `fvpatch.apply_at = all`) is
 scored the same three ways. Each vector's counts are stamped into its file as `fvpatch.positions_top1`
-(rows untouched), where `fvpatch export` reads them to warn. No torch is used. Resumable:
+(rows untouched), where `fvpatch export` reads them to warn; an every-token vector also gets its held-out
+top-1 at every token as `fvpatch.test_top1`. No torch is used. Resumable:
 results/<model>/positions.json is rewritten after each vector.
 """
 
@@ -92,6 +93,10 @@ def main():
             row |= {w: correct(s, tokens, answers, vf, w) for w in WAYS}
             report["vectors"][f.stem] = row
             vf.meta[STAMP_KEY] = json.dumps({"n": row["n"], "last": row["last"], "all": row["all (control vector)"]})
+            if row["trained_for"] == "all":  # its held-out accuracy, applied as it is meant to be
+                vf.meta |= {"fvpatch.test_top1": f"{row['all (control vector)'] / row['n']:.4f}", "fvpatch.test_n": str(row["n"]),
+                            "fvpatch.test_zero_shot_top1": f"{row['zero_shot'] / row['n']:.4f}",
+                            "fvpatch.test_engine": f"llama.cpp, {s.path.name}, zero-shot prompts, the vector at every token, top-1 first token"}
             vectorfile.save(vf, f, overwrite=True)
             print(f"{f.stem:<32} " + "  ".join(f"{w}: {row[w]}/{row['n']}" for w in WAYS), flush=True)
             write_json(out, report)

@@ -81,7 +81,7 @@ def main():
             report.setdefault("quants", [])
             if quant not in report["quants"]:
                 report["quants"].append(quant)
-            predict = llamacpp_predictor(s)
+            predict = llamacpp_predictor(s, batched=False)
             for f in files:
                 vf = vectorfile.load(f)
                 check_fingerprint(vf.model, s.fingerprint())  # another quantization passes; another model would not
