@@ -74,11 +74,11 @@ def _remember_threads(ctx, param, value):
 
 threads_option = click.option(
     "--threads", type=click.IntRange(1, MAX_THREADS), default=None, expose_value=False, callback=_remember_threads,
-    help="CPU threads of llama.cpp and PyTorch (default: $FVPATCH_THREADS, else $OMP_NUM_THREADS, else every core).")
+    help="CPU threads of llama.cpp and PyTorch (default: $FVPATCH_THREADS, else $OMP_NUM_THREADS, else half the cores).")
 
 
 def cli_threads() -> int | None:
-    """The thread count this command was given (--threads or the environment), or None for the engines' own default."""
+    """The thread count this command was given (--threads or the environment), or None for the default (fvpatch.threads.default_threads)."""
     return click.get_current_context().meta.get("fvpatch.threads")
 
 

@@ -6,7 +6,6 @@ of the prompt); patches apply to the prompt pass and, when asked, at every gener
 """
 
 import ctypes
-import os
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from fvpatch import ggml
 from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
-from fvpatch.threads import configured_threads
+from fvpatch.threads import configured_threads, default_threads
 from fvpatch.vectorfile import MODES
 
 
@@ -71,7 +70,7 @@ class Session(ModelFile):
         `n_seq` bounds how many sequences `answer_logprobs` packs into one decode. `exact=True` keeps K and V
         in f32 and turns flash attention off (which rounds Q to f16): slower, but an f32 model then matches an
         f32 reference to float rounding. `n_threads` defaults to $FVPATCH_THREADS or $OMP_NUM_THREADS when set
-        (fvpatch.threads; the setting PyTorch's threads follow too), else every core. llama.cpp shrinks its batch
+        (fvpatch.threads; the setting PyTorch's threads follow too), else half the cores. llama.cpp shrinks its batch
         to a context smaller than `n_ubatch`; prompts are then decoded in chunks of that batch."""
         super().__init__(path, n_gpu_layers=n_gpu_layers)
 
@@ -85,7 +84,7 @@ class Session(ModelFile):
         if exact:
             cparams.type_k = cparams.type_v = ll.GGML_TYPE_F32
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        self.n_threads = n_threads or configured_threads() or os.cpu_count() or 1
+        self.n_threads = n_threads or configured_threads() or default_threads()
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         self.hooks = hooks
         if hooks:

@@ -1,6 +1,7 @@
-"""How many CPU threads llama.cpp and PyTorch use: `--threads N`, else $FVPATCH_THREADS, else $OMP_NUM_THREADS.
-
-Nothing set keeps each engine's own default (llama.cpp: every core, as Session always did; PyTorch: its own).
+"""How many CPU threads llama.cpp and PyTorch use: `--threads N`, else $FVPATCH_THREADS, else $OMP_NUM_THREADS,
+else half the cores (bench/threads.py: on a 2-core machine that other work also uses, 2 threads generated 30x
+slower than 1, since ggml's and OpenMP's workers spin-wait for a core that is busy elsewhere; half the logical
+cores is also llama.cpp's own default, one per physical core where cores are hyper-threaded).
 """
 
 import os
@@ -22,6 +23,10 @@ def parse_threads(text: str, where: str) -> int:
     if not re.fullmatch(r"[0-9]{1,9}", first) or not 1 <= int(first) <= MAX_THREADS:
         raise FvpatchError(f"{where}={text!r} is not a thread count; give a whole number from 1 to {MAX_THREADS}")
     return int(first)
+
+
+def default_threads() -> int:
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def configured_threads(flag: int | None = None) -> int | None:

@@ -20,7 +20,7 @@ from torch import nn
 from fvpatch.errors import FvpatchError
 from fvpatch.models import file_key, models_dir, resolve_model
 from fvpatch.modelfile import ModelFile
-from fvpatch.threads import configured_threads
+from fvpatch.threads import configured_threads, default_threads
 from train.hooks import decoder_layers, head_shape, record_residual
 
 # GGUF architectures that transformers' GGUF loader reads and that agree with llama.cpp layer by layer, train an
@@ -137,12 +137,10 @@ def load_model(source: str | Path | None = None, device: str | torch.device | No
                threads: int | None = None) -> LoadedModel:
     """A GGUF file (default: the default model) or a Hugging Face model directory, in eval mode with no grads,
     its weights in `dtype` on `device` (see torch_device). PyTorch's CPU threads are set to `threads`, else to
-    $FVPATCH_THREADS or $OMP_NUM_THREADS (fvpatch.threads); none given keeps PyTorch's default."""
+    $FVPATCH_THREADS or $OMP_NUM_THREADS, else half the cores (fvpatch.threads)."""
     from transformers import AutoModelForCausalLM
 
-    threads = threads or configured_threads()
-    if threads:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or configured_threads() or default_threads())
     dtype, device = torch_dtype(dtype), torch_device(device)
     if source is not None and Path(source).is_dir():
         directory, tokenizer, fingerprint = Path(source), _HFTokenizer(Path(source)), None
