@@ -84,6 +84,28 @@ def test_training_lowers_the_loss_and_llamacpp_applies_the_vector(tiny_lm, tiny_
     assert np.abs(patched - plain).max() > 1e-2
 
 
+def test_every_token_loss_equals_full_forward_and_trains(tiny_lm, data, tiny_session):
+    """--positions all: the vector added at every prompt and answer token, as a control vector is applied."""
+    pairs = data.task.train[:6] + [("a", "B"), ("abcdefg", "XYZXYZW")]
+    v = torch.randn(tiny_lm.n_embd, generator=torch.Generator().manual_seed(1))
+    got = answer_nll(tiny_lm, encode(tiny_lm, QA, pairs, cache_prefix=False), v, 1, all_tokens=True)
+    ref = []
+    for x, y in pairs:
+        p = build(QA, [], x, y)
+        n, full = len(tiny_lm.tokenize(p.text)), tiny_lm.tokenize(p.text + p.answer)
+        with patch_residual(tiny_lm.model, 1, None, v):
+            logp = torch.log_softmax(tiny_lm.model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        ref.append(-torch.stack([logp[n - 1 + j, full[n + j]] for j in range(len(full) - n)]).mean())
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-4, atol=1e-4)
+
+    every = prepare(tiny_lm, data.task, QA, n_train=20, positions="all")
+    vf, hist = train_ffv(tiny_lm, Data(every.task, every.train, every.train), QA,
+                         Config(layer=1, init="zeros", lr=0.5, steps=6, eval_every=3, positions="all"), progress=False)
+    assert vf.meta["fvpatch.apply_at"] == "all" and hist.valid_loss[-1] < hist.valid_loss[0]
+    with pytest.raises(ValueError, match="positions 'all' needs data"):
+        train_ffv(tiny_lm, data, QA, Config(layer=1, init="zeros", steps=1, positions="all"), progress=False)
+
+
 @pytest.mark.parametrize("init", INITS)
 def test_inits(tiny_lm, data, init):
     residual = last_residual(tiny_lm, data.train, 2)
@@ -120,11 +142,15 @@ def test_cli_trains_lists_and_patches(tiny_gguf, pairs_file, tmp_path, monkeypat
 def test_cli_defaults_are_the_measured_ones():
     from train.cli import ffv
 
+    from train.ffv import ALL_TOKENS
+
     defaults = {p.name: p.default for p in ffv.params}
     cfg = Config()
-    assert {k: defaults[k] for k in ("init", "lr", "steps", "l2", "l2_from_init", "seed")} == \
-        {k: getattr(cfg, k) for k in ("init", "lr", "steps", "l2", "l2_from_init", "seed")}
+    assert {k: defaults[k] for k in ("steps", "l2", "l2_from_init", "seed")} == {k: getattr(cfg, k) for k in ("steps", "l2", "l2_from_init", "seed")}
     assert defaults["layer"] is None and MEASURED_LAYERS["Gemma 3 270m"] == cfg.layer  # the layer is chosen per model
+    # init and lr follow --positions: Config's for the last token, ALL_TOKENS' for every token
+    assert defaults["init"] is None and defaults["lr"] is None and defaults["positions"] == cfg.positions == "last"
+    assert (ALL_TOKENS.init, ALL_TOKENS.lr, ALL_TOKENS.positions) == ("zeros", 0.02, "all")
 
 
 def test_default_layer_is_per_model(tiny_lm):
