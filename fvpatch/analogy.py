@@ -29,6 +29,9 @@ from fvpatch.tasks import Pair, load_task
 
 QA = template("qa")
 CONDITIONS = ("no_vector", "prompt_colon", "prompt_is_to", "best_ffv", "cfv_unlearned", "cfv_learned", "oracle_ffv")
+# also on request: k-shot demonstrations of the analogy's relation (evaluate's `demos`), and the learned CFV added
+# to the `A is to B as C is to` prompt instead of to a bare `Q: C\nA:`
+MORE_CONDITIONS = ("icl", "cfv_learned_is_to")
 MAP_KEYS = ("fvpatch.cfv.weight", "fvpatch.cfv.bias", "fvpatch.cfv.temperature")
 
 
@@ -231,13 +234,13 @@ def encode(tokenize: Callable[[str], list[int]], text: str, answer: str) -> tupl
         return tokenize(text), tokenize(answer, add_bos=False)
 
 
-def condition_prompt(condition: str, a: str, b: str, c: str, d: str) -> tuple[str, str]:
+def condition_prompt(condition: str, a: str, b: str, c: str, d: str, demos: list[Pair] = ()) -> tuple[str, str]:
     """(prompt text, answer text) of one condition; the vector conditions share the zero-shot prompt."""
     if condition == "prompt_colon":
         return f"{a}:{b}::{c}:", d
-    if condition == "prompt_is_to":
+    if condition in ("prompt_is_to", "cfv_learned_is_to"):
         return f"{a} is to {b} as {c} is to", f" {d}"
-    p = build(QA, [], c, d)
+    p = build(QA, list(demos) if condition == "icl" else [], c, d)
     return p.text, p.answer
 
 
@@ -293,15 +296,19 @@ def _word_match(text: str, d: str) -> bool:
 
 
 def evaluate(session: Session, bank: Bank, cfv_map: CFVMap, analogies: list[Analogy], conditions=CONDITIONS, progress: bool = True,
-             leave_out: bool = False) -> dict:
+             leave_out: bool = False, demos: dict[str, list[Pair]] | None = None) -> dict:
     """Multiple-choice accuracy of every condition, and open-completion accuracy (first token, exact word) on open analogies.
-    `leave_out` solves each analogy without its own relation's vector: can the others compose it?"""
-    unknown = set(conditions) - set(CONDITIONS)
+    `leave_out` solves each analogy without its own relation's vector: can the others compose it? `demos` gives
+    each relation's demonstrations for the `icl` condition."""
+    unknown = set(conditions) - set(CONDITIONS) - set(MORE_CONDITIONS)
     if unknown:
-        raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {', '.join(CONDITIONS)}")
+        raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {', '.join(CONDITIONS + MORE_CONDITIONS)}")
+    if "icl" in conditions and not all(x.relation in (demos or {}) for x in analogies):
+        raise ValueError("the icl condition needs demonstrations for every analogy's relation")
     scores = bank_scores(session, bank, [(x.a, x.b) for x in analogies], progress)
     weights = condition_weights(bank, cfv_map, scores, [x.relation for x in analogies], leave_out)
     vectors = {cond: compose(bank, w) for cond, w in weights.items()}
+    vectors["cfv_learned_is_to"] = vectors["cfv_learned"]
     conditions = [c for c in conditions if c != "oracle_ffv" or c in vectors]  # no oracle without known relations
     records = []
     for n, x in enumerate(tqdm(analogies, desc="analogies", disable=not progress, leave=False)):
@@ -312,14 +319,14 @@ def evaluate(session: Session, bank: Bank, cfv_map: CFVMap, analogies: list[Anal
         items, owner = [], []
         for cond in conditions:
             for c, d in x.choices:
-                items.append((*encode(session.tokenize, *condition_prompt(cond, x.a, x.b, c, d)), patches[cond]))
+                items.append((*encode(session.tokenize, *condition_prompt(cond, x.a, x.b, c, d, (demos or {}).get(x.relation, ()))), patches[cond]))
                 owner.append(cond)
         logps = session.answer_logprobs(items)
         for cond in conditions:
             means = [float(lp.mean()) for lp, o in zip(logps, owner) if o == cond]
             rec["mc"][cond] = int(int(np.argmax(means)) == x.answer)
             if x.open:
-                prompt, answer = encode(session.tokenize, *condition_prompt(cond, x.a, x.b, x.c, x.d))
+                prompt, answer = encode(session.tokenize, *condition_prompt(cond, x.a, x.b, x.c, x.d, (demos or {}).get(x.relation, ())))
                 r = session.run(prompt, patches=patches[cond], max_tokens=len(answer) + 1)
                 rec["first_token"][cond] = int(r.generated[0] == answer[0])
                 rec["exact"][cond] = int(_word_match(r.text, x.d))
@@ -379,6 +386,8 @@ LABELS = {
     "cfv_unlearned": "CFV, unlearned softmax(s/T)",
     "cfv_learned": "CFV, learned map",
     "oracle_ffv": "oracle: FFV of the true relation",
+    "icl": "10-shot ICL of the relation (`Q: x\\nA: y` demos, then `Q: C\\nA:`)",
+    "cfv_learned_is_to": "CFV (learned) + prompt `A is to B as C is to`",
 }
 
 

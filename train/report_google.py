@@ -1,0 +1,89 @@
+"""The Google analogy test set (Mikolov et al. 2013) per category: prompts, ICL, the FFV bank and its CFV.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google [--model gemma-3-270m] [--n 50] [--k 4]
+
+For each of the 14 categories: `fvpatch.google_analogy.split` keeps 20 of its word pairs (10 where it has fewer
+than 40) to learn from and draws up to `--n` test questions that use none of their words (a seeded sample).
+Each question A:B::C:? is scored in llama.cpp (fvpatch.analogy.evaluate) as multiple choice over D and `--k`
+- 1 other D's of the category, and as open completion from C (first token, exact word), under:
+zero-shot `Q: C\\nA:`; the prompts `A:B::C:` and `A is to B as C is to`; 10-shot ICL of the category's training
+pairs; the single bank FFV whose score on A:B is highest; the CFV of the model's shipped bank (unlearned and
+learned map) on `Q: C\\nA:`, and the learned CFV added to the `A is to B as C is to` prompt. The bank's 16
+relations are not the Google categories: an FFV trained on each category's own 20 pairs is the next step.
+No torch. Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from fvpatch import google_analogy as ga
+from fvpatch.analogy import CONDITIONS, LABELS, Analogy, CFVMap, evaluate
+from fvpatch.atomic import write_json, write_text
+from fvpatch.bank import BANK_NAME, load_bank
+from fvpatch.models import check_fingerprint, resolve_model, short_name
+from fvpatch.session import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOWN = ("no_vector", "prompt_colon", "prompt_is_to", "icl", "best_ffv", "cfv_unlearned", "cfv_learned", "cfv_learned_is_to")
+
+
+def questions(category: list[ga.Question], n: int, k: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[Analogy]]:
+    n_train = 20 if len(ga.pairs(category)) >= 40 else 10
+    train, test = ga.split(category, n_train, seed)
+    test = random.Random(f"google-test:{seed}").sample(test, min(n, len(test)))
+    items = []
+    for q in test:
+        options = ga.choices(q, category, k, seed)
+        items.append(Analogy(q.a, q.b, [(q.c, d) for d in options], options.index(q.d), q.category))
+    return train, items
+
+
+def markdown(report: dict) -> str:
+    pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
+    lines = [f"# Google analogy test set: {report['model']}", "", f"Regenerate: `{report['command']}`. Multiple choice of {report['k']} "
+             "(first number) and open completion, exact word (second), in llama.cpp; n = test questions per category.", "",
+             "| category | n | " + " | ".join(LABELS[c] for c in SHOWN) + " |", "|---|---|" + "---|" * len(SHOWN)]
+    for cat, r in report["categories"].items():
+        lines.append(f"| {cat} | {r['n']} | " + " | ".join(f"{pct(r['accuracy'][c]['mc'])} / {pct(r['accuracy'][c]['exact'])}" for c in SHOWN) + " |")
+    lines.append("| **mean of categories** | | " + " | ".join(
+        f"**{pct(np.mean([r['accuracy'][c]['mc'] for r in report['categories'].values()]))} / "
+        f"{pct(np.mean([r['accuracy'][c]['exact'] for r in report['categories'].values()]))}**" for c in SHOWN) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=50, help="Test questions per category (a seeded sample).")
+    ap.add_argument("--k", type=int, default=4, help="Choices per question.")
+    args = ap.parse_args()
+    path = resolve_model(args.model)
+    name = short_name(path)
+    out = ROOT / "results" / name / "google"
+    bank = load_bank(ROOT / "vectors" / name / BANK_NAME)
+    cfv_map = CFVMap.from_bank(bank)
+    conditions = [c for c in CONDITIONS if c != "oracle_ffv"] + ["icl", "cfv_learned_is_to"]
+    with Session(path) as s:
+        check_fingerprint(bank.model, s.fingerprint())
+        for cat, qs in ga.load().items():
+            done = out / f"{cat}.json"
+            if done.exists():
+                continue
+            train, items = questions(qs, args.n, args.k)
+            r = evaluate(s, bank, cfv_map, items, conditions, demos={cat: train[:10]})
+            write_json(done, {"category": cat, "train_pairs": train, **r})
+            print(f"{cat:<30} " + "  ".join(f"{c} {100 * r['accuracy'][c]['mc']:.0f}" for c in SHOWN), flush=True)
+    cats = {q: json.loads((out / f"{q}.json").read_text()) for q in ga.load()}
+    report = {"model": name, "k": args.k, "n": args.n, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name}",
+              "categories": {c: {"n": r["n"], "accuracy": r["accuracy"]} for c, r in cats.items()}}
+    write_json(out.with_suffix(".json"), report)
+    write_text(out.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
