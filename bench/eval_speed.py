@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.evaluate import BASE_CONDITIONS, build_items, patch_of
+from fvpatch.evaluate import BASE_CONDITIONS, VECTOR_CONDITIONS, build_items, patch_of
 from fvpatch.models import resolve_model
 from fvpatch.prompts import template
 from fvpatch.session import Session
@@ -26,10 +26,13 @@ from fvpatch.shipped import find_vector
 from fvpatch.tasks import load_task
 
 
+CONDITIONS = (*BASE_CONDITIONS, *VECTOR_CONDITIONS)
+
+
 def logits_both_ways(s: Session, items, vf) -> dict[str, dict]:
     """condition -> {way: (seconds, logits list)} for both ways of running."""
     out = {}
-    for cond in (*BASE_CONDITIONS, "zero_shot+vector", "shuffled+vector"):
+    for cond in CONDITIONS:
         prompts = items.tokens[cond.removesuffix("+vector")]
         patches = [patch_of(vf)] if cond.endswith("+vector") else []
         t = time.perf_counter()
@@ -69,8 +72,8 @@ def main():
                 print(f"| {demos} | {cond} | {n} | {n / t1:.1f} | {n / tb:.1f} | {t1 / tb:.1f}x | {np.mean(top_one == answers):.1%} / "
                       f"{np.mean(top_bat == answers):.1%} | {int((top_one == top_bat).sum())}/{n} | {max(np.abs(a - b).max() for a, b in zip(one, bat)):.2f} |",
                       flush=True)
-            n_all = len(answers) * 5
-            print(f"| {demos} | **all five** | {n_all} | {n_all / total['one-at-a-time']:.1f} | {n_all / total['batched']:.1f} | "
+            n_all = len(answers) * len(CONDITIONS)
+            print(f"| {demos} | **all {len(CONDITIONS)}** | {n_all} | {n_all / total['one-at-a-time']:.1f} | {n_all / total['batched']:.1f} | "
                   f"**{total['one-at-a-time'] / total['batched']:.1f}x** | | | |", flush=True)
 
 

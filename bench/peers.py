@@ -111,7 +111,9 @@ def main():
             print(f"{engine} failed: {done.stderr.strip()[-800:]}", file=sys.stderr)
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    ref = next(r for r in rows if r["engine"] == "fvpatch")
+    ref = next((r for r in rows if r["engine"] == "fvpatch"), None)
+    if ref is None:
+        sys.exit("fvpatch did not run, so there is nothing to compare against")
     print(f"{args.model}, {args.task} FFV, {args.n} greedy tokens, {args.threads} thread(s)\n")
     print("| engine | load s | time to first token s | tokens/s | peak RSS GB | fvpatch's tokens/s is | its peak RSS is fvpatch's x | first token = fvpatch | tokens = fvpatch |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -5,7 +5,9 @@ import json
 from pathlib import Path
 
 from fvpatch import vectorfile
+from fvpatch.atomic import check_outputs, write_text
 from fvpatch.models import KNOWN
+from fvpatch.prompts import template
 
 DATA_SOURCE = ("the relation pairs of Todd et al., *Function Vectors in Large Language Models* (ICLR 2024), "
                "github.com/ericwtodd/function_vectors, MIT licence, vendored in fvpatch")
@@ -41,8 +43,8 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
     everywhere = meta.get("fvpatch.apply_at") == "all"
     where = ("at every token, prompt and generated, as llama.cpp applies a control vector" if everywhere
              else "at the last prompt token (the one that predicts the answer)")
-    template = meta.get("fvpatch.template", "Q: {x}\nA: {y}\n\n")
-    prompt = template.split("{y}")[0].replace("{x}", "x").rstrip()
+    tpl = template(meta.get("fvpatch.template", "qa"))
+    prompt = tpl.query("x")
     pairs = json.loads(meta["fvpatch.pairs"]) if "fvpatch.pairs" in meta else []
     example = _held_out_input(task) or (pairs[0][0] if pairs else "…")
     title = f"# {task}: {method}" if task else f"# {vf.tensor}: {method}"
@@ -82,7 +84,7 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
             out += ["", "Its accuracy added at every token (as `llama-cli --control-vector` adds it) has not been measured."]
         out.append("")
     model_arg = f"-m {known.name} " if known else f"-m {m.get('file')} "
-    q = prompt.replace("x", example, 1).replace("\n", "\\n")
+    q = tpl.query(example).replace("\n", "\\n")
     out += ["## How to use it", "", "With fvpatch (`pip install fvpatch`; the model is fetched on first use where fvpatch knows it):", "", "```",
             f"fvpatch patch {model_arg}-p $'{q}' --vector {file_name} --compare -n 4", "```", "",
             "In PyTorch, on the same model in transformers (block outputs numbered as in llama.cpp):", "", "```python",
@@ -115,10 +117,5 @@ def card(items: list[tuple[vectorfile.VectorFile, str, str | None]]) -> str:
 
 
 def write_card(path: str | Path, text: str, overwrite: bool = False) -> Path:
-    from fvpatch.atomic import write_bytes
-    from fvpatch.errors import OutputExists
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExists(f"{path} exists; pass --force to overwrite it")
-    return write_bytes(path, text.encode("utf-8"))
+    check_outputs([path], overwrite)
+    return write_text(path, text)

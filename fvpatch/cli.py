@@ -14,6 +14,7 @@ from fvpatch.atomic import check_outputs
 from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.models import check_fingerprint, resolve_model
 from fvpatch.session import Patch, Save, Session
+from fvpatch.shipped import vector_path
 from fvpatch.threads import MAX_THREADS, configured_threads
 
 INT32_MAX = 2**31 - 1  # llama.cpp's counts are 32-bit: ctypes would wrap a larger number silently (--n-ctx 2**32 means 0)
@@ -179,16 +180,6 @@ def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_j
             written.append({"file": path, "tensor": tensor, "positions": r.saved_positions[tensor]})
         emit(as_json, {"prompt": prompt, "completion": r.text, "saved": written},
              [f"{prompt}{r.text}"] + [f"saved {w['tensor']} at tokens {w['positions']} -> {w['file']}" for w in written])
-
-
-def vector_path(name_or_path: str, model: dict | None = None) -> Path:
-    """A vector file path, or the name of a vector shipped in vectors/ (the one made for `model`, a fingerprint, first)."""
-    p = Path(name_or_path)
-    if p.exists():
-        return p
-    from fvpatch.shipped import find_vector
-
-    return find_vector(name_or_path, model)
 
 
 def fits(path, vector_model: dict, model: dict, force: bool):

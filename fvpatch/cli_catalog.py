@@ -129,7 +129,7 @@ def vectors_pack(folder, sources, force):
     folder = Path(folder)
     if folder.exists() and not force:
         raise FvpatchError(f"{folder} exists; pass --force to write into it")
-    loaded = [(vectorfile.load(vector_path(s)), vector_path(s)) for s in sources]
+    loaded = [(vectorfile.load(path), path) for path in map(vector_path, sources)]
     names = [p.name for _, p in loaded]
     if len(set(names)) != len(names):
         raise FvpatchError(f"two vectors share a file name ({', '.join(names)}); pack them separately")

@@ -5,23 +5,21 @@ from pathlib import Path
 import click
 
 from fvpatch import controlvector, vectorfile
+from fvpatch.atomic import check_outputs
 from fvpatch.cli import FiniteFloat, emit, main, vector_path
 from fvpatch.errors import FvpatchError
 
 
 def _source(spec: str) -> tuple[vectorfile.VectorFile, str]:
-    """A vector file or shipped name, or one relation of a bank file as BANK#RELATION."""
+    """A vector file or shipped name, or one relation of a bank (a bank file or folder) as BANK#RELATION."""
     path, _, relation = spec.partition("#")
-    vf = vectorfile.load(vector_path(path))
     if not relation:
-        return vf, spec
-    from fvpatch.bank import NAMES_KEY, load_bank
+        return vectorfile.load(vector_path(path)), spec
+    from fvpatch.bank import load_bank
 
     bank = load_bank(vector_path(path))
     if relation not in bank.names:
         raise FvpatchError(f"{path}: the bank has no relation {relation!r} (it has {', '.join(bank.names)})")
-    if NAMES_KEY not in vf.meta:
-        raise FvpatchError(f"{path} is not a bank file; give BANK#RELATION only for a bank")
     row = bank.vectors[bank.names.index(relation)]
     return vectorfile.VectorFile(bank.tensor, row, [-1], bank.model, mode="add", meta={"fvpatch.task": relation}), spec
 
@@ -48,8 +46,7 @@ def export_cmd(sources, out, fmt, scales, force):
     """
     if scales and len(scales) != len(sources):
         raise click.UsageError(f"give one --scale per VECTOR ({len(sources)}), or none")
-    if Path(out).exists() and not force:
-        raise FvpatchError(f"{out} exists; pass --force to overwrite it")
+    check_outputs([out], force)
     loaded = [_source(s) for s in sources]
     items = [(vf, scales[i] if scales else vf.scale, origin) for i, (vf, origin) in enumerate(loaded)]
     cv = controlvector.from_vectors(items)
@@ -100,9 +97,7 @@ def import_cmd(source, out, model, layer, force, as_json):
         _stamp(files, cv, model, source)
     out = Path(out)
     targets = {n: out if len(files) == 1 else out / f"l_out-{n}.safetensors" for n in files}
-    for path in targets.values():
-        if path.exists() and not force:
-            raise FvpatchError(f"{path} exists; pass --force to overwrite it")
+    check_outputs(targets.values(), force)
     for n, vf in files.items():
         vectorfile.save(vf, targets[n], overwrite=force)
     emit(as_json, {"source": source, "writer": cv.writer, "files": {f"l_out-{n}": str(p) for n, p in targets.items()}},

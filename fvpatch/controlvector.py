@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_gguf
-from fvpatch.errors import FvpatchError, OutputExists
+from fvpatch.atomic import check_outputs, write_gguf
+from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of
 
 ARCH = "controlvector"
@@ -95,9 +95,7 @@ def from_vectors(items: list[tuple[vectorfile.VectorFile, float, str]]) -> Contr
 
 def save(cv: ControlVector, path: str | Path, overwrite: bool = False) -> Path:
     """Write a control-vector GGUF that llama.cpp loads, atomically."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExists(f"{path} exists; pass --force to overwrite it")
+    check_outputs([path], overwrite)
 
     def fill(w):
         w.add_string(f"{ARCH}.model_hint", cv.model_hint)

@@ -18,7 +18,6 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError
 from fvpatch.models import check_fingerprint
 from fvpatch.session import Patch, Session
+from fvpatch.shipped import vector_path
 
 MAX_BODY = 1 << 20
 
@@ -51,12 +51,7 @@ def parse_vectors(session: Session, specs) -> list[Patch]:
         if not isinstance(spec, dict) or not isinstance(spec.get("vector"), str) or set(spec) - {"vector", "scale", "positions"}:
             raise BadRequest(f"vectors[{i}] must be an object with a string \"vector\" and optional \"scale\" and \"positions\"")
         name = spec["vector"]
-        path = Path(name)
-        if not path.is_file():
-            from fvpatch.shipped import find_vector
-
-            path = find_vector(name, fp)
-        vf = vectorfile.load(path)
+        vf = vectorfile.load(vector_path(name, fp))
         try:
             check_fingerprint(vf.model, fp)
         except ValueError as e:
@@ -111,16 +106,18 @@ class Generator:
             "seed": _field(body, "seed", int, 0, lambda v: v >= 0, "a non-negative integer"),
             "stop": stop,
         }
-        return tokens, parse_vectors(s, body.get("vectors", [])), opts
+        patches = parse_vectors(s, body.get("vectors", []))
+        for p in patches:
+            if not p.all_tokens:
+                s.resolve_position(p.token, len(tokens))  # a token index outside this prompt is the request's fault
+        return tokens, patches, opts
 
     def generate(self, tokens: list[int], patches: list[Patch], opts: dict, emit):
         """Run the request, calling emit(piece) as text arrives; returns (finish_reason, completion tokens)."""
         pieces: list[bytes] = []
-        sent = 0
-        state = {"stopped": False}
+        state = {"sent": 0, "stopped": False, "text": ""}
 
         def on_token(tok: int) -> bool:
-            nonlocal sent
             if self.session.is_eog(tok):
                 return False
             pieces.append(self.session.piece(tok))
@@ -128,14 +125,19 @@ class Generator:
             cut = min((text.find(x) for x in opts["stop"] if x in text), default=-1)
             if cut >= 0:
                 text, state["stopped"] = text[:cut], True
-            if len(text) > sent:
-                emit(text[sent:])
-                sent = len(text)
+            state["text"] = text
+            # hold back an ending that may yet grow into a stop string: it must never reach the client
+            held = 0 if state["stopped"] else max((k for x in opts["stop"] for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+            if len(text) - held > state["sent"]:
+                emit(text[state["sent"] : len(text) - held])
+                state["sent"] = len(text) - held
             return state["stopped"]
 
         with self.lock:
             r = self.session.run(tokens, patches=patches, max_tokens=opts["max_tokens"], temperature=opts["temperature"],
                                  seed=opts["seed"], on_token=on_token)
+        if len(state["text"]) > state["sent"]:  # what was held back, now that no stop string came
+            emit(state["text"][state["sent"] :])
         ended = state["stopped"] or (r.generated and self.session.is_eog(r.generated[-1]))
         return ("stop" if ended else "length"), len(r.generated)
 
@@ -187,7 +189,10 @@ def make_handler(gen: Generator):
             if body.get("stream"):
                 return self._stream(base, chat, tokens, patches, opts)
             parts: list[str] = []
-            finish, n = gen.generate(tokens, patches, opts, parts.append)
+            try:
+                finish, n = gen.generate(tokens, patches, opts, parts.append)
+            except FvpatchError as e:  # found only while decoding, e.g. a tensor that never fires
+                return self._error(400, str(e).splitlines()[0])
             text = "".join(parts)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
                       else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
@@ -210,7 +215,13 @@ def make_handler(gen: Generator):
                 send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
             piece = (lambda t: {"index": 0, "delta": {"content": t}, "finish_reason": None}) if chat else \
                     (lambda t: {"index": 0, "text": t, "logprobs": None, "finish_reason": None})
-            finish, _ = gen.generate(tokens, patches, opts, lambda t: send(piece(t)))
+            try:
+                finish, _ = gen.generate(tokens, patches, opts, lambda t: send(piece(t)))
+            except FvpatchError as e:  # the status line is sent: the error goes in the stream, as OpenAI's API does
+                self.wfile.write(f"data: {json.dumps({'error': {'message': str(e).splitlines()[0], 'type': 'invalid_request_error'}})}\n\n".encode())
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.close_connection = True
+                return
             send({"index": 0, "delta": {}, "finish_reason": finish} if chat else {"index": 0, "text": "", "logprobs": None, "finish_reason": finish})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()

@@ -249,7 +249,10 @@ class Session(ModelFile):
                 for spec, pos in specs:
                     if start <= pos < end:
                         plan.setdefault(spec.tensor.encode(), []).append((action, spec, pos - start, pos))
-            outputs = set(range(end - start)) if all_logits else {bi for acts in plan.values() for _, _, bi, _ in acts}
+            # rows past the last block exist only at output positions; earlier tensors have every row anyway, and
+            # an output row costs a projection onto the whole vocabulary
+            kept = [acts for name, acts in plan.items() if layer_of(name.decode()) in (None, self.n_layer - 1)]
+            outputs = set(range(end - start)) if all_logits else {bi for acts in kept for _, _, bi, _ in acts}
             if end == n:
                 outputs.add(n - 1 - start)
             self._decode([(tokens[i], i, 0) for i in range(start, end)], outputs, plan)
@@ -267,7 +270,7 @@ class Session(ModelFile):
             tok = _sample(logits, temperature, rng)
             generated.append(tok)
             stop = on_token(tok) if on_token else False
-            if stop or ll.llama_vocab_is_eog(self._vocab, tok) or k == max_tokens - 1:
+            if stop or self.is_eog(tok) or k == max_tokens - 1:
                 break
             pos = n + k
             plan = {}
@@ -356,6 +359,8 @@ class Session(ModelFile):
         """
         if not prompts or any(not p for p in prompts):
             raise FvpatchError("every prompt needs at least one token")
+        if patches and not self.hooks:
+            raise FvpatchError("this session was opened with hooks=False; patches need the eval callback")
         for p in patches:
             self.check_tensor_name(p.tensor)
         shared = min(len(p) for p in prompts) - 1  # every prompt keeps at least its last token to decode
@@ -364,7 +369,7 @@ class Session(ModelFile):
         for p in patches:
             if not p.all_tokens:
                 shared = min([shared, *(self.resolve_position(p.token, len(q)) for q in prompts)])
-        if len(prompts) == 1 or shared < 1:
+        if len(prompts) == 1 or shared < 1 or self.n_seq < 2:  # the prefix needs a sequence of its own
             return [logits[-1] for logits in self.sequence_logits([(p, [], patches) for p in prompts])]
         mem = ll.llama_get_memory(self._ctx)
         ll.llama_memory_clear(mem, True)
@@ -378,17 +383,19 @@ class Session(ModelFile):
             self._watch, self._seen = set(plan), set()
             self._decode([(prompts[0][i], i, 0) for i in range(start, end)], set(), plan)
         out: list[np.ndarray] = [None] * len(prompts)
+        room = min(self.n_ubatch, self.n_ctx - shared)  # copies of the prefix share its cells; the rests need their own
         pack: list[int] = []
-        for i in range(len(prompts) + 1):
-            rest = len(prompts[i]) - shared if i < len(prompts) else 0
-            room = min(self.n_ubatch, self.n_ctx - shared)  # copies of the prefix share its cells; the rests need their own
-            if pack and (i == len(prompts) or sum(len(prompts[j]) - shared for j in pack) + rest > room or len(pack) == self.n_seq - 1):
+        size = 0
+        for i, prompt in enumerate(prompts):
+            rest = len(prompt) - shared
+            if rest > room:
+                raise FvpatchError(f"prompt {i}: its {rest} tokens after the shared prefix do not fit one batch of {room}; raise --n-ctx")
+            if pack and (size + rest > room or len(pack) == self.n_seq - 1):
                 self._decode_rests(prompts, pack, shared, patches, out)
-                pack = []
-            if i < len(prompts):
-                if rest > room:
-                    raise FvpatchError(f"prompt {i}: its {rest} tokens after the shared prefix do not fit one batch of {room}; raise --n-ctx")
-                pack.append(i)
+                pack, size = [], 0
+            pack.append(i)
+            size += rest
+        self._decode_rests(prompts, pack, shared, patches, out)
         return out
 
     def _decode_rests(self, prompts: list[list[int]], pack: list[int], shared: int, patches: list[Patch], out: list):

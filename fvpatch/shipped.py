@@ -44,3 +44,11 @@ def model_folder(model: dict[str, str]) -> Path:
         if first is not None and _fits(first, model):
             return folder
     raise NotFound(f"no vectors are shipped for {model.get('name') or model.get('file')} (`fvpatch vectors list` shows what is)")
+
+
+def vector_path(name_or_path: str, model: dict | None = None) -> Path:
+    """A vector file path, or the name of a vector shipped in vectors/ (the one made for `model`, a fingerprint, first)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    return find_vector(name_or_path, model)

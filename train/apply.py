@@ -13,13 +13,13 @@ with `fvpatch save` works the same way: choose its row with `row=` (the saved to
 """
 
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError
-from train.hooks import decoder_layers, patch_output
+from fvpatch.shipped import vector_path
+from train.hooks import decoder_layer, patch_output
 
 
 def check_model(vf: vectorfile.VectorFile, model, force: bool = False):
@@ -39,23 +39,16 @@ def check_model(vf: vectorfile.VectorFile, model, force: bool = False):
 def patched(model, vector, token: int = -1, row: int | None = None, every_token: bool = False, all_tokens: bool | None = None,
             mode: str | None = None, scale: float | None = None, force: bool = False):
     """Inside the block, every forward of `model` carries the vector (a path, a shipped name or a VectorFile)."""
-    if isinstance(vector, vectorfile.VectorFile):
-        vf = vector
-    else:
-        from fvpatch.shipped import find_vector
-
-        vf = vectorfile.load(vector if Path(vector).exists() else find_vector(str(vector)))
+    vf = vector if isinstance(vector, vectorfile.VectorFile) else vectorfile.load(vector_path(str(vector)))
     check_model(vf, model, force)
     if vf.layer is None or not vf.tensor.startswith("l_out-"):
         raise FvpatchError(f"the PyTorch side patches block outputs (l_out-L); this vector is for {vf.tensor!r}")
-    if not 0 <= vf.layer < len(decoder_layers(model)):
-        raise FvpatchError(f"the vector is for layer {vf.layer}; this model has layers 0..{len(decoder_layers(model)) - 1}")
+    block = decoder_layer(model, vf.layer)
     mode = mode or vf.mode
     scale = vf.scale if scale is None else scale
     everywhere = vf.meta.get("fvpatch.apply_at") == "all" if all_tokens is None else all_tokens
     param = next(model.parameters())
     v = torch.from_numpy(vf.row(row)).to(param.device, param.dtype)
-    block = decoder_layers(model)[vf.layer]
 
     def hook(module, args, kwargs, output):
         # a pass that starts at position 0 is a prompt; one that starts later is a generated token

@@ -128,7 +128,8 @@ def answer_nll(lm: LoadedModel, ex: Examples, vector: torch.Tensor, layer: int, 
             if ex.cache is not None:
                 raise ValueError("a vector at every token needs examples encoded with whole prompts (cache_prefix=False)")
             stack.enter_context(patch_residual(lm.model, layer, None, vector))
-        for j in range(0 if all_tokens else int(ex.n_answer.max()) if every_answer_token else 1):
+        n_points = 0 if all_tokens else int(ex.n_answer.max()) if every_answer_token else 1  # answer positions patched one by one
+        for j in range(n_points):
             # rows whose answer is shorter than j+1 tokens get a zero vector at their first index
             on = ex.n_answer > j
             stack.enter_context(patch_residual(lm.model, layer, ex.start + j * on, vector * on[:, None].to(vector.dtype)))

@@ -29,7 +29,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _layer(model: nn.Module, layer: int) -> nn.Module:
+def decoder_layer(model: nn.Module, layer: int) -> nn.Module:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise IndexError(f"layer {layer} is outside this model's {len(layers)} layers (0..{len(layers) - 1})")
@@ -83,7 +83,7 @@ def record_residual(model: nn.Module, layers: list[int]):
     def hook(layer):
         return lambda module, args, output: out.__setitem__(layer, _hidden(output))
 
-    with _hooks([_layer(model, L).register_forward_hook(hook(L), prepend=True) for L in layers]):
+    with _hooks([decoder_layer(model, L).register_forward_hook(hook(L), prepend=True) for L in layers]):
         yield out
 
 
@@ -116,7 +116,7 @@ def patch_residual(model: nn.Module, layer: int, positions, vector: torch.Tensor
     if mode not in MODES:
         raise ValueError(f"patch mode must be one of {MODES}, got {mode!r}")
     hook = lambda module, args, output: patch_output(output, positions, vector, mode, scale)  # noqa: E731
-    with _hooks([_layer(model, layer).register_forward_hook(hook)]):
+    with _hooks([decoder_layer(model, layer).register_forward_hook(hook)]):
         yield
 
 
@@ -129,7 +129,7 @@ def record_heads(model: nn.Module, layers: list[int]):
     def hook(layer):
         return lambda module, args: out.__setitem__(layer, args[0].unflatten(-1, (n_head, head_dim)))
 
-    with _hooks([_layer(model, L).self_attn.o_proj.register_forward_pre_hook(hook(L), prepend=True) for L in layers]):
+    with _hooks([decoder_layer(model, L).self_attn.o_proj.register_forward_pre_hook(hook(L), prepend=True) for L in layers]):
         yield out
 
 
@@ -153,7 +153,7 @@ def patch_heads(model: nn.Module, layer: int, positions, head_values: torch.Tens
         heads[rows, pos] = torch.where(keep[..., None].bool(), values, heads[rows, pos])
         return (heads.flatten(-2), *args[1:])
 
-    with _hooks([_layer(model, layer).self_attn.o_proj.register_forward_pre_hook(hook)]):
+    with _hooks([decoder_layer(model, layer).self_attn.o_proj.register_forward_pre_hook(hook)]):
         yield
 
 
@@ -165,5 +165,5 @@ def head_to_residual(model: nn.Module, layer: int, head: int, value: torch.Tenso
     n_head, head_dim = head_shape(model)
     if not 0 <= head < n_head:
         raise IndexError(f"head {head} is outside this model's {n_head} heads (0..{n_head - 1})")
-    w = _layer(model, layer).self_attn.o_proj.weight[:, head * head_dim : (head + 1) * head_dim]
+    w = decoder_layer(model, layer).self_attn.o_proj.weight[:, head * head_dim : (head + 1) * head_dim]
     return w @ value.to(w.device, w.dtype)

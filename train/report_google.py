@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import google_analogy as ga
-from fvpatch.analogy import CONDITIONS, LABELS, Analogy, CFVMap, evaluate
+from fvpatch.analogy import CONDITIONS, LABELS, MORE_CONDITIONS, Analogy, CFVMap, evaluate
 from fvpatch.atomic import write_json, write_text
 from fvpatch.bank import BANK_NAME, load_bank
 from fvpatch.models import check_fingerprint, resolve_model, short_name
@@ -40,6 +40,18 @@ def questions(category: list[ga.Question], n: int, k: int, seed: int = 0) -> tup
         options = ga.choices(q, category, k, seed)
         items.append(Analogy(q.a, q.b, [(q.c, d) for d in options], options.index(q.d), q.category))
     return train, items
+
+
+def done(out: Path, category: str) -> Path:
+    return out / f"{category}.json"
+
+
+def scored(path: Path, n: int, k: int) -> bool:
+    """Already scored with these --n and --k (a category scored with others is scored again)."""
+    if not path.exists():
+        return False
+    r = json.loads(path.read_text())
+    return (r.get("n_asked"), r.get("k")) == (n, k)
 
 
 def markdown(report: dict) -> str:
@@ -66,19 +78,20 @@ def main():
     out = ROOT / "results" / name / "google"
     bank = load_bank(ROOT / "vectors" / name / BANK_NAME)
     cfv_map = CFVMap.from_bank(bank)
-    conditions = [c for c in CONDITIONS if c != "oracle_ffv"] + ["icl", "cfv_learned_is_to"]
+    conditions = [c for c in CONDITIONS if c != "oracle_ffv"] + list(MORE_CONDITIONS)
+    categories = ga.load()
     with Session(path) as s:
         check_fingerprint(bank.model, s.fingerprint())
-        for cat, qs in ga.load().items():
-            done = out / f"{cat}.json"
-            if done.exists():
+        for cat, qs in categories.items():
+            if scored(done(out, cat), args.n, args.k):
                 continue
             train, items = questions(qs, args.n, args.k)
             r = evaluate(s, bank, cfv_map, items, conditions, demos={cat: train[:10]})
-            write_json(done, {"category": cat, "train_pairs": train, **r})
+            write_json(done(out, cat), {"category": cat, "n_asked": args.n, "k": args.k, "train_pairs": train, **r})
             print(f"{cat:<30} " + "  ".join(f"{c} {100 * r['accuracy'][c]['mc']:.0f}" for c in SHOWN), flush=True)
-    cats = {q: json.loads((out / f"{q}.json").read_text()) for q in ga.load()}
-    report = {"model": name, "k": args.k, "n": args.n, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name}",
+    cats = {q: json.loads(done(out, q).read_text()) for q in categories}
+    report = {"model": name, "k": args.k, "n": args.n,
+              "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name} --n {args.n} --k {args.k}",
               "categories": {c: {"n": r["n"], "accuracy": r["accuracy"]} for c, r in cats.items()}}
     write_json(out.with_suffix(".json"), report)
     write_text(out.with_suffix(".md"), markdown(report))

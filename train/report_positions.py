@@ -25,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fvpatch import controlvector, vectorfile
-from fvpatch.atomic import write_json
+from fvpatch.atomic import write_json, write_text
 from fvpatch.bank import NAMES_KEY
+from fvpatch.errors import FvpatchError
 from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.session import Patch, Session
@@ -38,7 +39,12 @@ STAMP_KEY = "fvpatch.positions_top1"
 
 
 def exportable(vf: vectorfile.VectorFile) -> bool:
-    return NAMES_KEY not in vf.meta and vf.mode == "add" and vf.tensor.startswith("l_out-") and (vf.layer or 0) >= 1 and len(vf.rows) == 1
+    """What `fvpatch export` can write as a control vector (banks aside)."""
+    try:
+        controlvector.from_vectors([(vf, vf.scale, vf.tensor)])
+    except FvpatchError:
+        return False
+    return NAMES_KEY not in vf.meta
 
 
 def correct(s: Session, prompts: list[list[int]], answers: list[int], vf: vectorfile.VectorFile, way: str) -> int:
@@ -74,14 +80,13 @@ def main():
 
     source = resolve_model(args.model)
     name = short_name(source)
-    files = [p for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if exportable(vectorfile.load(p))]
+    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if exportable(vf := vectorfile.load(p))}
     out = ROOT / "results" / name / "positions.json"
     report = json.loads(out.read_text()) if out.exists() else {"vectors": {}}
     report |= {"model": name, "n_test": args.n_test,
                "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_positions --model {name} --n-test {args.n_test}"}
     with Session(source) as s:
-        for f in files:
-            vf = vectorfile.load(f)
+        for f, vf in files.items():
             if f.stem in report["vectors"]:
                 continue
             task = load_task(vf.meta["fvpatch.task"])
@@ -101,7 +106,7 @@ def main():
             print(f"{f.stem:<32} " + "  ".join(f"{w}: {row[w]}/{row['n']}" for w in WAYS), flush=True)
             write_json(out, report)
     write_json(out, report)
-    out.with_suffix(".md").write_text(markdown(report))
+    write_text(out.with_suffix(".md"), markdown(report))
     print(markdown(report))
 
 

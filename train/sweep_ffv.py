@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from fvpatch.atomic import write_text
 from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.tasks import CORE_TASKS, load_task
@@ -119,11 +120,8 @@ def main():
                     })
                     r = runs[-1]
                     print(f"{name:16} L{layer:<2} {init:7} lr {lr:<5} valid top1 {r['valid_top1']:.2f} loss {r['valid_loss']:.3f} best@{r['best_step']} {r['seconds']}s", flush=True)
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = args.out.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(runs))
-                    tmp.replace(args.out)
-                    args.out.with_suffix(".md").write_text(header + summary(runs))
+                    write_text(args.out, json.dumps(runs))
+                    write_text(args.out.with_suffix(".md"), header + summary(runs))
 
 
 if __name__ == "__main__":
