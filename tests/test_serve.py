@@ -113,3 +113,17 @@ def test_chat_with_a_vector_on_an_instruct_model(smollm_path, tmp_path):
         finally:
             srv.shutdown()
             srv.server_close()
+
+
+def test_a_stop_string_never_reaches_the_client(client):
+    """The held-back tail: ` minimal` ends in `al`, which may be the start of the stop string `al\\n`."""
+    body = {"vectors": [{"vector": "antonym.ffv"}]}
+    whole = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, stop=["al\n"], extra_body=body)
+    stream = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, stop=["al\n"], extra_body=body, stream=True)
+    assert whole.choices[0].text == "".join(c.choices[0].text for c in stream) == " minim"
+    assert whole.choices[0].finish_reason == "stop"
+
+
+def test_a_position_outside_the_prompt_is_a_400(client):
+    with pytest.raises(openai.BadRequestError, match="outside the prompt"):
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": "antonym.ffv", "positions": [99]}]})
