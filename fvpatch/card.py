@@ -62,8 +62,9 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
             f"| tensor, layer | `{vf.tensor}` (the output of block {vf.layer}) |",
             f"| mode, scale | {vf.mode}, {vf.scale:g} |",
             f"| positions | {'every token' if everywhere else 'the last prompt token'} |"]
+    source = meta.get("fvpatch.pairs_source", DATA_SOURCE)
     if pairs:
-        out.append(f"| trained on | {len(pairs)} pairs of `{task}` ({DATA_SOURCE}), model frozen; "
+        out.append(f"| trained on | {len(pairs)} pairs of `{task}` ({source}), model frozen; "
                    f"init {meta.get('fvpatch.init')}, {meta.get('fvpatch.steps')} steps (kept step {meta.get('fvpatch.best_step')}), "
                    f"{meta.get('fvpatch.train_dtype', 'float32')} |")
     out.append("")
@@ -97,7 +98,7 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
     lic = f" The vector is derived from the model's weights ({known.upstream}, licence: {known.licence})." if known else ""
     out += ["## Licence and provenance", "",
             f"Written by {meta.get('fvpatch.creator', 'fvpatch')}; every number above comes from the file's own metadata.{lic}"
-            + (f" Training pairs: {DATA_SOURCE}." if pairs else ""), ""]
+            + (f" Training pairs: {source}." if pairs else ""), ""]
     return "\n".join(out)
 
 

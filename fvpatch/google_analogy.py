@@ -2,8 +2,8 @@
 
 Each category is one relation over a set of word pairs (Athens:Greece, Baghdad:Iraq, ...); every question pairs
 two of them. `split` keeps a category's first pairs (in a seeded order) for training, say 20 for an FFV or
-10-shot demonstrations, and keeps as test questions only those that use neither of their pairs, so no test
-question's words were ever trained on. `choices` makes a question multiple choice: its D and other D's of the
+10-shot demonstrations, the next few for early stopping, and keeps as test questions only those that use none
+of their words, so no test question's words were ever trained or stopped on. `choices` makes a question multiple choice: its D and other D's of the
 same category as distractors.
 """
 
@@ -41,20 +41,23 @@ def load(path: str | Path = PATH) -> dict[str, list[Question]]:
     return out
 
 
-def pairs(questions: list[Question]) -> list[tuple[str, str]]:
+Pair = tuple[str, str]
+
+
+def pairs(questions: list[Question]) -> list[Pair]:
     """The category's distinct word pairs, in order of first use."""
     return list(dict.fromkeys(p for q in questions for p in ((q.a, q.b), (q.c, q.d))))
 
 
-def split(questions: list[Question], n_train: int = 20, seed: int = 0) -> tuple[list[tuple[str, str]], list[Question]]:
-    """(training pairs, test questions that use none of the training pairs' words)."""
+def split(questions: list[Question], n_train: int = 20, n_valid: int = 5, seed: int = 0) -> tuple[list[Pair], list[Pair], list[Question]]:
+    """(training pairs, valid pairs, test questions that use none of their words)."""
     ps = pairs(questions)
     random.Random(f"google-analogy:{seed}").shuffle(ps)
-    if len(ps) <= n_train:
-        raise FvpatchError(f"{questions[0].category} has {len(ps)} word pairs, not more than the {n_train} to train on")
-    train = ps[:n_train]
-    seen = {w for p in train for w in p}
-    return train, [q for q in questions if not {q.a, q.b, q.c, q.d} & seen]
+    if len(ps) < n_train + n_valid + 2:
+        raise FvpatchError(f"{questions[0].category} has {len(ps)} word pairs: too few for {n_train} to train on, {n_valid} to stop on and a test")
+    train, valid = ps[:n_train], ps[n_train : n_train + n_valid]
+    seen = {w for p in train + valid for w in p}
+    return train, valid, [q for q in questions if not {q.a, q.b, q.c, q.d} & seen]
 
 
 def choices(q: Question, questions: list[Question], k: int = 4, seed: int = 0) -> list[str]:

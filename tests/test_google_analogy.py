@@ -11,9 +11,9 @@ def test_reads_all_questions():
 
 def test_split_keeps_trained_words_out_of_test():
     for name, qs in ga.load().items():
-        train, test = ga.split(qs, 20)
-        seen = {w for p in train for w in p}
-        assert len(train) == 20 and test, name
+        train, valid, test = ga.split(qs, 20, 5)
+        seen = {w for p in train + valid for w in p}
+        assert len(train) == 20 and len(valid) == 5 and test, name
         assert all(not {q.a, q.b, q.c, q.d} & seen for q in test)
 
 

@@ -251,7 +251,7 @@ def prepare(lm: LoadedModel, task: Task, tpl: Template, n_train: int = 20, n_val
         raise FvpatchError(f"task {task.name!r} has {len(task.train)} train pairs, fewer than --n-train {n_train}")
     if not task.valid:
         raise FvpatchError(f"task {task.name!r} has no valid pairs for early stopping; give it more pairs")
-    small = Task(task.name, task.train[:n_train], task.valid[:n_valid], [])
+    small = Task(task.name, task.train[:n_train], task.valid[:n_valid], [], task.source)
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
     cache = positions == "last"
@@ -278,6 +278,7 @@ def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch
         "fvpatch.template": tpl.text,
         "fvpatch.init": cfg.init,
         "fvpatch.pairs": json.dumps(data.task.train, ensure_ascii=False),
+        **({"fvpatch.pairs_source": data.task.source} if data.task.source else {}),
         "fvpatch.n_valid": str(len(data.task.valid)),
         "fvpatch.steps": str(hist.step[-1] if hist.step else 0),
         "fvpatch.best_step": str(hist.best_step),

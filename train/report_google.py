@@ -31,9 +31,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SHOWN = ("no_vector", "prompt_colon", "prompt_is_to", "icl", "best_ffv", "cfv_unlearned", "cfv_learned", "cfv_learned_is_to")
 
 
-def questions(category: list[ga.Question], n: int, k: int, seed: int = 0) -> tuple[list[tuple[str, str]], list[Analogy]]:
-    n_train = 20 if len(ga.pairs(category)) >= 40 else 10
-    train, test = ga.split(category, n_train, seed)
+N_VALID = 3
+
+
+def category_split(category: list[ga.Question], seed: int = 0):
+    """20 training pairs (fewer in the small categories, so that 10 pairs are left for the test), 3 valid pairs."""
+    return ga.split(category, min(20, len(ga.pairs(category)) - 10), N_VALID, seed)
+
+
+def questions(category: list[ga.Question], n: int, k: int, seed: int = 0) -> tuple[list[ga.Pair], list[Analogy]]:
+    train, _, test = category_split(category, seed)
     test = random.Random(f"google-test:{seed}").sample(test, min(n, len(test)))
     items = []
     for q in test:
