@@ -72,14 +72,15 @@ def vectors_list(as_json):
       fvpatch patch -p "Q: hot\\nA:" --vector antonym.ffv -n 3
     """
     from fvpatch.bank import NAMES_KEY
-    from fvpatch.shipped import shipped_vectors
+    from fvpatch.shipped import VECTORS_DIR, shipped_vectors
 
     rows = []
     for path in shipped_vectors():
         vf = vectorfile.load(path)
+        model, name = path.relative_to(VECTORS_DIR).with_suffix("").as_posix().split("/", 1)  # name: google/family.ffv in a subfolder
         top1 = vf.meta.get("fvpatch.test_top1")
         task = vf.meta.get("fvpatch.task") or (f"bank of {len(vf.rows)} relations" if NAMES_KEY in vf.meta else "")
-        rows.append({"model": path.parent.name, "name": path.stem, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": task,
+        rows.append({"model": model, "name": name, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": task,
                      "test_top1": float(top1) if top1 else None, "test_n": int(vf.meta.get("fvpatch.test_n", 0)) or None, "path": str(path)})
     wm, wn, wt = (max([5, *(len(r[k]) for r in rows)]) for k in ("model", "name", "task"))
     acc = lambda r: "-" if r["test_top1"] is None else f"{r['test_top1']:.0%} of {r['test_n']}"

@@ -63,7 +63,7 @@ def test_installed_wheel_lists_and_applies_the_shipped_vectors(installed, gemma_
     fvpatch = [installed / "bin" / "fvpatch"]
     env = _env(FVPATCH_MODELS=str(gemma_path.parent))  # the checkout's models: nothing is downloaded
     listed = json.loads(_run(fvpatch + ["vectors", "list", "--json"], elsewhere, env))["vectors"]
-    shipped = sorted(p.relative_to(ROOT / "vectors").as_posix() for p in ROOT.glob("vectors/*/*.safetensors"))
+    shipped = sorted(p.relative_to(ROOT / "vectors").as_posix() for p in ROOT.glob("vectors/**/*.safetensors"))
     assert sorted(f"{v['model']}/{v['name']}.safetensors" for v in listed) == shipped
     assert all(Path(v["path"]).is_relative_to(installed) for v in listed)
 

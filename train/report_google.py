@@ -9,7 +9,8 @@ Each question A:B::C:? is scored in llama.cpp (fvpatch.analogy.evaluate) as mult
 zero-shot `Q: C\\nA:`; the prompts `A:B::C:` and `A is to B as C is to`; 10-shot ICL of the category's training
 pairs; the single bank FFV whose score on A:B is highest; the CFV of the model's shipped bank (unlearned and
 learned map) on `Q: C\\nA:`, and the learned CFV added to the `A is to B as C is to` prompt. The bank's 16
-relations are not the Google categories: an FFV trained on each category's own 20 pairs is the next step.
+relations are not the Google categories; once `python -m train.google_ffv` has trained one FFV per category on its
+training pairs, also the category's own FFV and the best of those 14 by score on A:B.
 No torch. Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
 """
 
@@ -61,16 +62,21 @@ def scored(path: Path, n: int, k: int) -> bool:
     return (r.get("n_asked"), r.get("k")) == (n, k)
 
 
+OWN = {"own_ffv": "the category's own FFV (20 pairs)", "best_own_ffv": "best of the 14 category FFVs by score on A:B"}
+
+
 def markdown(report: dict) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}"
+    shown = list(SHOWN) + [c for c in OWN if all(c in r["accuracy"] for r in report["categories"].values())]
+    labels = LABELS | OWN
     lines = [f"# Google analogy test set: {report['model']}", "", f"Regenerate: `{report['command']}`. Multiple choice of {report['k']} "
              "(first number) and open completion, exact word (second), in llama.cpp; n = test questions per category.", "",
-             "| category | n | " + " | ".join(LABELS[c] for c in SHOWN) + " |", "|---|---|" + "---|" * len(SHOWN)]
+             "| category | n | " + " | ".join(labels[c] for c in shown) + " |", "|---|---|" + "---|" * len(shown)]
     for cat, r in report["categories"].items():
-        lines.append(f"| {cat} | {r['n']} | " + " | ".join(f"{pct(r['accuracy'][c]['mc'])} / {pct(r['accuracy'][c]['exact'])}" for c in SHOWN) + " |")
+        lines.append(f"| {cat} | {r['n']} | " + " | ".join(f"{pct(r['accuracy'][c]['mc'])} / {pct(r['accuracy'][c]['exact'])}" for c in shown) + " |")
     lines.append("| **mean of categories** | | " + " | ".join(
         f"**{pct(np.mean([r['accuracy'][c]['mc'] for r in report['categories'].values()]))} / "
-        f"{pct(np.mean([r['accuracy'][c]['exact'] for r in report['categories'].values()]))}**" for c in SHOWN) + " |")
+        f"{pct(np.mean([r['accuracy'][c]['exact'] for r in report['categories'].values()]))}**" for c in shown) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -87,15 +93,24 @@ def main():
     cfv_map = CFVMap.from_bank(bank)
     conditions = [c for c in CONDITIONS if c != "oracle_ffv"] + list(MORE_CONDITIONS)
     categories = ga.load()
+    own = ROOT / "vectors" / name / "google"  # train.google_ffv's per-category FFVs, when trained
+    own_bank = load_bank(own) if all((own / f"{c}.ffv.safetensors").exists() for c in categories) else None
     with Session(path) as s:
         check_fingerprint(bank.model, s.fingerprint())
         for cat, qs in categories.items():
-            if scored(done(out, cat), args.n, args.k):
-                continue
             train, items = questions(qs, args.n, args.k)
-            r = evaluate(s, bank, cfv_map, items, conditions, demos={cat: train[:10]})
-            write_json(done(out, cat), {"category": cat, "n_asked": args.n, "k": args.k, "train_pairs": train, **r})
-            print(f"{cat:<30} " + "  ".join(f"{c} {100 * r['accuracy'][c]['mc']:.0f}" for c in SHOWN), flush=True)
+            rec = json.loads(done(out, cat).read_text()) if scored(done(out, cat), args.n, args.k) else None
+            if rec is None:
+                r = evaluate(s, bank, cfv_map, items, conditions, demos={cat: train[:10]})
+                rec = {"category": cat, "n_asked": args.n, "k": args.k, "train_pairs": train, **r}
+                write_json(done(out, cat), rec)
+            if own_bank is not None and "own_ffv" not in rec["accuracy"]:
+                # the category's own FFV, and the one of the 14 whose score on A:B is highest (the map is not used)
+                k = len(own_bank)
+                r = evaluate(s, own_bank, CFVMap(np.eye(k), np.zeros(k), 1.0), items, ["best_ffv", "oracle_ffv"], progress=False)
+                rec["accuracy"] |= {"own_ffv": r["accuracy"]["oracle_ffv"], "best_own_ffv": r["accuracy"]["best_ffv"]}
+                write_json(done(out, cat), rec)
+            print(f"{cat:<30} " + "  ".join(f"{c} {100 * rec['accuracy'][c]['mc']:.0f}" for c in rec["accuracy"]), flush=True)
     cats = {q: json.loads(done(out, q).read_text()) for q in categories}
     report = {"model": name, "k": args.k, "n": args.n,
               "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name} --n {args.n} --k {args.k}",
