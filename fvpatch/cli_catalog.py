@@ -77,7 +77,9 @@ def vectors_list(as_json):
     rows = []
     for path in shipped_vectors():
         vf = vectorfile.load(path)
-        model, name = path.relative_to(VECTORS_DIR).with_suffix("").as_posix().split("/", 1)  # name: google/family.ffv in a subfolder
+        model, _, name = path.relative_to(VECTORS_DIR).with_suffix("").as_posix().rpartition("/")
+        model, _, sub = model.partition("/")  # vectors/<model>/[<subfolder>/]<name>
+        name = f"{sub}/{name}" if sub else name
         top1 = vf.meta.get("fvpatch.test_top1")
         task = vf.meta.get("fvpatch.task") or (f"bank of {len(vf.rows)} relations" if NAMES_KEY in vf.meta else "")
         rows.append({"model": model, "name": name, "tensor": vf.tensor, "mode": vf.mode, "rows": len(vf.rows), "task": task,

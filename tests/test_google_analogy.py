@@ -11,9 +11,10 @@ def test_reads_all_questions():
 
 def test_split_keeps_trained_words_out_of_test():
     for name, qs in ga.load().items():
-        train, valid, test = ga.split(qs, 20, 5)
+        n_train = min(20, len(ga.pairs(qs)) - 10)  # as train.report_google splits: 10 pairs left for the test
+        train, valid, test = ga.split(qs, n_train, 3)
         seen = {w for p in train + valid for w in p}
-        assert len(train) == 20 and len(valid) == 5 and test, name
+        assert len(train) == n_train >= 13 and len(valid) == 3 and test, name
         assert all(not {q.a, q.b, q.c, q.d} & seen for q in test)
 
 
