@@ -71,6 +71,12 @@ def write_json(path: str | Path, payload) -> Path:
     return write_text(path, json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
 
 
+def write_report(path: str | Path, report: dict, markdown: str) -> Path:
+    """A report as JSON at `path` and as Markdown beside it (.md)."""
+    write_json(path, report)
+    return write_text(Path(path).with_suffix(".md"), markdown)
+
+
 def write_figure(fig, path: str | Path, **savefig) -> Path:
     """A matplotlib figure as a PNG, atomically (the temporary name has no .png, so the format is given)."""
     with replacing(path) as tmp:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_json, write_text
+from fvpatch.atomic import write_report
 from fvpatch.bank import NAMES_KEY
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model, short_name
@@ -95,8 +95,7 @@ def main():
             z = unembed.logits(unembed.normalize(vf.rows[0]))[0]
             report["relations"].setdefault(task, {})[method] = ranks(z, mf, RELATION_WORDS[task])
     out = ROOT / "results" / name / "decoding.json"
-    write_json(out, report)
-    write_text(out.with_suffix(".md"), markdown(report))
+    write_report(out, report, markdown(report))
     print(markdown(report))
 
 

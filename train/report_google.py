@@ -23,7 +23,7 @@ import numpy as np
 
 from fvpatch import google_analogy as ga
 from fvpatch.analogy import CONDITIONS, LABELS, MORE_CONDITIONS, Analogy, CFVMap, evaluate
-from fvpatch.atomic import write_json, write_text
+from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import BANK_NAME, load_bank
 from fvpatch.models import check_fingerprint, resolve_model, short_name
 from fvpatch.session import Session
@@ -115,8 +115,7 @@ def main():
     report = {"model": name, "k": args.k, "n": args.n,
               "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name} --n {args.n} --k {args.k}",
               "categories": {c: {"n": r["n"], "accuracy": r["accuracy"]} for c, r in cats.items()}}
-    write_json(out.with_suffix(".json"), report)
-    write_text(out.with_suffix(".md"), markdown(report))
+    write_report(out.with_suffix(".json"), report, markdown(report))
     print(markdown(report))
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fvpatch import controlvector, vectorfile
-from fvpatch.atomic import write_json, write_text
+from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import NAMES_KEY
 from fvpatch.errors import FvpatchError
 from fvpatch.models import resolve_model, short_name
@@ -105,8 +105,7 @@ def main():
             vectorfile.save(vf, f, overwrite=True)
             print(f"{f.stem:<32} " + "  ".join(f"{w}: {row[w]}/{row['n']}" for w in WAYS), flush=True)
             write_json(out, report)
-    write_json(out, report)
-    write_text(out.with_suffix(".md"), markdown(report))
+    write_report(out, report, markdown(report))
     print(markdown(report))
 
 

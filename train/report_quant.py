@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_json, write_text
+from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import NAMES_KEY
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_model, short_name
@@ -99,8 +99,7 @@ def main():
                     row["acc"][quant] = zero_shot_top1(s, predict, tpl, pairs, vf)
                     print(f"{quant:<18} {f.stem:<32} {pct(row['acc'][quant])}", flush=True)
                     write_json(out, report)
-    write_json(out, report)
-    write_text(out.with_suffix(".md"), markdown(report))
+    write_report(out, report, markdown(report))
     print(markdown(report))
 
 
