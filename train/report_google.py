@@ -108,7 +108,11 @@ def main():
                 # the category's own FFV, and the one of the 14 whose score on A:B is highest (the map is not used)
                 k = len(own_bank)
                 r = evaluate(s, own_bank, CFVMap(np.eye(k), np.zeros(k), 1.0), items, ["best_ffv", "oracle_ffv"], progress=False)
-                rec["accuracy"] |= {"own_ffv": r["accuracy"]["oracle_ffv"], "best_own_ffv": r["accuracy"]["best_ffv"]}
+                names = {"own_ffv": "oracle_ffv", "best_own_ffv": "best_ffv"}
+                rec["accuracy"] |= {ours: r["accuracy"][theirs] for ours, theirs in names.items()}
+                for mine, theirs in zip(rec["items"], r["items"]):  # the same questions, in the same order
+                    for metric in ("mc", "first_token", "exact"):
+                        mine[metric] |= {ours: theirs[metric][t] for ours, t in names.items() if t in theirs[metric]}
                 write_json(done(out, cat), rec)
             print(f"{cat:<30} " + "  ".join(f"{c} {100 * rec['accuracy'][c]['mc']:.0f}" for c in rec["accuracy"]), flush=True)
     cats = {q: json.loads(done(out, q).read_text()) for q in categories}
