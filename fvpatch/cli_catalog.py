@@ -58,7 +58,7 @@ def quantize(model, kind, out, force):
 
 @main.group()
 def vectors():
-    """Vectors shipped in the checkout's vectors/ folder; `patch --vector NAME` takes their names."""
+    """Vectors shipped with fvpatch (vectors/<model>/), and cards and packs to share any vector; `patch --vector NAME` takes their names."""
 
 
 @vectors.command("list")
