@@ -14,6 +14,7 @@ llama.cpp's GELU output is within 4e-8 of that table and 7e-4 from the exact fun
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -31,6 +32,8 @@ from train.model import ARCHITECTURES, load_model
 
 TRAINABLE = [arch for arch in ARCHS if arch in ARCHITECTURES]
 RUNTIME_ONLY = [arch for arch in ARCHS if arch not in ARCHITECTURES]
+# the PyTorch side's device: bench/gpu.sh runs the matrix with FVPATCH_TEST_DEVICE=cuda
+DEVICE = os.environ.get("FVPATCH_TEST_DEVICE", "cpu")
 GELU_ARCHS = {"gemma", "gemma2", "gemma3", "starcoder2"}
 # longer than the gemmas' 8-token sliding window, so their local layers really mask
 TEXT = "Hello world -> 123, x y z!\nabc -> def; the cat sat on the mat."
@@ -72,7 +75,7 @@ def session(gguf_path):
 def lm(gguf_path, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FVPATCH_MODELS", str(tmp_path_factory.mktemp("models")))
-        return load_model(gguf_path, device="cpu")
+        return load_model(gguf_path, device=DEVICE)
 
 
 def test_the_matrix_covers_every_trainable_architecture():
@@ -87,11 +90,11 @@ def test_engines_agree_at_every_layer(gguf_path, session, lm):
     ref = session.run(tokens, saves=[Save(f"{t}-{L}", every) for L in layers for t in ("l_out", "kqv_out")], all_logits=True)
     ids, mask, _ = lm.batch([tokens])
     with torch.no_grad(), record_residual(lm.model, layers) as res, record_heads(lm.model, layers) as heads:
-        logits = lm.model(input_ids=ids, attention_mask=mask).logits[0].numpy()
+        logits = lm.model(input_ids=ids, attention_mask=mask).logits[0].cpu().numpy()
     tol = tolerance(session)
     for L in layers:
-        assert rel_err(res[L][0], ref.saved[f"l_out-{L}"]) < tol, f"l_out-{L}"
-        assert rel_err(heads[L][0].flatten(-2), ref.saved[f"kqv_out-{L}"]) < tol, f"kqv_out-{L}"
+        assert rel_err(res[L][0].cpu(), ref.saved[f"l_out-{L}"]) < tol, f"l_out-{L}"
+        assert rel_err(heads[L][0].flatten(-2).cpu(), ref.saved[f"kqv_out-{L}"]) < tol, f"kqv_out-{L}"
     assert rel_err(logits, ref.prompt_logits) < tol
 
 
@@ -147,8 +150,8 @@ def test_ffv_trains_and_patches_in_llama_cpp(gguf_path, session, lm, tmp_path):
     tokens = session.tokenize(QA.query("qr"))
     plain = session.run(tokens).logits
     patched = session.run(tokens, patches=[Patch(loaded.tensor, vector, -1, "add")]).logits
-    with torch.no_grad(), patch_residual(lm.model, 1, len(tokens) - 1, torch.from_numpy(vector)):
-        predicted = lm.model(input_ids=torch.tensor([tokens])).logits[0, -1].numpy()
+    with torch.no_grad(), patch_residual(lm.model, 1, len(tokens) - 1, torch.from_numpy(vector).to(lm.device)):
+        predicted = lm.model(input_ids=torch.tensor([tokens], device=lm.device)).logits[0, -1].cpu().numpy()
     assert np.abs(patched - plain).max() > 0.1 * np.abs(plain).max()  # the vector matters ...
     assert rel_err(patched, predicted) < tolerance(session)  # ... exactly as PyTorch says
 

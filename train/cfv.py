@@ -59,7 +59,8 @@ class FitConfig:
 
 
 def _answer_logprob(lm: LoadedModel, bank: Bank, ex, weights: torch.Tensor) -> torch.Tensor:
-    cfv = weights.float() @ torch.from_numpy(bank.vectors).to(lm.device)
+    # the map (k x k, float64) is fit on the CPU whatever the model's device; its weights go where the model is
+    cfv = weights.float().to(lm.device) @ torch.from_numpy(bank.vectors).to(lm.device)
     return -answer_nll(lm, ex, cfv, bank.layer)
 
 
