@@ -132,6 +132,20 @@ def test_map_fit_is_reproducible(tiny_lm, tiny_bank, objective):
     assert m1.learned(scores).sum(1) == pytest.approx(np.ones(len(scores)))
 
 
+def test_map_fit_from_llama_cpp_scores_alone(tiny_session, tiny_bank):
+    """Without a torch model (scores from llama.cpp), the relation objective fits and T is chosen on the relation."""
+    from train.cfv import TEMPERATURES, FitConfig, fit_map, relation_temperature
+
+    analogies = generate(RELATIONS, "train", 12, seed=0)
+    scores = bank_scores(tiny_session, tiny_bank, [(x.a, x.b) for x in analogies])
+    t, curve = relation_temperature(tiny_bank, scores, [x.relation for x in analogies])
+    assert set(curve) == set(TEMPERATURES) and curve[t] == max(curve.values())
+    m, hist = fit_map(None, tiny_bank, analogies, scores, FitConfig("relation", steps=20, lr=0.1), progress=False)
+    assert m.temperature == t and hist["loss"][-1] < hist["loss"][0]
+    with pytest.raises(ValueError, match="answer objective runs the model"):
+        fit_map(None, tiny_bank, analogies, scores, FitConfig("answer"), progress=False)
+
+
 def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_bank):
     from fvpatch.cli import main
 

@@ -79,15 +79,29 @@ def choose_temperature(lm: LoadedModel, bank: Bank, scores: np.ndarray, batches,
     return max(curve, key=curve.get), curve
 
 
-def fit_map(lm: LoadedModel, bank: Bank, analogies: list[Analogy], scores: np.ndarray, cfg: FitConfig, progress: bool = True) -> tuple[CFVMap, dict]:
-    """Choose the unlearned temperature, then fit W and b from I / T on the training analogies."""
+def relation_temperature(bank: Bank, scores: np.ndarray, relations: list[str], grid=TEMPERATURES) -> tuple[float, dict[float, float]]:
+    """The T of softmax(s / T) that gives each pair's own relation the highest mean log-weight: from the scores alone."""
+    s, own = torch.from_numpy(scores), torch.tensor([bank.names.index(r) for r in relations])
+    curve = {t: float(torch.log_softmax(s / t, -1)[torch.arange(len(own)), own].mean()) for t in grid}
+    return max(curve, key=curve.get), curve
+
+
+def fit_map(lm: LoadedModel | None, bank: Bank, analogies: list[Analogy], scores: np.ndarray, cfg: FitConfig, progress: bool = True) -> tuple[CFVMap, dict]:
+    """Choose the unlearned temperature, then fit W and b from I / T on the training analogies. Without a model
+    (`lm` None: the scores came from llama.cpp) only the relation objective can be fit, and T is chosen on the
+    relation's log-weight instead of the answers' log-probability."""
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     if len(analogies) != len(scores):
         raise ValueError(f"{len(analogies)} analogies but {len(scores)} rows of scores")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    batches = _batches(lm, analogies, cfg.batch, gen)
-    temperature, curve = choose_temperature(lm, bank, scores, batches)
+    if lm is None and cfg.objective != "relation":
+        raise ValueError("the answer objective runs the model: pass the loaded model")
+    if lm is None:
+        temperature, curve = relation_temperature(bank, scores, [x.relation for x in analogies])
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        batches = _batches(lm, analogies, cfg.batch, gen)
+        temperature, curve = choose_temperature(lm, bank, scores, batches)
     s = torch.from_numpy(scores)
     k = len(bank)
     w0 = torch.eye(k, dtype=torch.float64) / temperature

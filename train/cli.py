@@ -1,5 +1,7 @@
 """`fvpatch train ...` and `fvpatch eval ...`: torch is imported inside the commands, never at import time."""
 
+from contextlib import ExitStack, contextmanager
+
 import click
 
 from fvpatch.atomic import check_outputs
@@ -254,27 +256,30 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
         click.echo(f"head map -> {heatmap}")
 
 
+@contextmanager
 def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True):
-    """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's, if loaded)."""
+    """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's,
+    if loaded); llama.cpp's context is freed on leaving."""
     from fvpatch.evaluate import llamacpp_predictor
     from fvpatch.models import check_fingerprint, resolve_model
     from fvpatch.session import Session
 
-    out = {}
-    if engine in ("llamacpp", "both"):
-        s = Session(resolve_model(model), n_threads=cli_threads())
-        if vector_model:
-            check_fingerprint(vector_model, s.fingerprint())
-        out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
-    if engine in ("torch", "both"):
-        from train.evaluate import torch_predictor
-        from train.model import load_model
+    with ExitStack() as stack:
+        out = {}
+        if engine in ("llamacpp", "both"):
+            s = stack.enter_context(Session(resolve_model(model), n_threads=cli_threads()))
+            if vector_model:
+                check_fingerprint(vector_model, s.fingerprint())
+            out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
+        if engine in ("torch", "both"):
+            from train.evaluate import torch_predictor
+            from train.model import load_model
 
-        lm = lm or load_model(model, device, dtype, cli_threads())
-        if vector_model and lm.fingerprint:
-            check_fingerprint(vector_model, lm.fingerprint)
-        out["torch"] = (torch_predictor(lm), lm.tokenize)
-    return out
+            lm = lm or load_model(model, device, dtype, cli_threads())
+            if vector_model and lm.fingerprint:
+                check_fingerprint(vector_model, lm.fingerprint)
+            out["torch"] = (torch_predictor(lm), lm.tokenize)
+        yield out
 
 
 def _load_vector(vector: str | None, model):
@@ -366,9 +371,10 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     results = {}
-    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time).items():
-        items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed, shared_demos=demos == "shared")
-        results[name] = evaluate(predict, items, vf)
+    with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time) as engines:
+        for name, (predict, tokenize) in engines.items():
+            items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed, shared_demos=demos == "shared")
+            results[name] = evaluate(predict, items, vf)
     first = next(iter(results.values()))
     click.echo(f"{t.name}, {split} split: {first['n']} items, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}"
                + (f"; vector {vf.tensor} ({vf.mode})" if vf else ""))
@@ -422,10 +428,11 @@ def sweep(task, engine, k, template_name, seed, model, out, force, dtype, device
         rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
         files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
     results = {}
-    for name, (predict, tokenize) in _engines(engine, model, vf.model if vf else None, lm, dtype, device).items():
-        items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
-        base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
-        results[name] = {"baselines": base, "by_layer": layer_sweep(predict, items, files, f"{condition}+vector")}
+    with _engines(engine, model, vf.model if vf else None, lm, dtype, device) as engines:
+        for name, (predict, tokenize) in engines.items():
+            items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
+            base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
+            results[name] = {"baselines": base, "by_layer": layer_sweep(predict, items, files, f"{condition}+vector")}
     click.echo(f"{t.name}, {split} split, {n_items} items: {condition} + {'the vector' if vf else 'the task vector of each layer'} by layer")
     for name, r in results.items():
         click.echo(f"{name}: " + " ".join(f"{L}:{a:.2f}" for L, a in r["by_layer"].items())

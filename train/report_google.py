@@ -10,8 +10,12 @@ zero-shot `Q: C\\nA:`; the prompts `A:B::C:` and `A is to B as C is to`; 10-shot
 pairs; the single bank FFV whose score on A:B is highest; the CFV of the model's shipped bank (unlearned and
 learned map) on `Q: C\\nA:`, and the learned CFV added to the `A is to B as C is to` prompt. The bank's 16
 relations are not the Google categories; once `python -m train.google_ffv` has trained one FFV per category on its
-training pairs, also the category's own FFV and the best of those 14 by score on A:B.
-No torch. Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
+training pairs, also the category's own FFV, the best of those 14 by score on A:B, and the CFV of the bank of
+those 14 (unlearned and learned, bare and with the `is to` prompt). Its map is fit once, on the relation
+objective, from the categories' valid pairs (no test question's words, no pair an FFV was trained on; the
+temperature too, on the same pairs' relation log-weight) and shipped beside the 14 FFVs as
+vectors/<model>/google/analogy.bank.safetensors (`fvpatch analogy --bank` takes it).
+Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
 """
 
 import argparse
@@ -22,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import google_analogy as ga
-from fvpatch.analogy import CONDITIONS, LABELS, MORE_CONDITIONS, Analogy, CFVMap, evaluate
+from fvpatch.analogy import CONDITIONS, LABELS, MORE_CONDITIONS, Analogy, CFVMap, bank_scores, evaluate
 from fvpatch.atomic import write_json, write_report
-from fvpatch.bank import BANK_NAME, load_bank
+from fvpatch.bank import BANK_NAME, load_bank, save_bank
 from fvpatch.models import check_fingerprint, resolve_model, short_name
 from fvpatch.session import Session
 
@@ -62,7 +66,34 @@ def scored(path: Path, n: int, k: int) -> bool:
     return (r.get("n_asked"), r.get("k")) == (n, k)
 
 
-OWN = {"own_ffv": "the category's own FFV (20 pairs)", "best_own_ffv": "best of the 14 category FFVs by score on A:B"}
+OWN = {"own_ffv": "the category's own FFV (20 pairs)", "best_own_ffv": "best of the 14 category FFVs by score on A:B",
+       "own_cfv_unlearned": "CFV of the 14 category FFVs, unlearned softmax(s/T)", "own_cfv_learned": "CFV of the 14 category FFVs, learned map",
+       "own_cfv_learned_is_to": "CFV of the 14 category FFVs (learned) + prompt `A is to B as C is to`"}
+OWN_CFV = {"own_cfv_unlearned": "cfv_unlearned", "own_cfv_learned": "cfv_learned", "own_cfv_learned_is_to": "cfv_learned_is_to"}
+
+
+def category_map(s: Session, own_bank, categories: dict, own_dir: Path) -> CFVMap:
+    """The map over the category FFVs, read from the bank file beside them, else fit and written there."""
+    path = own_dir / BANK_NAME
+    if path.exists():
+        return CFVMap.from_bank(load_bank(path))
+    from train.cfv import FitConfig, fit_map
+
+    rows = [(a, b, cat) for cat, qs in categories.items() for a, b in category_split(qs)[1]]
+    scores = bank_scores(s, own_bank, [(a, b) for a, b, _ in rows], progress=True)
+    cfv_map, hist = fit_map(None, own_bank, [Analogy(a, b, [(a, b)], 0, cat) for a, b, cat in rows], scores, FitConfig("relation"), progress=False)
+    own_bank.meta = cfv_map.to_meta() | {"fvpatch.cfv.source": f"the valid pairs of the {len(categories)} categories ({len(rows)} pairs), relation objective"}
+    save_bank(own_bank, path)
+    print(f"category CFV map: T = {cfv_map.temperature:g}, relation loss {hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f} -> {path}", flush=True)
+    return cfv_map
+
+
+def merge(rec: dict, r: dict, names: dict[str, str]):
+    """Add `r`'s conditions to the category's record under our names: the same questions, in the same order."""
+    rec["accuracy"] |= {ours: r["accuracy"][theirs] for ours, theirs in names.items()}
+    for mine, theirs in zip(rec["items"], r["items"]):
+        for metric in ("mc", "first_token", "exact"):
+            mine[metric] |= {ours: theirs[metric][t] for ours, t in names.items() if t in theirs[metric]}
 
 
 def markdown(report: dict) -> str:
@@ -95,6 +126,7 @@ def main():
     categories = ga.load()
     own = ROOT / "vectors" / name / "google"  # train.google_ffv's per-category FFVs, when trained
     own_bank = load_bank(own) if all((own / f"{c}.ffv.safetensors").exists() for c in categories) else None
+    own_map = None
     with Session(path) as s:
         check_fingerprint(bank.model, s.fingerprint())
         for cat, qs in categories.items():
@@ -108,11 +140,11 @@ def main():
                 # the category's own FFV, and the one of the 14 whose score on A:B is highest (the map is not used)
                 k = len(own_bank)
                 r = evaluate(s, own_bank, CFVMap(np.eye(k), np.zeros(k), 1.0), items, ["best_ffv", "oracle_ffv"], progress=False)
-                names = {"own_ffv": "oracle_ffv", "best_own_ffv": "best_ffv"}
-                rec["accuracy"] |= {ours: r["accuracy"][theirs] for ours, theirs in names.items()}
-                for mine, theirs in zip(rec["items"], r["items"]):  # the same questions, in the same order
-                    for metric in ("mc", "first_token", "exact"):
-                        mine[metric] |= {ours: theirs[metric][t] for ours, t in names.items() if t in theirs[metric]}
+                merge(rec, r, {"own_ffv": "oracle_ffv", "best_own_ffv": "best_ffv"})
+                write_json(done(out, cat), rec)
+            if own_bank is not None and "own_cfv_learned" not in rec["accuracy"]:
+                own_map = own_map or category_map(s, own_bank, categories, own)
+                merge(rec, evaluate(s, own_bank, own_map, items, list(OWN_CFV.values()), progress=False), OWN_CFV)
                 write_json(done(out, cat), rec)
             print(f"{cat:<30} " + "  ".join(f"{c} {100 * rec['accuracy'][c]['mc']:.0f}" for c in rec["accuracy"]), flush=True)
     cats = {q: json.loads(done(out, q).read_text()) for q in categories}
