@@ -30,8 +30,8 @@ from fvpatch.tasks import Pair, load_task
 QA = template("qa")
 CONDITIONS = ("no_vector", "prompt_colon", "prompt_is_to", "best_ffv", "cfv_unlearned", "cfv_learned", "oracle_ffv")
 # also on request: k-shot demonstrations of the analogy's relation (evaluate's `demos`), and the learned CFV added
-# to the `A is to B as C is to` prompt instead of to a bare `Q: C\nA:`
-MORE_CONDITIONS = ("icl", "cfv_learned_is_to")
+# to the `A is to B as C is to` prompt or to that ICL prompt instead of to a bare `Q: C\nA:`
+MORE_CONDITIONS = ("icl", "cfv_learned_is_to", "cfv_learned_icl")
 MAP_KEYS = ("fvpatch.cfv.weight", "fvpatch.cfv.bias", "fvpatch.cfv.temperature")
 
 
@@ -240,7 +240,7 @@ def condition_prompt(condition: str, a: str, b: str, c: str, d: str, demos: list
         return f"{a}:{b}::{c}:", d
     if condition in ("prompt_is_to", "cfv_learned_is_to"):
         return f"{a} is to {b} as {c} is to", f" {d}"
-    p = build(QA, list(demos) if condition == "icl" else [], c, d)
+    p = build(QA, list(demos) if condition in ("icl", "cfv_learned_icl") else [], c, d)
     return p.text, p.answer
 
 
@@ -303,12 +303,12 @@ def evaluate(session: Session, bank: Bank, cfv_map: CFVMap, analogies: list[Anal
     unknown = set(conditions) - set(CONDITIONS) - set(MORE_CONDITIONS)
     if unknown:
         raise ValueError(f"unknown conditions {sorted(unknown)}; choose from {', '.join(CONDITIONS + MORE_CONDITIONS)}")
-    if "icl" in conditions and not all(x.relation in (demos or {}) for x in analogies):
+    if {"icl", "cfv_learned_icl"} & set(conditions) and not all(x.relation in (demos or {}) for x in analogies):
         raise ValueError("the icl condition needs demonstrations for every analogy's relation")
     scores = bank_scores(session, bank, [(x.a, x.b) for x in analogies], progress)
     weights = condition_weights(bank, cfv_map, scores, [x.relation for x in analogies], leave_out)
     vectors = {cond: compose(bank, w) for cond, w in weights.items()}
-    vectors["cfv_learned_is_to"] = vectors["cfv_learned"]
+    vectors["cfv_learned_is_to"] = vectors["cfv_learned_icl"] = vectors["cfv_learned"]
     conditions = [c for c in conditions if c != "oracle_ffv" or c in vectors]  # no oracle without known relations
     records = []
     for n, x in enumerate(tqdm(analogies, desc="analogies", disable=not progress, leave=False)):
@@ -388,6 +388,7 @@ LABELS = {
     "oracle_ffv": "oracle: FFV of the true relation",
     "icl": "10-shot ICL of the relation (`Q: x\\nA: y` demos, then `Q: C\\nA:`)",
     "cfv_learned_is_to": "CFV (learned) + prompt `A is to B as C is to`",
+    "cfv_learned_icl": "CFV (learned) + 10-shot ICL prompt",
 }
 
 

@@ -183,6 +183,18 @@ def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_ban
     assert r.exit_code != 0 and "expected an analogy" in r.output
 
 
+def test_cfv_with_the_icl_prompt_needs_demos(tiny_session, tiny_bank):
+    k = len(tiny_bank)
+    analogies = generate(RELATIONS, "test", 2, seed=0)
+    conditions = ["icl", "cfv_learned", "cfv_learned_icl"]
+    with pytest.raises(ValueError, match="needs demonstrations"):
+        evaluate(tiny_session, tiny_bank, CFVMap(np.eye(k), np.zeros(k), 1.0), analogies, ["cfv_learned_icl"], progress=False)
+    demos = {r: list(load_task(r).train[:3]) for r in RELATIONS}
+    result = evaluate(tiny_session, tiny_bank, CFVMap(np.eye(k), np.zeros(k), 1.0), analogies, conditions, progress=False, demos=demos)
+    assert set(result["accuracy"]) == set(conditions)
+    assert set(result["items"][0]["completion"]) == set(conditions)
+
+
 def test_leaving_the_own_relation_out():
     rng = np.random.default_rng(0)
     k, relations = len(RELATIONS), ["capitalize", "antonym", "capitalize"]

@@ -11,8 +11,8 @@ pairs; the single bank FFV whose score on A:B is highest; the CFV of the model's
 learned map) on `Q: C\\nA:`, and the learned CFV added to the `A is to B as C is to` prompt. The bank's 16
 relations are not the Google categories; once `python -m train.google_ffv` has trained one FFV per category on its
 training pairs, also the category's own FFV, the best of those 14 by score on A:B, and the CFV of the bank of
-those 14 (unlearned and learned, bare and with the `is to` prompt). Its map is fit once, on the relation
-objective, from the categories' valid pairs (no test question's words, no pair an FFV was trained on; the
+those 14 (unlearned and learned; the learned one bare, with the `is to` prompt and with the 10-shot ICL
+prompt). Its map is fit once, on the relation objective, from the categories' valid pairs (no test question's words, no pair an FFV was trained on; the
 temperature too, on the same pairs' relation log-weight) and shipped beside the 14 FFVs as
 vectors/<model>/google/analogy.bank.safetensors (`fvpatch analogy --bank` takes it).
 Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
@@ -68,8 +68,10 @@ def scored(path: Path, n: int, k: int) -> bool:
 
 OWN = {"own_ffv": "the category's own FFV (20 pairs)", "best_own_ffv": "best of the 14 category FFVs by score on A:B",
        "own_cfv_unlearned": "CFV of the 14 category FFVs, unlearned softmax(s/T)", "own_cfv_learned": "CFV of the 14 category FFVs, learned map",
-       "own_cfv_learned_is_to": "CFV of the 14 category FFVs (learned) + prompt `A is to B as C is to`"}
-OWN_CFV = {"own_cfv_unlearned": "cfv_unlearned", "own_cfv_learned": "cfv_learned", "own_cfv_learned_is_to": "cfv_learned_is_to"}
+       "own_cfv_learned_is_to": "CFV of the 14 category FFVs (learned) + prompt `A is to B as C is to`",
+       "own_cfv_learned_icl": "CFV of the 14 category FFVs (learned) + 10-shot ICL prompt"}
+OWN_CFV = {"own_cfv_unlearned": "cfv_unlearned", "own_cfv_learned": "cfv_learned", "own_cfv_learned_is_to": "cfv_learned_is_to",
+           "own_cfv_learned_icl": "cfv_learned_icl"}
 
 
 def category_map(s: Session, own_bank, categories: dict, own_dir: Path) -> CFVMap:
@@ -142,9 +144,10 @@ def main():
                 r = evaluate(s, own_bank, CFVMap(np.eye(k), np.zeros(k), 1.0), items, ["best_ffv", "oracle_ffv"], progress=False)
                 merge(rec, r, {"own_ffv": "oracle_ffv", "best_own_ffv": "best_ffv"})
                 write_json(done(out, cat), rec)
-            if own_bank is not None and "own_cfv_learned" not in rec["accuracy"]:
+            missing = {ours: theirs for ours, theirs in OWN_CFV.items() if ours not in rec["accuracy"]}
+            if own_bank is not None and missing:
                 own_map = own_map or category_map(s, own_bank, categories, own)
-                merge(rec, evaluate(s, own_bank, own_map, items, list(OWN_CFV.values()), progress=False), OWN_CFV)
+                merge(rec, evaluate(s, own_bank, own_map, items, list(missing.values()), progress=False, demos={cat: train[:10]}), missing)
                 write_json(done(out, cat), rec)
             print(f"{cat:<30} " + "  ".join(f"{c} {100 * rec['accuracy'][c]['mc']:.0f}" for c in rec["accuracy"]), flush=True)
     cats = {q: json.loads(done(out, q).read_text()) for q in categories}
