@@ -24,7 +24,7 @@ SEED = click.IntRange(0, 2**63 - 1)  # what numpy, random and torch.manual_seed 
 class LazyGroup(click.Group):
     """Subcommands that import torch live in train/; they load only when called, so the runtime stays light."""
 
-    lazy = {"train": "train.cli:train", "eval": "train.cli:eval_cmd"}
+    lazy = {"train": "train.cli:train", "eval": "train.cli_eval:eval_cmd"}
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])

@@ -167,7 +167,8 @@ def test_sweep_writes_each_model_and_dtype_to_its_own_file(tiny_gguf):
 
 
 def test_cli_dtype_and_device_choices_are_the_loaders():
-    from train.cli import cfv, ffv, fv, sweep, task
+    from train.cli import cfv, ffv, fv
+    from train.cli_eval import sweep, task
     from train.model import DEVICES, DTYPES
 
     for command in (ffv, cfv, fv, task, sweep):

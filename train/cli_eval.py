@@ -1,0 +1,235 @@
+"""`fvpatch eval ...`: vectors scored on relation tasks and analogies, in llama.cpp and in PyTorch. torch is imported
+inside the commands, never at import time."""
+
+from contextlib import ExitStack, contextmanager
+
+import click
+
+from fvpatch.atomic import check_outputs
+from fvpatch.cli import SEED, cli_threads, threads_option
+from train.cli import _torch_options
+
+@click.group(name="eval")
+def eval_cmd():
+    """Evaluate vectors on relation tasks, in PyTorch and in llama.cpp."""
+
+
+@eval_cmd.command()
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None, help='JSONL analogies {"stem": [A, B], "choice": [[C, D], ...], "answer": i} (SAT/U2/U4/BATS/Google layout). Default: generated from the tasks\' test pairs.')
+@click.option("--n", "n_test", type=click.IntRange(1), default=200, show_default=True, help="Generated test analogies (without --data).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies.")
+@click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
+@click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
+@click.option("--force", is_flag=True, help="Overwrite --out, and use a bank made on another model file.")
+@threads_option
+def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
+    """Solve analogies A:B::C:? in llama.cpp: no vector, analogy prompts, the best single vector, and
+    composite function vectors; prints a markdown table of accuracies (no torch needed).
+
+    \b
+    Examples:
+      fvpatch eval analogy --out results/cfv/gemma-3-270m-q4_k_m.json
+      fvpatch eval analogy --data bats.jsonl
+      fvpatch eval analogy --leave-own-out
+    """
+    from fvpatch.analogy import CFVMap, evaluate, generate, read_analogies, relation_accuracy, table
+    from fvpatch.bank import BANK_NAME, load_bank
+    from fvpatch.models import check_fingerprint, resolve_model
+    from fvpatch.session import Session
+    from fvpatch.shipped import model_folder
+
+    check_outputs([out], force)
+    with Session(resolve_model(model), n_threads=cli_threads()) as s:
+        shipped = bank_path is None
+        bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
+        bank = load_bank(bank_path)
+        check_fingerprint(bank.model, s.fingerprint(), force)
+        cfv_map = CFVMap.from_bank(bank)
+        analogies = read_analogies(data) if data else generate(bank.names, "test", n_test, seed)
+        result = evaluate(s, bank, cfv_map, analogies, leave_out=leave_own_out)
+    result["relation_accuracy"] = relation_accuracy(result["items"])
+    result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": f"shipped {BANK_NAME}" if shipped else str(bank_path),
+                       "relations": bank.names, "tensor": bank.tensor, "model": bank.model.get("file"), "leave_own_out": leave_own_out}
+    click.echo(f"{result['n']} analogies ({result['n_open']} open), {len(bank)} relations at {bank.tensor}")
+    click.echo(table(result))
+    rel = result["relation_accuracy"]
+    if rel["best_ffv"] is not None and not leave_own_out:  # left out, the own relation cannot be named
+        click.echo(f"relation named by the highest score: {100 * rel['best_ffv']:.1f}%, by the largest learned weight: {100 * rel['cfv_learned']:.1f}%")
+    _write_json(out, result)
+
+
+@contextmanager
+def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True):
+    """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's,
+    if loaded); llama.cpp's context is freed on leaving."""
+    from fvpatch.evaluate import llamacpp_predictor
+    from fvpatch.models import check_fingerprint, resolve_model
+    from fvpatch.session import Session
+
+    with ExitStack() as stack:
+        out = {}
+        if engine in ("llamacpp", "both"):
+            s = stack.enter_context(Session(resolve_model(model), n_threads=cli_threads()))
+            if vector_model:
+                check_fingerprint(vector_model, s.fingerprint())
+            out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
+        if engine in ("torch", "both"):
+            from train.evaluate import torch_predictor
+            from train.model import load_model
+
+            lm = lm or load_model(model, device, dtype, cli_threads())
+            if vector_model and lm.fingerprint:
+                check_fingerprint(vector_model, lm.fingerprint)
+            out["torch"] = (torch_predictor(lm), lm.tokenize)
+        yield out
+
+
+def _load_vector(vector: str | None, model):
+    """--vector: a file, or a shipped vector's name, the copy made for --model first."""
+    from pathlib import Path
+
+    from fvpatch import vectorfile
+    from fvpatch.cli import vector_path
+    from fvpatch.modelfile import ModelFile
+    from fvpatch.models import resolve_model
+
+    if vector is None:
+        return None
+    if Path(vector).exists():
+        return vectorfile.load(vector)
+    source = resolve_model(model)
+    if not source.is_file():  # a Hugging Face model directory: no GGUF fingerprint to choose by
+        return vectorfile.load(vector_path(vector))
+    with ModelFile(source, vocab_only=True) as mf:
+        return vectorfile.load(vector_path(vector, mf.fingerprint()))
+
+
+def _task_and_template(task, template_name, vf):
+    from fvpatch.prompts import template
+    from fvpatch.tasks import load_task
+
+    return load_task(task), template(template_name or (vf.meta.get("fvpatch.template") if vf else None) or "qa")
+
+
+eval_options = [
+    click.option("--task", required=True, help="A vendored relation task (e.g. antonym) or your .json/.jsonl/.csv of input/output pairs."),
+    click.option("--engine", type=click.Choice(["llamacpp", "torch", "both"]), default="llamacpp", show_default=True, help="Where to run the model."),
+    click.option("--k", type=click.IntRange(2), default=10, show_default=True, help="Demonstrations in the ICL and shuffled-label prompts (at least 2, which shuffled labels need)."),
+    click.option("--template", "template_name", default=None, help="Prompt template: qa, arrow, or a string with {x} and {y} (default: the vector's, else qa)."),
+    click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the demonstrations drawn."),
+    click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."),
+    click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here."),
+    click.option("--force", is_flag=True, help="Overwrite the files it writes."),
+]
+
+
+def _eval_options(f):
+    for opt in reversed(eval_options):
+        f = opt(f)
+    return _torch_options(f)
+
+
+def _write_json(out, payload):
+    from fvpatch.atomic import write_json
+
+    if out:
+        write_json(out, payload)
+
+
+@eval_cmd.command()
+@_eval_options
+@click.option("--vector", default=None, help="Vector file (or shipped vector name) to patch at the last prompt token; without it only the baselines run.")
+@click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
+@click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split).")
+@click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
+@click.option("--one-at-a-time", is_flag=True, help="llama.cpp: one prompt per decode, as `fvpatch patch` runs, instead of batched (slower; logits can differ by about one on a 4-bit model).")
+def task(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, split, n_items, demos, one_at_a_time):
+    """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
+    k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
+
+    \b
+    Examples:
+      fvpatch eval task --task antonym --vector vectors/gemma-3-270m/antonym.fv.safetensors
+      fvpatch eval task --task capitalize --vector capitalize.taskvec.safetensors --engine both -o results/cap.json
+    """
+    from fvpatch.evaluate import build_items, evaluate
+
+    check_outputs([out], force)
+    vf = _load_vector(vector, model)
+    t, tpl = _task_and_template(task, template_name, vf)
+    results = {}
+    with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time) as engines:
+        for name, (predict, tokenize) in engines.items():
+            items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed, shared_demos=demos == "shared")
+            results[name] = evaluate(predict, items, vf)
+    first = next(iter(results.values()))
+    click.echo(f"{t.name}, {split} split: {first['n']} items, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}"
+               + (f"; vector {vf.tensor} ({vf.mode})" if vf else ""))
+    click.echo("| condition | " + " | ".join(f"{e}: all | {e}: ICL-solved" for e in results) + " |")
+    click.echo("|---|" + "---:|---:|" * len(results))
+    for cond in first["all"]:
+        cells = [f"{100 * r['all'][cond]:.1f}% | " + ("-" if r["icl_solved"][cond] is None else f"{100 * r['icl_solved'][cond]:.1f}%") for r in results.values()]
+        click.echo(f"| {cond} | " + " | ".join(cells) + " |")
+    _write_json(out, {"task": t.name, "split": split, "k": k, "demos": demos, "template": tpl.text, "vector": vector, "results": results})
+
+
+@eval_cmd.command()
+@_eval_options
+@click.option("--vector", default=None, help="A function vector file (add mode) to move across layers.")
+@click.option("--method", type=click.Choice(["taskvec"]), default=None, help="Instead of --vector: compute the task vector of every layer (needs torch).")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True, help="Which split's queries to score.")
+@click.option("--n", "n_items", type=click.IntRange(1), default=50, show_default=True, help="Queries scored per layer.")
+@click.option("--condition", type=click.Choice(["zero_shot", "shuffled"]), default="zero_shot", show_default=True, help="Which prompts get the vector.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy against layer to this PNG.")
+def sweep(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, method, split, n_items, condition, plot):
+    """Accuracy with the vector placed at each layer in turn (a function vector is added there unchanged;
+    task vectors are recomputed per layer), next to the zero-shot and ICL baselines.
+
+    \b
+    Examples:
+      fvpatch eval sweep --task capitalize --vector capitalize.fv.safetensors --engine torch
+      fvpatch eval sweep --task country-capital --method taskvec --plot results/cc_sweep.png
+    """
+    from dataclasses import replace
+
+    from fvpatch import vectorfile
+    from fvpatch.evaluate import base_correct, build_items
+    from fvpatch.evaluate import sweep as layer_sweep
+
+    if (vector is None) == (method is None):
+        raise click.UsageError("give exactly one of --vector FILE or --method taskvec")
+    check_outputs([out, plot], force)
+    vf = _load_vector(vector, model)
+    t, tpl = _task_and_template(task, template_name, vf)
+    lm = None
+    if vf is not None:
+        if not vf.model.get("n_layer"):
+            raise click.ClickException(f"{vector} does not record its model's n_layer")
+        files = {L: replace(vf, tensor=f"l_out-{L}") for L in range(int(vf.model["n_layer"]))}
+    else:
+        from train.model import load_model
+        from train.taskvec import task_vectors
+
+        lm = load_model(model, device, dtype, cli_threads())
+        rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
+        files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
+    results = {}
+    with _engines(engine, model, vf.model if vf else None, lm, dtype, device) as engines:
+        for name, (predict, tokenize) in engines.items():
+            items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
+            base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
+            results[name] = {"baselines": base, "by_layer": layer_sweep(predict, items, files, f"{condition}+vector")}
+    click.echo(f"{t.name}, {split} split, {n_items} items: {condition} + {'the vector' if vf else 'the task vector of each layer'} by layer")
+    for name, r in results.items():
+        click.echo(f"{name}: " + " ".join(f"{L}:{a:.2f}" for L, a in r["by_layer"].items())
+                   + "  | " + " ".join(f"{c} {a:.2f}" for c, a in r["baselines"].items()))
+    if plot:
+        from train.plots import plot_layer_curves
+
+        curves = {t.name: {f"{condition}+vector ({e})": r["by_layer"] for e, r in results.items()}}
+        base = next(iter(results.values()))["baselines"]
+        plot_layer_curves(curves, {t.name: {"zero-shot": base["zero_shot"], f"{k}-shot ICL": base["icl"]}}, plot, f"top-1 accuracy ({split})")
+    _write_json(out, {"task": t.name, "split": split, "k": k, "template": tpl.text, "vector": vector, "method": method,
+                      "condition": condition, "results": {e: {"baselines": r["baselines"], "by_layer": {str(L): a for L, a in r["by_layer"].items()}} for e, r in results.items()}})
