@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--model", default=None)
     ap.add_argument("--n", type=int, default=50, help="Test questions per category (a seeded sample).")
     ap.add_argument("--k", type=int, default=4, help="Choices per question.")
+    ap.add_argument("--categories", default=None, help="Comma-separated categories to score now (default: all); the summary is written once all are scored, "
+                                                         "so two processes can share the categories.")
     args = ap.parse_args()
     path = resolve_model(args.model)
     name = short_name(path)
@@ -131,7 +133,11 @@ def main():
     own_map = None
     with Session(path) as s:
         check_fingerprint(bank.model, s.fingerprint())
-        for cat, qs in categories.items():
+        chosen = args.categories.split(",") if args.categories else list(categories)
+        unknown = set(chosen) - set(categories)
+        if unknown:
+            raise SystemExit(f"unknown categories {sorted(unknown)}; the set has {', '.join(categories)}")
+        for cat, qs in ((c, categories[c]) for c in chosen):
             train, items = questions(qs, args.n, args.k)
             rec = json.loads(done(out, cat).read_text()) if scored(done(out, cat), args.n, args.k) else None
             if rec is None:
@@ -150,6 +156,10 @@ def main():
                 merge(rec, evaluate(s, own_bank, own_map, items, list(missing.values()), progress=False, demos={cat: train[:10]}), missing)
                 write_json(done(out, cat), rec)
             print(f"{cat:<30} " + "  ".join(f"{c} {100 * rec['accuracy'][c]['mc']:.0f}" for c in rec["accuracy"]), flush=True)
+    left = [q for q in categories if not scored(done(out, q), args.n, args.k)]
+    if left:
+        print(f"summary not written: {len(left)} categories still to score ({', '.join(left)})")
+        return
     cats = {q: json.loads(done(out, q).read_text()) for q in categories}
     report = {"model": name, "k": args.k, "n": args.n,
               "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name} --n {args.n} --k {args.k}",
