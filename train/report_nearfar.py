@@ -22,10 +22,10 @@ from fvpatch.atomic import write_figure, write_report
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model, short_name
 from fvpatch.unembed import load_unembed
+from train.report_google import OWN
 
 ROOT = Path(__file__).resolve().parent.parent
 BINS = ("near", "middle", "far")
-OWN = {"own_ffv": "the category's own FFV", "best_own_ffv": "best category FFV by score"}
 
 
 def word_vector(mf: ModelFile, rows: np.ndarray, word: str) -> np.ndarray:
