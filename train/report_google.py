@@ -12,9 +12,9 @@ learned map) on `Q: C\\nA:`, and the learned CFV added to the `A is to B as C is
 relations are not the Google categories; once `python -m train.google_ffv` has trained one FFV per category on its
 training pairs, also the category's own FFV, the best of those 14 by score on A:B, and the CFV of the bank of
 those 14 (unlearned and learned; the learned one bare, with the `is to` prompt and with the 10-shot ICL
-prompt). Its map is fit once, on the relation objective, from the categories' valid pairs (no test question's words, no pair an FFV was trained on; the
-temperature too, on the same pairs' relation log-weight) and shipped beside the 14 FFVs as
-vectors/<model>/google/analogy.bank.safetensors (`fvpatch analogy --bank` takes it).
+prompt). Its map is fit once, on the relation objective, from the categories' valid pairs (no test question's
+words, no pair an FFV was trained on; the temperature too, on the same pairs' relation log-weight) and shipped
+beside the 14 FFVs as vectors/<model>/google/analogy.bank.safetensors (`fvpatch analogy --bank` takes it).
 Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
 """
 
