@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import random
 from contextlib import ExitStack
 
 import numpy as np
@@ -12,10 +13,11 @@ from click.testing import CliRunner
 from fvpatch import vectorfile
 from fvpatch.cli import main
 from fvpatch.models import check_fingerprint
-from fvpatch.prompts import build, template
+from fvpatch.prompts import build, sample_demos, template
 from fvpatch.session import Patch
 from fvpatch.tasks import load_task
-from train.ffv import INITS, MEASURED_LAYERS, Config, Data, answer_nll, default_layer, encode, initial_vector, last_residual, prepare, train_ffv
+from train.ffv import (ICL_SETS, INITS, MEASURED_LAYERS, Config, Data, answer_nll, default_layer, encode, icl_targets, initial_vector, last_residual,
+                       prepare, train_ffv)
 from train.hooks import patch_residual
 
 QA = template("qa")
@@ -106,6 +108,35 @@ def test_every_token_loss_equals_full_forward_and_trains(tiny_lm, data, tiny_ses
         train_ffv(tiny_lm, data, QA, Config(layer=1, init="zeros", steps=1, positions="all"), progress=False)
 
 
+def test_icl_targets_are_what_icl_predicts_at_each_answer_token(tiny_lm, data):
+    pairs = data.task.train[:5] + [("abcdefg", "XYZXYZW")]  # answers of several tokens
+    ex = encode(tiny_lm, QA, pairs)
+    soft = icl_targets(tiny_lm, QA, ex, k=3)
+    rows, _, tokens = ex.targets()
+    assert soft.shape == (len(tokens), tiny_lm.model.config.vocab_size) and torch.allclose(soft.sum(-1), torch.ones(len(tokens)), atol=1e-4)
+    # the plain definition for the last pair: one full forward per demo set, teacher-forced on the gold answer
+    x, y = pairs[-1]
+    rng, probs = random.Random(f"0:{len(pairs) - 1}"), []
+    for _ in range(ICL_SETS):
+        p = build(QA, sample_demos(pairs, 3, x, rng), x, y)
+        n, full = len(tiny_lm.tokenize(p.text)), tiny_lm.tokenize(p.text + p.answer)
+        with torch.no_grad():
+            probs.append(tiny_lm.model(input_ids=torch.tensor([full])).logits[0, n - 1 : len(full) - 1].float().softmax(-1))
+    torch.testing.assert_close(soft[rows == len(pairs) - 1], torch.stack(probs).mean(0), rtol=1e-4, atol=1e-5)
+
+    vf, hist = train_ffv(tiny_lm, Data(data.task, data.train, data.train), QA, Config(layer=1, init="zeros", lr=0.5, steps=6, eval_every=3, targets="icl"),
+                         progress=False)
+    assert json.loads(vf.meta["fvpatch.config"])["targets"] == "icl" and hist.train_loss[-1] < hist.train_loss[0]
+    with pytest.raises(ValueError, match="targets must be one of"):
+        train_ffv(tiny_lm, data, QA, Config(layer=1, init="zeros", steps=1, targets="gold"), progress=False)
+
+
+def test_cli_refuses_icl_targets_for_every_token(tiny_gguf, pairs_file, tmp_path):
+    out = tmp_path / "v.safetensors"
+    r = CliRunner().invoke(main, ["train", "ffv", "--pairs", str(pairs_file), "--model", str(tiny_gguf), "--targets", "icl", "--positions", "all", "--out", str(out)])
+    assert r.exit_code != 0 and "--targets icl trains a vector for the last prompt token only" in r.output and not out.exists()
+
+
 @pytest.mark.parametrize("init", INITS)
 def test_inits(tiny_lm, data, init):
     residual = last_residual(tiny_lm, data.train, 2)
@@ -146,7 +177,7 @@ def test_cli_defaults_are_the_measured_ones():
 
     defaults = {p.name: p.default for p in ffv.params}
     cfg = Config()
-    assert {k: defaults[k] for k in ("steps", "l2", "l2_from_init", "seed")} == {k: getattr(cfg, k) for k in ("steps", "l2", "l2_from_init", "seed")}
+    assert {k: defaults[k] for k in ("steps", "l2", "l2_from_init", "seed", "targets")} == {k: getattr(cfg, k) for k in ("steps", "l2", "l2_from_init", "seed", "targets")}
     assert defaults["layer"] is None and MEASURED_LAYERS["Gemma 3 270m"] == cfg.layer  # the layer is chosen per model
     # init and lr follow --positions: Config's for the last token, ALL_TOKENS' for every token
     assert defaults["init"] is None and defaults["lr"] is None and defaults["positions"] == cfg.positions == "last"

@@ -37,6 +37,7 @@ def _torch_options(f):
 @click.option("--steps", type=click.IntRange(1), default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")
 @click.option("--l2", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the vector's squared norm (relative to the residual's).")
 @click.option("--l2-from-init", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the squared distance from the initial vector.")
+@click.option("--targets", type=click.Choice(["answer", "icl"]), default="answer", show_default=True, help="Fit the gold answer tokens, or what 10-shot ICL over the other training pairs predicts at each of them (soft targets; last token only).")
 @click.option("--every-answer-token", is_flag=True, help="Also add the vector at every answer token (apply it with `patch --every-token`).")
 @click.option("--positions", type=click.Choice(["last", "all"]), default="last", show_default=True, help="Train the vector at the last prompt token, or at every token as llama.cpp applies a control vector (`fvpatch export`).")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
@@ -45,7 +46,7 @@ def _torch_options(f):
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Vector file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @_torch_options
-def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init, every_answer_token, positions, template_name, seed, model, out, force, dtype, device):
+def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init, targets, every_answer_token, positions, template_name, seed, model, out, force, dtype, device):
     """Fine-tune a function vector: one vector, added at the answer-predicting token of zero-shot prompts,
     learned from ~20 pairs with the model frozen.
 
@@ -63,6 +64,8 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 
     if (task is None) == (pairs is None):
         raise click.UsageError("give exactly one of --task NAME or --pairs FILE")
+    if targets == "icl" and (positions == "all" or every_answer_token):
+        raise click.UsageError("--targets icl trains a vector for the last prompt token only (not with --positions all or --every-answer-token)")
     check_outputs([out], force)
     tpl, pairs_task = template(template_name), load_task(task or pairs)
     _check_layer_first(layer, model)
@@ -76,7 +79,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
     defaults = ALL_TOKENS if positions == "all" else Config()
     init, lr = init or defaults.init, lr or defaults.lr
     cfg = Config(layer=layer, init=init, lr=lr, steps=steps, l2=l2, l2_from_init=l2_from_init, every_answer_token=every_answer_token,
-                 positions=positions, seed=seed)
+                 positions=positions, seed=seed, targets=targets)
     vf, hist = train_ffv(lm, data, tpl, cfg)
     vectorfile.save(vf, out, overwrite=force)
     click.echo(f"{vf.tensor} vector ({init} init) after {vf.meta['fvpatch.steps']} steps, kept step {hist.best_step}: "

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from fvpatch.errors import FvpatchError, OutOfRange
-from fvpatch.prompts import Template, answer_tokens, build
+from fvpatch.prompts import Template, answer_tokens, build, sample_demos
 from fvpatch.tasks import Pair, Task
 from fvpatch.vectorfile import VectorFile
 from train.evaluate import unembed
@@ -32,6 +32,8 @@ from train.hooks import patch_residual, record_residual
 from train.model import LoadedModel
 
 INITS = ("fv", "taskvec", "random", "zeros")
+TARGETS = ("answer", "icl")
+ICL_SETS = 5  # demo sets averaged per training pair for `targets="icl"`
 POSITIONS = ("last", "all")  # the vector at the last prompt token, or at every token (a control vector)
 
 # The FFV layer chosen on each model's valid pairs (`python -m train.sweep_ffv --model NAME`), by the model's
@@ -55,6 +57,7 @@ class Config:
     eval_every: int = 5
     patience: int = 4  # evaluations without a better valid loss before stopping
     seed: int = 0
+    targets: str = "answer"  # or "icl": match 10-shot ICL's distribution over each answer token (see icl_targets)
 
 
 # For a vector added at every token, measured on the six core tasks' valid pairs at layer 4 of the default model
@@ -120,8 +123,10 @@ def encode(lm: LoadedModel, tpl: Template, pairs: list[Pair], cache_prefix: bool
     return Examples(ids, torch.cat([prefix_mask, rest_mask], 1), position_ids, n_answer, cache, list(pairs), torch.zeros_like(n_answer))
 
 
-def answer_nll(lm: LoadedModel, ex: Examples, vector: torch.Tensor, layer: int, every_answer_token: bool = False, all_tokens: bool = False) -> torch.Tensor:
-    """Mean NLL of the answers' tokens with `vector` added after block `layer`: (b,), one value per pair."""
+def answer_nll(lm: LoadedModel, ex: Examples, vector: torch.Tensor, layer: int, every_answer_token: bool = False, all_tokens: bool = False,
+               soft: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean NLL of the answers' tokens with `vector` added after block `layer`: (b,), one value per pair.
+    With `soft` (one distribution per answer token, in `ex.targets()` order), the cross-entropy against it."""
     rows, pos, tokens = ex.targets()
     with ExitStack() as stack:
         if all_tokens:
@@ -134,7 +139,7 @@ def answer_nll(lm: LoadedModel, ex: Examples, vector: torch.Tensor, layer: int, 
             on = ex.n_answer > j
             stack.enter_context(patch_residual(lm.model, layer, ex.start + j * on, vector * on[:, None].to(vector.dtype)))
         hidden = ex.forward(lm)
-    nll = torch.nn.functional.cross_entropy(unembed(lm, hidden[rows, pos]).float(), tokens, reduction="none")
+    nll = torch.nn.functional.cross_entropy(unembed(lm, hidden[rows, pos]).float(), tokens if soft is None else soft, reduction="none")
     return torch.zeros(len(ex.n_answer), device=nll.device).index_add(0, rows, nll) / ex.n_answer
 
 
@@ -148,6 +153,34 @@ def last_residual(lm: LoadedModel, ex: Examples, layer: int) -> torch.Tensor:
 
 def residual_rms(lm: LoadedModel, ex: Examples, layer: int) -> float:
     return float(last_residual(lm, ex, layer).pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def icl_targets(lm: LoadedModel, tpl: Template, ex: Examples, k: int = 10, n_sets: int = ICL_SETS, seed: int = 0) -> torch.Tensor:
+    """(answer tokens, vocab): what k-shot ICL predicts at each answer token of the training pairs, teacher-forced
+    on the gold answer and averaged over `n_sets` demo sets drawn from the other training pairs.
+
+    Soft targets carry what the model itself ranks next to the gold answer: a vector fitted to them copies
+    ICL's behaviour instead of pushing 20 memorised answers towards probability 1.
+    """
+    pairs, out = ex.pairs, []
+    k = min(k, len(pairs) - 1)
+    for i, (x, y) in enumerate(pairs):
+        rng = random.Random(f"{seed}:{i}")
+        rows = []
+        for _ in range(n_sets):
+            prompt = build(tpl, sample_demos(pairs, k, x, rng), x, y)
+            ids, answer = answer_tokens(lm.tokenize, prompt.text, prompt.answer)
+            rows.append(ids + answer[:-1])
+        n, start = len(answer), int(ex.start[i])
+        if answer != ex.ids[i, start + 1 : start + 1 + n].tolist() or n != int(ex.n_answer[i]):
+            raise FvpatchError(f"the answer {y!r} tokenizes differently after demonstrations than zero-shot")
+        batch, mask, last = lm.batch(rows)
+        hidden = lm.model.model(input_ids=batch, attention_mask=mask).last_hidden_state
+        at = last[:, None] - (n - 1) + torch.arange(n, device=lm.device)  # the positions that predict each answer token
+        probs = unembed(lm, hidden[torch.arange(len(rows), device=lm.device)[:, None], at]).float().softmax(-1)
+        out.append(probs.mean(0))
+    return torch.cat(out)
 
 
 def initial_vector(lm: LoadedModel, task: Task, tpl: Template, cfg: Config, ex: Examples) -> torch.Tensor:
@@ -193,8 +226,10 @@ class History:
     best_step: int = 0
 
 
-def fit(lm: LoadedModel, train_ex: Examples, valid_ex: Examples, v0: torch.Tensor, cfg: Config, rms: float, progress: bool = True) -> tuple[torch.Tensor, History]:
-    """Adam with cosine decay from v0; returns the vector with the lowest valid loss and the curves."""
+def fit(lm: LoadedModel, train_ex: Examples, valid_ex: Examples, v0: torch.Tensor, cfg: Config, rms: float, progress: bool = True,
+        soft: torch.Tensor | None = None) -> tuple[torch.Tensor, History]:
+    """Adam with cosine decay from v0, on the gold answers or on `soft` targets; returns the vector with the lowest
+    valid loss (gold answers) and the curves."""
     torch.manual_seed(cfg.seed)
     v = v0.detach().clone().float().requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.lr * rms)
@@ -210,7 +245,7 @@ def fit(lm: LoadedModel, train_ex: Examples, valid_ex: Examples, v0: torch.Tenso
     hist.valid_loss.append(best)
     bar = tqdm(range(1, cfg.steps + 1), desc=f"ffv layer {cfg.layer}", disable=not progress, leave=False)
     for step in bar:
-        loss = answer_nll(lm, train_ex, v, cfg.layer, cfg.every_answer_token, cfg.positions == "all").mean()
+        loss = answer_nll(lm, train_ex, v, cfg.layer, cfg.every_answer_token, cfg.positions == "all", soft).mean()
         hist.step.append(step)
         hist.train_loss.append(loss.item())
         if cfg.l2:
@@ -269,7 +304,12 @@ def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch
     rms = residual_rms(lm, data.train, cfg.layer)
     if v0 is None:
         v0 = initial_vector(lm, data.task, tpl, cfg, data.train)
-    v, hist = fit(lm, data.train, data.valid, v0, cfg, rms, progress)
+    if cfg.targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {cfg.targets!r}")
+    if cfg.targets == "icl" and (cfg.positions != "last" or cfg.every_answer_token):
+        raise ValueError("ICL targets are for a vector at the last prompt token only")
+    soft = icl_targets(lm, tpl, data.train, seed=cfg.seed) if cfg.targets == "icl" else None
+    v, hist = fit(lm, data.train, data.valid, v0, cfg, rms, progress, soft)
     with torch.no_grad():
         train_loss = float(answer_nll(lm, data.train, v, cfg.layer, cfg.every_answer_token, cfg.positions == "all").mean())
     meta = {

@@ -52,8 +52,9 @@ def zero_shot_top1(lm, predict, tpl, pairs, vf) -> float:
 
 
 def config(r: dict) -> tuple:
-    """A run's configuration (runs from before --positions were all at the last token, and without a penalty)."""
-    return r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"], r.get("positions", "last"), r.get("l2_from_init", 0.0)
+    """A run's configuration (runs from before --positions were all at the last token, without a penalty, on gold answers)."""
+    return (r["layer"], r["init"], r["lr"], r["steps"], r["every_answer_token"], r.get("positions", "last"), r.get("l2_from_init", 0.0),
+            r.get("targets", "answer"))
 
 
 def summary(runs: list[dict]) -> str:
@@ -61,15 +62,15 @@ def summary(runs: list[dict]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     configs = sorted({config(r) for r in runs})
     by = {(r["task"], *config(r)): r for r in runs}
-    lines = ["| layer | init | lr | steps | every answer token | positions | l2 from init | " + " | ".join(tasks) + " | mean top-1 | mean loss |",
-             "|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + 2)]
+    lines = ["| layer | init | lr | steps | every answer token | positions | l2 from init | targets | " + " | ".join(tasks) + " | mean top-1 | mean loss |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * (len(tasks) + 2)]
     for c in configs:
         got = [by.get((t, *c)) for t in tasks]
         cells = " | ".join("-" if g is None else f"{100 * g['valid_top1']:.0f}% ({g['valid_loss']:.2f})" for g in got)
         full = all(g is not None for g in got)
         mean = f"{100 * sum(g['valid_top1'] for g in got) / len(got):.1f}%" if full else "-"
         loss = f"{sum(g['valid_loss'] for g in got) / len(got):.2f}" if full else "-"
-        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {'yes' if c[4] else 'no'} | {c[5]} | {c[6]:g} | {cells} | {mean} | {loss} |")
+        lines.append(f"| {c[0]} | {c[1]} | {c[2]} | {c[3]} | {'yes' if c[4] else 'no'} | {c[5]} | {c[6]:g} | {c[7]} | {cells} | {mean} | {loss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,6 +82,7 @@ def main():
     ap.add_argument("--lrs", default=str(Config.lr))
     ap.add_argument("--steps", type=int, default=Config.steps)
     ap.add_argument("--l2-from-inits", default="0", help="Penalties on the distance from the initial vector (train ffv --l2-from-init).")
+    ap.add_argument("--targets", default="answer", help="Training targets: answer (gold tokens), icl (10-shot ICL's distribution), or both, comma-separated.")
     ap.add_argument("--every-answer-token", action="store_true")
     ap.add_argument("--positions", choices=["last", "all"], default="last", help="Train for the last prompt token or for every token (a control vector).")
     ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
@@ -102,19 +104,19 @@ def main():
         fv = None
         for layer in map(int, args.layers.split(",")):
             for init in args.inits.split(","):
-                for lr, l2 in itertools.product(map(float, args.lrs.split(",")), map(float, args.l2_from_inits.split(","))):
-                    key = (name, layer, init, lr, args.steps, args.every_answer_token, args.positions, l2)
+                for lr, l2, targets in itertools.product(map(float, args.lrs.split(",")), map(float, args.l2_from_inits.split(",")), args.targets.split(",")):
+                    key = (name, layer, init, lr, args.steps, args.every_answer_token, args.positions, l2, targets)
                     if key in done:
                         continue
                     cfg = Config(layer=layer, init=init, lr=lr, steps=args.steps, l2_from_init=l2, every_answer_token=args.every_answer_token,
-                                 positions=args.positions)
+                                 positions=args.positions, targets=targets)
                     t = time.perf_counter()
                     if init == "fv" and fv is None:  # the function vector does not depend on the layer it is added at
                         fv = initial_vector(lm, data.task, tpl, cfg, data.train)
                     vf, hist = train_ffv(lm, data, tpl, cfg, v0=fv if init == "fv" else None, progress=False)
                     runs.append({
                         "task": name, "layer": layer, "init": init, "lr": lr, "steps": args.steps, "every_answer_token": args.every_answer_token,
-                        "positions": args.positions, "l2_from_init": l2,
+                        "positions": args.positions, "l2_from_init": l2, "targets": targets,
                         "valid_top1": zero_shot_top1(lm, predict, tpl, data.task.valid, vf),
                         "valid_loss": min(hist.valid_loss), "init_valid_loss": hist.valid_loss[0], "best_step": hist.best_step,
                         "seconds": round(time.perf_counter() - t, 1), "norm": float(torch.from_numpy(vf.rows).norm()),
@@ -122,7 +124,7 @@ def main():
                         "curve": {"step": hist.step, "train": hist.train_loss, "valid_step": hist.valid_step, "valid": hist.valid_loss},
                     })
                     r = runs[-1]
-                    print(f"{name:16} L{layer:<2} {init:7} lr {lr:<5} l2i {l2:<4} valid top1 {r['valid_top1']:.2f} loss {r['valid_loss']:.3f} best@{r['best_step']} {r['seconds']}s", flush=True)
+                    print(f"{name:16} L{layer:<2} {init:7} lr {lr:<5} l2i {l2:<4} {targets:6} valid top1 {r['valid_top1']:.2f} loss {r['valid_loss']:.3f} best@{r['best_step']} {r['seconds']}s", flush=True)
                     write_text(args.out, json.dumps(runs))
                     write_text(args.out.with_suffix(".md"), header + summary(runs))
 

@@ -1,0 +1,84 @@
+"""How much 10-shot ICL moves with the draw of its demonstrations, next to the shipped FFVs, in llama.cpp.
+
+The FFV report scores ICL with one draw of demos per query (seed 0). A single draw is one sample of a
+noisy baseline: this scores the same test prompts with `--seeds` draws (demos from the same first 20 train
+pairs the FFV was trained on) and the shipped FFV once, so "FFV >= ICL" can be read against ICL's spread.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m train.report_icl_spread --model qwen2.5-coder-1.5b
+
+Batched llama.cpp (the shared-prefix decode; logits can differ from one prompt per decode by about one on a
+4-bit model, so seed 0 may differ from the FFV report by an item). Resumable: each (task, seed) is written to
+results/<model>/ffv/icl_spread.json as it completes and skipped on the next run.
+"""
+
+import argparse
+import json
+
+import numpy as np
+
+from fvpatch import vectorfile
+from fvpatch.atomic import write_json, write_text
+from fvpatch.evaluate import build_items, llamacpp_predictor
+from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
+from fvpatch.prompts import template
+from fvpatch.session import Session
+from fvpatch.tasks import CORE_TASKS, load_task
+from train.report_ffv import K, ROOT, accuracy
+
+
+def markdown(model: str, rows: dict, seeds: int) -> str:
+    lines = [f"# 10-shot ICL over {seeds} draws of demonstrations, and the shipped FFV ({model}, llama.cpp, test pairs)", "",
+             "Regenerate: `OMP_NUM_THREADS=1 .venv/bin/python -m train.report_icl_spread"
+             + ("" if model == DEFAULT_MODEL else f" --model {model}") + "`. Top-1 of the answer's first token; demos drawn from the "
+             "FFV's 20 training pairs, one draw per query and seed (seed 0 is the FFV report's).", "",
+             "| task | n | FFV | ICL seed 0 | ICL min – max | ICL mean | FFV ≥ ICL mean | FFV ≥ ICL min |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    done = [r for r in rows.values() if len(r["icl"]) >= seeds and "ffv" in r]
+    for r in done:
+        icl = [r["icl"][str(s)] for s in range(seeds)]
+        lines.append(f"| {r['task']} | {r['n']} | {100 * r['ffv']:.0f}% | {100 * icl[0]:.0f}% | {100 * min(icl):.0f}% – {100 * max(icl):.0f}% | "
+                     f"{100 * np.mean(icl):.1f}% | {'yes' if r['ffv'] >= np.mean(icl) else 'no'} | {'yes' if r['ffv'] >= min(icl) else 'no'} |")
+    if done:
+        means = [np.mean([r["icl"][str(s)] for s in range(seeds)]) for r in done]
+        lines += ["", f"FFV ≥ the mean of the ICL draws on {sum(r['ffv'] >= m for r, m in zip(done, means))} of {len(done)} tasks; "
+                      f"≥ the worst draw on {sum(r['ffv'] >= min(r['icl'][str(s)] for s in range(seeds)) for r in done)} of {len(done)}."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--tasks", default=",".join(CORE_TASKS))
+    ap.add_argument("--seeds", type=int, default=5, help="Draws of demonstrations (seeds 0..N-1).")
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    path = resolve_model(args.model)
+    name = short_name(path)
+    out = (ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv") / "icl_spread.json"
+    rows = json.loads(out.read_text()) if out.exists() else {}
+    tpl = template("qa")
+    with Session(path, n_threads=args.threads) as session:
+        predict = llamacpp_predictor(session, batched=True)
+        for task_name in args.tasks.split(","):
+            task = load_task(task_name)
+            queries, pool = task.test[: args.n_test], task.train[:20]  # train.ffv.prepare's training pairs
+            row = rows.setdefault(task_name, {"task": task_name, "n": len(queries), "icl": {}})
+            if "ffv" not in row:
+                items = build_items(session.tokenize, tpl, queries, pool, K)
+                row["ffv"] = accuracy(predict, items.tokens["zero_shot"], items.answers, vectorfile.load(ROOT / "vectors" / name / f"{task_name}.ffv.safetensors"))
+                write_json(out, rows)
+            for seed in range(args.seeds):
+                if str(seed) in row["icl"]:
+                    continue
+                items = build_items(session.tokenize, tpl, queries, pool, K, seed=seed)
+                row["icl"][str(seed)] = accuracy(predict, items.tokens["icl"], items.answers)
+                write_json(out, rows)
+                print(f"{task_name} seed {seed}: ICL {row['icl'][str(seed)]:.3f} (FFV {row['ffv']:.3f})", flush=True)
+    write_text(out.with_suffix(".md"), markdown(name, rows, args.seeds))
+    print(markdown(name, rows, args.seeds))
+
+
+if __name__ == "__main__":
+    main()
