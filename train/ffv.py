@@ -4,8 +4,9 @@ The vector is added to the residual stream after block L at the last token of ze
 (`Q: x\\nA:`), the token that predicts the answer; with `every_answer_token` also at every answer token
 before the last, as the runtime applies it with `--every-token`; with `positions="all"` at every token of
 prompt and answer, as llama.cpp applies a control vector (`fvpatch export`). The model stays frozen. The loss is
-the mean NLL of all tokens of the answer word (per pair, then over pairs), plus an optional L2 penalty
-on the vector or on its distance from the initial vector. Adam with cosine decay, the whole training
+the mean NLL of all tokens of the answer word (per pair, then over pairs), or with `targets="icl"` the
+cross-entropy against what 10-shot ICL predicts at each of them, plus an optional L2 penalty on the vector
+or on its distance from the initial vector. Adam with cosine decay, the whole training
 set in every step, early stopping on the valid pairs' loss: the vector kept is the best one on valid.
 
 The learning rate is relative: Adam moves each coordinate by about lr per step, so it is multiplied by

@@ -8,7 +8,8 @@ pairs the FFV was trained on) and the shipped FFV once, so "FFV >= ICL" can be r
 
 Batched llama.cpp (the shared-prefix decode; logits can differ from one prompt per decode by about one on a
 4-bit model, so seed 0 may differ from the FFV report by an item). Resumable: each (task, seed) is written to
-results/<model>/ffv/icl_spread.json as it completes and skipped on the next run.
+results/<model>/ffv/icl_spread.json as it completes and skipped on the next run; processes given disjoint
+`--tasks` can share the file (each merges only its own tasks into it).
 """
 
 import argparse
@@ -33,7 +34,8 @@ def markdown(model: str, rows: dict, seeds: int) -> str:
              "FFV's 20 training pairs, one draw per query and seed (seed 0 is the FFV report's).", "",
              "| task | n | FFV | ICL seed 0 | ICL min – max | ICL mean | FFV ≥ ICL mean | FFV ≥ ICL min |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
-    done = [r for r in rows.values() if len(r["icl"]) >= seeds and "ffv" in r]
+    order = {t: i for i, t in enumerate(CORE_TASKS)}
+    done = sorted((r for r in rows.values() if len(r["icl"]) >= seeds and "ffv" in r), key=lambda r: order.get(r["task"], len(order)))
     for r in done:
         icl = [r["icl"][str(s)] for s in range(seeds)]
         lines.append(f"| {r['task']} | {r['n']} | {100 * r['ffv']:.0f}% | {100 * icl[0]:.0f}% | {100 * min(icl):.0f}% – {100 * max(icl):.0f}% | "
@@ -43,6 +45,12 @@ def markdown(model: str, rows: dict, seeds: int) -> str:
         lines += ["", f"FFV ≥ the mean of the ICL draws on {sum(r['ffv'] >= m for r, m in zip(done, means))} of {len(done)} tasks; "
                       f"≥ the worst draw on {sum(r['ffv'] >= min(r['icl'][str(s)] for s in range(seeds)) for r in done)} of {len(done)}."]
     return "\n".join(lines) + "\n"
+
+
+def save(out, row: dict) -> None:
+    rows = json.loads(out.read_text()) if out.exists() else {}
+    rows[row["task"]] = row
+    write_json(out, rows)
 
 
 def main():
@@ -68,14 +76,15 @@ def main():
             if "ffv" not in row:
                 items = build_items(session.tokenize, tpl, queries, pool, K)
                 row["ffv"] = accuracy(predict, items.tokens["zero_shot"], items.answers, vectorfile.load(ROOT / "vectors" / name / f"{task_name}.ffv.safetensors"))
-                write_json(out, rows)
+                save(out, row)
             for seed in range(args.seeds):
                 if str(seed) in row["icl"]:
                     continue
                 items = build_items(session.tokenize, tpl, queries, pool, K, seed=seed)
                 row["icl"][str(seed)] = accuracy(predict, items.tokens["icl"], items.answers)
-                write_json(out, rows)
+                save(out, row)
                 print(f"{task_name} seed {seed}: ICL {row['icl'][str(seed)]:.3f} (FFV {row['ffv']:.3f})", flush=True)
+    rows = json.loads(out.read_text())
     write_text(out.with_suffix(".md"), markdown(name, rows, args.seeds))
     print(markdown(name, rows, args.seeds))
 
