@@ -74,6 +74,10 @@ def summary(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_runs(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", default=",".join(CORE_TASKS))
@@ -92,8 +96,7 @@ def main():
     args = ap.parse_args()
     args.out = args.out or default_out(args.model, args.dtype)
 
-    runs = json.loads(args.out.read_text()) if args.out.exists() else []
-    done = {(r["task"], *config(r)) for r in runs}
+    done = {(r["task"], *config(r)) for r in read_runs(args.out)}
     lm = load_model(args.model, args.device, args.dtype)
     header = HEADER.format(model=lm.fingerprint["file"], dtype=args.dtype,
                            args="".join(f" --{k} {v}" for k, v in (("model", args.model), ("dtype", args.dtype)) if v not in (None, "float32")))
@@ -114,7 +117,7 @@ def main():
                     if init == "fv" and fv is None:  # the function vector does not depend on the layer it is added at
                         fv = initial_vector(lm, data.task, tpl, cfg, data.train)
                     vf, hist = train_ffv(lm, data, tpl, cfg, v0=fv if init == "fv" else None, progress=False)
-                    runs.append({
+                    r = {
                         "task": name, "layer": layer, "init": init, "lr": lr, "steps": args.steps, "every_answer_token": args.every_answer_token,
                         "positions": args.positions, "l2_from_init": l2, "targets": targets,
                         "valid_top1": zero_shot_top1(lm, predict, tpl, data.task.valid, vf),
@@ -122,9 +125,9 @@ def main():
                         "seconds": round(time.perf_counter() - t, 1), "norm": float(torch.from_numpy(vf.rows).norm()),
                         "residual_norm": float(last_residual(lm, data.train, layer).norm(dim=-1).mean()),
                         "curve": {"step": hist.step, "train": hist.train_loss, "valid_step": hist.valid_step, "valid": hist.valid_loss},
-                    })
-                    r = runs[-1]
+                    }
                     print(f"{name:16} L{layer:<2} {init:7} lr {lr:<5} l2i {l2:<4} {targets:6} valid top1 {r['valid_top1']:.2f} loss {r['valid_loss']:.3f} best@{r['best_step']} {r['seconds']}s", flush=True)
+                    runs = read_runs(args.out) + [r]  # re-read: another process may share the file (give each its own --tasks)
                     write_text(args.out, json.dumps(runs))
                     write_text(args.out.with_suffix(".md"), header + summary(runs))
 

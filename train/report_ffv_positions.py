@@ -1,0 +1,119 @@
+"""Per task, the FFV at the last prompt token or at every token, chosen on VALID pairs, scored on test pairs.
+
+A last-token FFV can only act after the query has been read; added at every token (as llama.cpp applies a
+control vector) it also reaches the query's own tokens, at an earlier layer. For each core task this takes,
+from the FFV sweep (`train.sweep_ffv --positions all`), the valid top-1 of the shipped last-token config
+and of every every-token run; keeps the better (ties: the lower valid loss); where every-token wins, trains
+that vector and scores it on the test pairs in llama.cpp, one prompt per decode as the FFV report does.
+Where the last token wins, the shipped FFV and the FFV report's score stand. Test pairs choose nothing.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_positions --model qwen2.5-coder-1.5b --dtype bfloat16
+
+Writes vectors/<model>/<task>.ffv-all.safetensors for every task where every-token wins, and
+results/<model>/ffv/positions_choice.{json,md}; resumable (a task's result is kept once written).
+"""
+
+import argparse
+import json
+
+from fvpatch import vectorfile
+from fvpatch.atomic import write_json, write_text
+from fvpatch.evaluate import build_items, llamacpp_predictor
+from fvpatch.models import resolve_model, short_name
+from fvpatch.prompts import template
+from fvpatch.session import Session
+from fvpatch.tasks import CORE_TASKS, load_task
+from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
+from train.model import DTYPES, load_model
+from train.report_ffv import K, ROOT, accuracy
+from train.sweep_ffv import default_out, read_runs
+
+
+def choose(runs: list[dict], task: str, last: Config) -> tuple[dict, dict | None]:
+    """(the shipped last-token config's sweep run, the best every-token run or None), both on valid pairs."""
+    mine = [r for r in runs if r["task"] == task and r.get("targets", "answer") == "answer" and not r["every_answer_token"]
+            and r.get("l2_from_init", 0.0) == 0.0 and r["steps"] == last.steps]
+    shipped = [r for r in mine if r.get("positions", "last") == "last" and (r["layer"], r["init"], r["lr"]) == (last.layer, last.init, last.lr)]
+    every = [r for r in mine if r.get("positions") == "all" and (r["init"], r["lr"]) == (ALL_TOKENS.init, ALL_TOKENS.lr)]
+    if not shipped:
+        raise SystemExit(f"{task}: the sweep has no run of the shipped config (layer {last.layer}, {last.init}, lr {last.lr}); run train.sweep_ffv first")
+    best = max(every, key=lambda r: (r["valid_top1"], -r["valid_loss"]), default=None)
+    return shipped[0], best
+
+
+def wins(shipped: dict, every: dict | None) -> bool:
+    return every is not None and (every["valid_top1"], -every["valid_loss"]) > (shipped["valid_top1"], -shipped["valid_loss"])
+
+
+def markdown(model: str, rows: list[dict], command: str) -> str:
+    lines = [f"# FFV at the last token or at every token, chosen per task on valid pairs ({model})", "",
+             f"Regenerate: `{command}`. Valid: PyTorch top-1 on the task's valid pairs (the FFV sweep). Test: llama.cpp top-1 of the "
+             "first answer token on test pairs, one prompt per decode; ICL is the FFV report's 10-shot ICL (seed 0) and the mean of five "
+             "demo draws (results/<model>/ffv/icl_spread.md).", "",
+             "| task | valid: last token (layer) | valid: every token (layer) | chosen | test: chosen FFV | test: ICL seed 0 | ICL, mean of 5 draws | ≥ ICL seed 0 | ≥ ICL mean |",
+             "|---|---|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        e = r["every"]
+        lines.append(f"| {r['task']} | {100 * r['last']['valid_top1']:.0f}% ({r['last']['valid_loss']:.2f}; {r['last']['layer']}) | "
+                     + (f"{100 * e['valid_top1']:.0f}% ({e['valid_loss']:.2f}; {e['layer']})" if e else "-")
+                     + f" | {r['chosen']} | {100 * r['test']:.0f}% | {100 * r['icl']:.0f}% | "
+                     + ("-" if r["icl_mean"] is None else f"{100 * r['icl_mean']:.1f}%")
+                     + f" | {'yes' if r['test'] >= r['icl'] else 'no'} | {'-' if r['icl_mean'] is None else 'yes' if r['test'] >= r['icl_mean'] else 'no'} |")
+    lines += ["", f"Chosen FFV ≥ ICL (seed 0) on {sum(r['test'] >= r['icl'] for r in rows)} of {len(rows)} tasks."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="Of the sweep to read and of the vectors trained.")
+    ap.add_argument("--layer", type=int, default=16, help="The shipped last-token FFVs' layer.")
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    path = resolve_model(args.model)
+    name = short_name(path)
+    results, bank = ROOT / "results" / name / "ffv", ROOT / "vectors" / name
+    out = results / "positions_choice.json"
+    done = {r["task"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
+    runs = read_runs(default_out(args.model, args.dtype))
+    spread = json.loads((results / "icl_spread.json").read_text()) if (results / "icl_spread.json").exists() else {}
+    last = Config(layer=args.layer)
+    tpl = template("qa")
+    lm = None
+    with Session(path, n_threads=args.threads) as session:
+        for task_name in CORE_TASKS:
+            if task_name in done:
+                continue
+            shipped, every = choose(runs, task_name, last)
+            report = json.loads((results / "tasks" / f"{task_name}.json").read_text())["acc"]["llamacpp"]
+            icl_draws = list(spread.get(task_name, {}).get("icl", {}).values())
+            row = {"task": task_name, "last": shipped, "every": every, "chosen": "every token" if wins(shipped, every) else "last token",
+                   "icl": report["icl_10shot"], "icl_mean": sum(icl_draws) / len(icl_draws) if icl_draws else None}
+            for r in (shipped, every):
+                if r is not None:
+                    r.pop("curve", None)
+            if row["chosen"] == "last token":
+                row["test"] = report["ffv"]
+            else:
+                lm = lm or load_model(path, "cpu", args.dtype)
+                task = load_task(task_name)
+                cfg = Config(layer=every["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, positions="all")
+                vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
+                items = build_items(session.tokenize, tpl, task.test[: args.n_test], task.train[:20], K)
+                row["test"] = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
+                vf.meta.update({"fvpatch.test_top1": f"{row['test']:.4f}", "fvpatch.test_n": str(len(items.answers)),
+                                "fvpatch.test_engine": f"llama.cpp, {path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
+                vectorfile.save(vf, bank / f"{task_name}.ffv-all.safetensors", overwrite=True)
+            done[task_name] = row
+            write_json(out, list(done.values()))
+            print(f"{task_name}: {row['chosen']}, test {row['test']:.3f} vs ICL {row['icl']:.3f}", flush=True)
+    rows = [done[t] for t in CORE_TASKS if t in done]
+    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_positions --model {args.model} --dtype {args.dtype}"
+    write_text(results / "positions_choice.md", markdown(name, rows, command))
+    print(markdown(name, rows, command))
+
+
+if __name__ == "__main__":
+    main()
