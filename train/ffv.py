@@ -300,15 +300,15 @@ def train_ffv(lm: LoadedModel, data: Data, tpl: Template, cfg: Config, v0: torch
         raise OutOfRange(f"layer {cfg.layer} is outside this model's {lm.n_layer} layers (0..{lm.n_layer - 1})")
     if (cfg.positions == "all") != (data.train.cache is None):
         raise ValueError(f"positions {cfg.positions!r} needs data from prepare(..., positions={cfg.positions!r})")
+    if cfg.targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {cfg.targets!r}")
+    if cfg.targets == "icl" and (cfg.positions != "last" or cfg.every_answer_token):
+        raise ValueError("ICL targets are for a vector at the last prompt token only")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     rms = residual_rms(lm, data.train, cfg.layer)
     if v0 is None:
         v0 = initial_vector(lm, data.task, tpl, cfg, data.train)
-    if cfg.targets not in TARGETS:
-        raise ValueError(f"targets must be one of {TARGETS}, got {cfg.targets!r}")
-    if cfg.targets == "icl" and (cfg.positions != "last" or cfg.every_answer_token):
-        raise ValueError("ICL targets are for a vector at the last prompt token only")
     soft = icl_targets(lm, tpl, data.train, seed=cfg.seed) if cfg.targets == "icl" else None
     v, hist = fit(lm, data.train, data.valid, v0, cfg, rms, progress, soft)
     with torch.no_grad():

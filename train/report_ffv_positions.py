@@ -26,15 +26,14 @@ from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
 from train.report_ffv import K, ROOT, accuracy
-from train.sweep_ffv import default_out, read_runs
+from train.sweep_ffv import config, default_out, read_runs
 
 
 def choose(runs: list[dict], task: str, last: Config) -> tuple[dict, dict | None]:
     """(the shipped last-token config's sweep run, the best every-token run or None), both on valid pairs."""
-    mine = [r for r in runs if r["task"] == task and r.get("targets", "answer") == "answer" and not r["every_answer_token"]
-            and r.get("l2_from_init", 0.0) == 0.0 and r["steps"] == last.steps]
-    shipped = [r for r in mine if r.get("positions", "last") == "last" and (r["layer"], r["init"], r["lr"]) == (last.layer, last.init, last.lr)]
-    every = [r for r in mine if r.get("positions") == "all" and (r["init"], r["lr"]) == (ALL_TOKENS.init, ALL_TOKENS.lr)]
+    mine = [r for r in runs if r["task"] == task]
+    shipped = [r for r in mine if config(r) == (last.layer, last.init, last.lr, last.steps, False, "last", 0.0, "answer")]
+    every = [r for r in mine if config(r)[1:] == (ALL_TOKENS.init, ALL_TOKENS.lr, last.steps, False, "all", 0.0, "answer")]
     if not shipped:
         raise SystemExit(f"{task}: the sweep has no run of the shipped config (layer {last.layer}, {last.init}, lr {last.lr}); run train.sweep_ffv first")
     best = max(every, key=lambda r: (r["valid_top1"], -r["valid_loss"]), default=None)
