@@ -49,6 +49,11 @@ HEADERS = ("zero-shot", "10-shot ICL", "FV (layer L)", "FV (own layer)", "initia
 K = 10
 
 
+def results_dir(name: str) -> Path:
+    """Where a model's FFV results go: results/ffv for the default model, results/<model>/ffv for another."""
+    return ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv"
+
+
 def accuracy(predict, tokens, answers, vector=None) -> float:
     return float(np.mean(np.array(predict(tokens, vector)) == np.array(answers)))
 
@@ -185,7 +190,7 @@ def main():
 
     path = resolve_model(args.model)
     name = short_name(path)
-    results = ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv"
+    results = results_dir(name)
     bank_dir = ROOT / "vectors" / name
     cfg = Config(layer=args.layer)
     lm = load_model(path, dtype=args.dtype)

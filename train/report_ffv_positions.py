@@ -25,7 +25,7 @@ from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
-from train.report_ffv import K, ROOT, accuracy
+from train.report_ffv import K, ROOT, accuracy, results_dir
 from train.sweep_ffv import config, default_out, read_runs
 
 
@@ -73,7 +73,7 @@ def main():
 
     path = resolve_model(args.model)
     name = short_name(path)
-    results, bank = ROOT / "results" / name / "ffv", ROOT / "vectors" / name
+    results, bank = results_dir(name), ROOT / "vectors" / name
     out = results / "positions_choice.json"
     done = {r["task"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
     runs = read_runs(default_out(args.model, args.dtype))

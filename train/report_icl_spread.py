@@ -24,7 +24,7 @@ from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
-from train.report_ffv import K, ROOT, accuracy
+from train.report_ffv import K, ROOT, accuracy, results_dir
 
 
 def markdown(model: str, rows: dict, seeds: int) -> str:
@@ -36,14 +36,15 @@ def markdown(model: str, rows: dict, seeds: int) -> str:
              "|---|---:|---:|---:|---:|---:|---|---|"]
     order = {t: i for i, t in enumerate(CORE_TASKS)}
     done = sorted((r for r in rows.values() if len(r["icl"]) >= seeds and "ffv" in r), key=lambda r: order.get(r["task"], len(order)))
+    above_mean = above_min = 0
     for r in done:
         icl = [r["icl"][str(s)] for s in range(seeds)]
+        above_mean += r["ffv"] >= np.mean(icl)
+        above_min += r["ffv"] >= min(icl)
         lines.append(f"| {r['task']} | {r['n']} | {100 * r['ffv']:.0f}% | {100 * icl[0]:.0f}% | {100 * min(icl):.0f}% – {100 * max(icl):.0f}% | "
                      f"{100 * np.mean(icl):.1f}% | {'yes' if r['ffv'] >= np.mean(icl) else 'no'} | {'yes' if r['ffv'] >= min(icl) else 'no'} |")
     if done:
-        means = [np.mean([r["icl"][str(s)] for s in range(seeds)]) for r in done]
-        lines += ["", f"FFV ≥ the mean of the ICL draws on {sum(r['ffv'] >= m for r, m in zip(done, means))} of {len(done)} tasks; "
-                      f"≥ the worst draw on {sum(r['ffv'] >= min(r['icl'][str(s)] for s in range(seeds)) for r in done)} of {len(done)}."]
+        lines += ["", f"FFV ≥ the mean of the ICL draws on {above_mean} of {len(done)} tasks; ≥ the worst draw on {above_min} of {len(done)}."]
     return "\n".join(lines) + "\n"
 
 
@@ -64,7 +65,7 @@ def main():
 
     path = resolve_model(args.model)
     name = short_name(path)
-    out = (ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv") / "icl_spread.json"
+    out = results_dir(name) / "icl_spread.json"
     rows = json.loads(out.read_text()) if out.exists() else {}
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:
