@@ -6,15 +6,17 @@ from train.ffv import Config
 from train.report_ffv_positions import choose, markdown, wins
 
 
-def run(task, positions, layer, init, lr, top1, loss, **kw):
-    return {"task": task, "positions": positions, "layer": layer, "init": init, "lr": lr, "steps": 60, "every_answer_token": False,
+def run(task, positions, layer, init, lr, top1, loss, steps=60, **kw):
+    return {"task": task, "positions": positions, "layer": layer, "init": init, "lr": lr, "steps": steps, "every_answer_token": False,
             "valid_top1": top1, "valid_loss": loss, **kw}
 
 
 RUNS = [run("a", "last", 16, "taskvec", 0.05, 0.60, 1.5), run("a", "last", 16, "taskvec", 0.1, 0.70, 1.4),  # another lr: not a candidate
         run("a", "all", 16, "zeros", 0.02, 0.62, 1.3), run("a", "all", 12, "zeros", 0.02, 0.64, 1.27), run("a", "all", 8, "zeros", 0.02, 0.64, 1.32),
         run("a", "last", 16, "taskvec", 0.05, 0.9, 0.1, targets="icl"),  # other targets: not a candidate
-        run("b", "last", 16, "taskvec", 0.05, 1.0, 0.02), run("b", "all", 8, "zeros", 0.02, 1.0, 0.29)]
+        run("b", "last", 16, "taskvec", 0.05, 1.0, 0.02), run("b", "all", 8, "zeros", 0.02, 1.0, 0.29),
+        run("c", "last", 16, "taskvec", 0.05, 0.66, 1.5), run("c", "last", 16, "taskvec", 0.05, 0.9, 0.5, steps=150),  # last token: 60 steps only
+        run("c", "all", 8, "zeros", 0.02, 0.70, 1.33), run("c", "all", 6, "zeros", 0.02, 0.72, 1.30, steps=150)]
 
 
 def test_choice_is_the_best_valid_top1_then_the_lower_valid_loss():
@@ -23,12 +25,14 @@ def test_choice_is_the_best_valid_top1_then_the_lower_valid_loss():
     assert (shipped["lr"], shipped["valid_top1"]) == (0.05, 0.60) and every["layer"] == 12 and wins(shipped, every)
     shipped, every = choose(RUNS, "b", last)
     assert every["layer"] == 8 and not wins(shipped, every)  # a tie on top-1 goes to the lower loss: the last token
+    shipped, every = choose(RUNS, "c", last)
+    assert (shipped["steps"], every["layer"], every["steps"]) == (60, 6, 150)  # every-token runs of any step budget compete
     with pytest.raises(SystemExit, match="no run of the shipped config"):
-        choose(RUNS, "c", last)
+        choose(RUNS, "d", last)
 
 
 def test_table_compares_with_both_icl_numbers():
     shipped, every = choose(RUNS, "a", Config(layer=16))
     md = markdown("m", [{"task": "a", "last": shipped, "every": every, "chosen": "every token", "test": 0.63, "icl": 0.59, "icl_mean": 0.64}], "cmd")
-    assert "| a | 60% (1.50; 16) | 64% (1.27; 12) | every token | 63% | 59% | 64.0% | yes | no |" in md
+    assert "| a | 60% (1.50; 16) | 64% (1.27; 12, 60 steps) | every token | 63% | 59% | 64.0% | yes | no |" in md
     assert "≥ ICL (seed 0) on 1 of 1 tasks" in md

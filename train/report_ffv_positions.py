@@ -30,10 +30,11 @@ from train.sweep_ffv import config, default_out, read_runs
 
 
 def choose(runs: list[dict], task: str, last: Config) -> tuple[dict, dict | None]:
-    """(the shipped last-token config's sweep run, the best every-token run or None), both on valid pairs."""
+    """(the shipped last-token config's sweep run, the best every-token run or None), both on valid pairs.
+    Every-token runs of any layer and step budget compete; longer budgets exist where shorter runs still improved at their last step."""
     mine = [r for r in runs if r["task"] == task]
     shipped = [r for r in mine if config(r) == (last.layer, last.init, last.lr, last.steps, False, "last", 0.0, "answer")]
-    every = [r for r in mine if config(r)[1:] == (ALL_TOKENS.init, ALL_TOKENS.lr, last.steps, False, "all", 0.0, "answer")]
+    every = [r for r in mine if config(r)[1:3] + config(r)[4:] == (ALL_TOKENS.init, ALL_TOKENS.lr, False, "all", 0.0, "answer")]
     if not shipped:
         raise SystemExit(f"{task}: the sweep has no run of the shipped config (layer {last.layer}, {last.init}, lr {last.lr}); run train.sweep_ffv first")
     best = max(every, key=lambda r: (r["valid_top1"], -r["valid_loss"]), default=None)
@@ -49,12 +50,12 @@ def markdown(model: str, rows: list[dict], command: str) -> str:
              f"Regenerate: `{command}`. Valid: PyTorch top-1 on the task's valid pairs (the FFV sweep). Test: llama.cpp top-1 of the "
              "first answer token on test pairs, one prompt per decode; ICL is the FFV report's 10-shot ICL (seed 0) and the mean of five "
              "demo draws (results/<model>/ffv/icl_spread.md).", "",
-             "| task | valid: last token (layer) | valid: every token (layer) | chosen | test: chosen FFV | test: ICL seed 0 | ICL, mean of 5 draws | ≥ ICL seed 0 | ≥ ICL mean |",
+             "| task | valid: last token (layer) | valid: every token (layer, step budget) | chosen | test: chosen FFV | test: ICL seed 0 | ICL, mean of 5 draws | ≥ ICL seed 0 | ≥ ICL mean |",
              "|---|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         e = r["every"]
         lines.append(f"| {r['task']} | {100 * r['last']['valid_top1']:.0f}% ({r['last']['valid_loss']:.2f}; {r['last']['layer']}) | "
-                     + (f"{100 * e['valid_top1']:.0f}% ({e['valid_loss']:.2f}; {e['layer']})" if e else "-")
+                     + (f"{100 * e['valid_top1']:.0f}% ({e['valid_loss']:.2f}; {e['layer']}, {e['steps']} steps)" if e else "-")
                      + f" | {r['chosen']} | {100 * r['test']:.0f}% | {100 * r['icl']:.0f}% | "
                      + ("-" if r["icl_mean"] is None else f"{100 * r['icl_mean']:.1f}%")
                      + f" | {'yes' if r['test'] >= r['icl'] else 'no'} | {'-' if r['icl_mean'] is None else 'yes' if r['test'] >= r['icl_mean'] else 'no'} |")
@@ -98,7 +99,7 @@ def main():
             else:
                 lm = lm or load_model(path, "cpu", args.dtype)
                 task = load_task(task_name)
-                cfg = Config(layer=every["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, positions="all")
+                cfg = Config(layer=every["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, steps=every["steps"], positions="all")
                 vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
                 items = build_items(session.tokenize, tpl, task.test[: args.n_test], task.train[:20], K)
                 row["test"] = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
