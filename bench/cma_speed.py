@@ -40,8 +40,8 @@ def main():
     diff = max(float((batched - loop).abs().max()), float((base_b - base_l).abs().max()))
     aie_b, aie_l = (batched - base_b[:, None, None]).mean(0), (loop - base_l[:, None, None]).mean(0)
     print(f"{args.prompts} prompts of ~{n_tokens:.0f} tokens x {n_heads} heads (+ unpatched), torch threads {torch.get_num_threads()}")
-    print(f"| method | forwards | seconds | per prompt |")
-    print(f"|---|---:|---:|---:|")
+    print("| method | forwards | seconds | per prompt |")
+    print("|---|---:|---:|---:|")
     print(f"| one head per forward | {args.prompts * (n_heads + 1)} | {t_loop:.1f} | {t_loop / args.prompts:.2f} |")
     print(f"| batched (cached prefix, all heads in one last-token batch) | {2 * args.prompts} | {t_batched:.1f} | {t_batched / args.prompts:.2f} |")
     print(f"speedup {t_loop / t_batched:.1f}x; max |difference| in P(answer) {diff:.2e}; top head {tuple(divmod(int(aie_b.argmax()), lm.n_head))} "

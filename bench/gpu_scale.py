@@ -21,7 +21,6 @@ README's "What an 8B model needs" quotes; accuracy needs the real weights and is
 import argparse
 import json
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 from fvpatch.atomic import write_json, write_text
 from fvpatch.prompts import template
 from fvpatch.tasks import load_task
+
+from rss import peak_rss_gb  # bench/rss.py: scripts here run as `python bench/NAME.py`
 
 # the published configurations' shapes (config.json of each Hugging Face repository)
 SHAPES = {
@@ -66,7 +67,7 @@ def sync(device: torch.device):
 def peak_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    return peak_rss_gb()
 
 
 def measure_ffv(lm, steps: int) -> dict:

@@ -15,10 +15,11 @@ loaded and warmed up first. Printed as ratios against fvpatch, with how many gen
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
+
+from rss import peak_rss_gb  # bench/rss.py: scripts here run as `python bench/NAME.py`
 
 ENGINES = ("fvpatch", "transformers", "nnsight")
 
@@ -81,7 +82,7 @@ def child(engine: str, model: str, task: str, n: int, threads: int) -> dict:
     toks = generate(n)
     total = time.perf_counter() - t
     return {"engine": engine, "load_s": load, "ttft_s": ttft, "tokens": toks, "first": first[0],
-            "tok_per_s": (len(toks) - 1) / max(total - ttft, 1e-9), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+            "tok_per_s": (len(toks) - 1) / max(total - ttft, 1e-9), "peak_rss_gb": peak_rss_gb()}
 
 
 def main():

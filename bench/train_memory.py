@@ -33,14 +33,11 @@ import sys
 import time
 from pathlib import Path
 
+from rss import peak_rss_gb  # bench/rss.py: scripts here run as `python bench/NAME.py`
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "results" / "training" / "memory.json"
 WHAT = ("convert", "ffv", "headmap")
-
-
-def peak_rss_gb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9  # bytes on macOS, KiB on Linux
 
 
 def cpu_seconds() -> float:
