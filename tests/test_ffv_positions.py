@@ -3,7 +3,7 @@
 import pytest
 
 from train.ffv import Config
-from train.report_ffv_positions import choose, markdown, wins
+from train.report_ffv_positions import choose, markdown, same_choice, wins
 
 
 def run(task, positions, layer, init, lr, top1, loss, steps=60, **kw):
@@ -36,3 +36,12 @@ def test_table_compares_with_both_icl_numbers():
     md = markdown("m", [{"task": "a", "last": shipped, "every": every, "chosen": "every token", "test": 0.63, "icl": 0.59, "icl_mean": 0.64}], "cmd")
     assert "| a | 60% (1.50; 16) | 64% (1.27; 12, 60 steps) | every token | 63% | 59% | 64.0% | yes | no |" in md
     assert "≥ ICL (seed 0) on 1 of 1 tasks" in md
+
+
+def test_a_written_result_stands_only_while_the_choice_does():
+    shipped, every = choose(RUNS, "a", Config(layer=16))
+    row = {"task": "a", "last": shipped, "every": every}
+    assert same_choice(row, shipped, every)
+    better = run("a", "all", 8, "zeros", 0.02, 0.66, 1.27, steps=150)  # a longer run added to the sweep since
+    assert not same_choice(row, *choose(RUNS + [better], "a", Config(layer=16)))
+    assert same_choice({"task": "b", "last": choose(RUNS, "b", Config(layer=16))[0], "every": None}, choose(RUNS, "b", Config(layer=16))[0], None)

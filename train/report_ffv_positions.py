@@ -10,7 +10,7 @@ Where the last token wins, the shipped FFV and the FFV report's score stand. Tes
     OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_positions --model qwen2.5-coder-1.5b --dtype bfloat16
 
 Writes vectors/<model>/<task>.ffv-all.safetensors for every task where every-token wins, and
-results/<model>/ffv/positions_choice.{json,md}; resumable (a task's result is kept once written).
+results/<model>/ffv/positions_choice.{json,md}; resumable (a task's result is kept while the sweep's choice for it stands).
 """
 
 import argparse
@@ -43,6 +43,11 @@ def choose(runs: list[dict], task: str, last: Config) -> tuple[dict, dict | None
 
 def wins(shipped: dict, every: dict | None) -> bool:
     return every is not None and (every["valid_top1"], -every["valid_loss"]) > (shipped["valid_top1"], -shipped["valid_loss"])
+
+
+def same_choice(row: dict, shipped: dict, every: dict | None) -> bool:
+    """Whether a written result still stands: runs added to the sweep since can change the choice."""
+    return (config(row["last"]), row["every"] and config(row["every"])) == (config(shipped), every and config(every))
 
 
 def markdown(model: str, rows: list[dict], command: str) -> str:
@@ -84,9 +89,9 @@ def main():
     lm = None
     with Session(path, n_threads=args.threads) as session:
         for task_name in CORE_TASKS:
-            if task_name in done:
-                continue
             shipped, every = choose(runs, task_name, last)
+            if task_name in done and same_choice(done[task_name], shipped, every):
+                continue
             report = json.loads((results / "tasks" / f"{task_name}.json").read_text())["acc"]["llamacpp"]
             icl_draws = list(spread.get(task_name, {}).get("icl", {}).values())
             row = {"task": task_name, "last": shipped, "every": every, "chosen": "every token" if wins(shipped, every) else "last token",
