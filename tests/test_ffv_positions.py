@@ -3,7 +3,7 @@
 import pytest
 
 from train.ffv import Config
-from train.report_ffv_positions import choose, markdown, same_choice, wins
+from train.report_ffv_positions import choose, markdown, same_choice, sign_test, wins
 
 
 def run(task, positions, layer, init, lr, top1, loss, steps=60, **kw):
@@ -34,8 +34,12 @@ def test_choice_is_the_best_valid_top1_then_the_lower_valid_loss():
 def test_table_compares_with_both_icl_numbers():
     shipped, every = choose(RUNS, "a", Config(layer=16))
     md = markdown("m", [{"task": "a", "last": shipped, "every": every, "chosen": "every token", "test": 0.63, "icl": 0.59, "icl_mean": 0.64}], "cmd")
-    assert "| a | 60% (1.50; 16) | 64% (1.27; 12, 60 steps) | every token | 63% | 59% | 64.0% | yes | no |" in md
+    assert "| a | 60% (1.50; 16) | 64% (1.27; 12, 60 steps) | every token | 63% | 59% | 64.0% | yes | no | - | - |" in md
     assert "≥ ICL (seed 0) on 1 of 1 tasks" in md
+    paired = {"n": 100, "ffv": 63, "icl": 59, "only_ffv": 6, "only_icl": 2, "p": sign_test(6, 2)}
+    md = markdown("m", [{"task": "a", "last": shipped, "every": every, "chosen": "every token", "test": 0.63, "icl": 0.59, "icl_mean": 0.64,
+                         "paired": paired}], "cmd")
+    assert "| yes | no | 6 / 2 | 0.29 |" in md
 
 
 def test_a_written_result_stands_only_while_the_choice_does():
@@ -45,3 +49,10 @@ def test_a_written_result_stands_only_while_the_choice_does():
     better = run("a", "all", 8, "zeros", 0.02, 0.66, 1.27, steps=150)  # a longer run added to the sweep since
     assert not same_choice(row, *choose(RUNS + [better], "a", Config(layer=16)))
     assert same_choice({"task": "b", "last": choose(RUNS, "b", Config(layer=16))[0], "every": None}, choose(RUNS, "b", Config(layer=16))[0], None)
+
+
+def test_sign_test_is_the_exact_two_sided_binomial():
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(0, 5) == sign_test(5, 0) == 2 / 32  # both one-sided tails of 5 fair coins
+    assert abs(sign_test(1, 4) - 2 * 6 / 32) < 1e-12
+    assert abs(sign_test(2, 10) - 2 * (1 + 12 + 66) / 4096) < 1e-12

@@ -6,6 +6,8 @@ from the FFV sweep (`train.sweep_ffv --positions all`), the valid top-1 of the s
 and of every every-token run; keeps the better (ties: the lower valid loss); where every-token wins, trains
 that vector and scores it on the test pairs in llama.cpp, one prompt per decode as the FFV report does.
 Where the last token wins, the shipped FFV and the FFV report's score stand. Test pairs choose nothing.
+Then it scores the chosen FFV and 10-shot ICL item by item on the same test prompts, and tests the items only
+one of them gets right with an exact sign test: whether "FFV >= ICL" on this test set is a difference at all.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_positions --model qwen2.5-coder-1.5b --dtype bfloat16
 
@@ -15,6 +17,9 @@ results/<model>/ffv/positions_choice.{json,md}; resumable (a task's result is ke
 
 import argparse
 import json
+import math
+
+import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import write_json, write_text
@@ -45,6 +50,24 @@ def wins(shipped: dict, every: dict | None) -> bool:
     return every is not None and (every["valid_top1"], -every["valid_loss"]) > (shipped["valid_top1"], -shipped["valid_loss"])
 
 
+def sign_test(only_a: int, only_b: int) -> float:
+    """Two-sided exact p of the discordant items (McNemar's exact test): how often a fair coin splits
+    only_a + only_b items at least this unevenly."""
+    n, k = only_a + only_b, min(only_a, only_b)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+
+
+def paired_items(session: Session, task, tpl, vf, n_test: int) -> dict:
+    """The chosen FFV and 10-shot ICL (seed 0) item by item on the same test pairs, one prompt per decode."""
+    items = build_items(session.tokenize, tpl, task.test[:n_test], task.train[:20], K)
+    predict, answers = llamacpp_predictor(session, batched=False), np.array(items.answers)
+    ffv = np.array(predict(items.tokens["zero_shot"], vf)) == answers
+    icl = np.array(predict(items.tokens["icl"], None)) == answers
+    only_ffv, only_icl = int((ffv & ~icl).sum()), int((icl & ~ffv).sum())
+    return {"n": len(answers), "ffv": int(ffv.sum()), "icl": int(icl.sum()), "only_ffv": only_ffv, "only_icl": only_icl,
+            "p": sign_test(only_ffv, only_icl)}
+
+
 def same_choice(row: dict, shipped: dict, every: dict | None) -> bool:
     """Whether a written result still stands: runs added to the sweep since can change the choice."""
     return (config(row["last"]), row["every"] and config(row["every"])) == (config(shipped), every and config(every))
@@ -55,16 +78,20 @@ def markdown(model: str, rows: list[dict], command: str) -> str:
              f"Regenerate: `{command}`. Valid: PyTorch top-1 on the task's valid pairs (the FFV sweep). Test: llama.cpp top-1 of the "
              "first answer token on test pairs, one prompt per decode; ICL is the FFV report's 10-shot ICL (seed 0) and the mean of five "
              "demo draws (results/<model>/ffv/icl_spread.md).", "",
-             "| task | valid: last token (layer) | valid: every token (layer, step budget) | chosen | test: chosen FFV | test: ICL seed 0 | ICL, mean of 5 draws | ≥ ICL seed 0 | ≥ ICL mean |",
-             "|---|---|---|---|---:|---:|---:|---|---|"]
+             "| task | valid: last token (layer) | valid: every token (layer, step budget) | chosen | test: chosen FFV | test: ICL seed 0 | ICL, mean of 5 draws | ≥ ICL seed 0 | ≥ ICL mean | items only FFV / only ICL gets | p |",
+             "|---|---|---|---|---:|---:|---:|---|---|---:|---:|"]
     for r in rows:
         e = r["every"]
         lines.append(f"| {r['task']} | {100 * r['last']['valid_top1']:.0f}% ({r['last']['valid_loss']:.2f}; {r['last']['layer']}) | "
                      + (f"{100 * e['valid_top1']:.0f}% ({e['valid_loss']:.2f}; {e['layer']}, {e['steps']} steps)" if e else "-")
                      + f" | {r['chosen']} | {100 * r['test']:.0f}% | {100 * r['icl']:.0f}% | "
                      + ("-" if r["icl_mean"] is None else f"{100 * r['icl_mean']:.1f}%")
-                     + f" | {'yes' if r['test'] >= r['icl'] else 'no'} | {'-' if r['icl_mean'] is None else 'yes' if r['test'] >= r['icl_mean'] else 'no'} |")
-    lines += ["", f"Chosen FFV ≥ ICL (seed 0) on {sum(r['test'] >= r['icl'] for r in rows)} of {len(rows)} tasks."]
+                     + f" | {'yes' if r['test'] >= r['icl'] else 'no'} | {'-' if r['icl_mean'] is None else 'yes' if r['test'] >= r['icl_mean'] else 'no'} | "
+                     + ("- | - |" if "paired" not in r else f"{r['paired']['only_ffv']} / {r['paired']['only_icl']} | {r['paired']['p']:.2f} |"))
+    lines += ["", f"Chosen FFV ≥ ICL (seed 0) on {sum(r['test'] >= r['icl'] for r in rows)} of {len(rows)} tasks.", "",
+              "Items only FFV / only ICL gets: the test pairs that exactly one of the two answers right (chosen FFV, ICL seed 0, same "
+              "prompts, one per decode); p: exact two-sided sign test on those items (McNemar's exact test). A p well above 0.05 "
+              "means the two cannot be told apart on this test set."]
     return "\n".join(lines) + "\n"
 
 
@@ -90,30 +117,36 @@ def main():
     with Session(path, n_threads=args.threads) as session:
         for task_name in CORE_TASKS:
             shipped, every = choose(runs, task_name, last)
-            if task_name in done and same_choice(done[task_name], shipped, every):
-                continue
-            report = json.loads((results / "tasks" / f"{task_name}.json").read_text())["acc"]["llamacpp"]
-            icl_draws = list(spread.get(task_name, {}).get("icl", {}).values())
-            row = {"task": task_name, "last": shipped, "every": every, "chosen": "every token" if wins(shipped, every) else "last token",
-                   "icl": report["icl_10shot"], "icl_mean": sum(icl_draws) / len(icl_draws) if icl_draws else None}
-            for r in (shipped, every):
-                if r is not None:
-                    r.pop("curve", None)
-            if row["chosen"] == "last token":
-                row["test"] = report["ffv"]
-            else:
-                lm = lm or load_model(path, "cpu", args.dtype)
-                task = load_task(task_name)
-                cfg = Config(layer=every["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, steps=every["steps"], positions="all")
-                vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
-                items = build_items(session.tokenize, tpl, task.test[: args.n_test], task.train[:20], K)
-                row["test"] = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
-                vf.meta.update({"fvpatch.test_top1": f"{row['test']:.4f}", "fvpatch.test_n": str(len(items.answers)),
-                                "fvpatch.test_engine": f"llama.cpp, {path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
-                vectorfile.save(vf, bank / f"{task_name}.ffv-all.safetensors", overwrite=True)
-            done[task_name] = row
-            write_json(out, list(done.values()))
-            print(f"{task_name}: {row['chosen']}, test {row['test']:.3f} vs ICL {row['icl']:.3f}", flush=True)
+            row = done.get(task_name)
+            if row is None or not same_choice(row, shipped, every):
+                report = json.loads((results / "tasks" / f"{task_name}.json").read_text())["acc"]["llamacpp"]
+                icl_draws = list(spread.get(task_name, {}).get("icl", {}).values())
+                row = {"task": task_name, "last": shipped, "every": every, "chosen": "every token" if wins(shipped, every) else "last token",
+                       "icl": report["icl_10shot"], "icl_mean": sum(icl_draws) / len(icl_draws) if icl_draws else None}
+                for r in (shipped, every):
+                    if r is not None:
+                        r.pop("curve", None)
+                if row["chosen"] == "last token":
+                    row["test"] = report["ffv"]
+                else:
+                    lm = lm or load_model(path, "cpu", args.dtype)
+                    task = load_task(task_name)
+                    cfg = Config(layer=every["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, steps=every["steps"], positions="all")
+                    vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
+                    items = build_items(session.tokenize, tpl, task.test[: args.n_test], task.train[:20], K)
+                    row["test"] = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
+                    vf.meta.update({"fvpatch.test_top1": f"{row['test']:.4f}", "fvpatch.test_n": str(len(items.answers)),
+                                    "fvpatch.test_engine": f"llama.cpp, {path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
+                    vectorfile.save(vf, bank / f"{task_name}.ffv-all.safetensors", overwrite=True)
+                done[task_name] = row
+                write_json(out, list(done.values()))
+                print(f"{task_name}: {row['chosen']}, test {row['test']:.3f} vs ICL {row['icl']:.3f}", flush=True)
+            if "paired" not in row:
+                suffix = ".ffv-all" if row["chosen"] == "every token" else ".ffv"
+                row["paired"] = paired_items(session, load_task(task_name), tpl, vectorfile.load(bank / f"{task_name}{suffix}.safetensors"), args.n_test)
+                if (row["paired"]["ffv"], row["paired"]["icl"]) != (round(row["test"] * row["paired"]["n"]), round(row["icl"] * row["paired"]["n"])):
+                    raise SystemExit(f"{task_name}: per-item counts {row['paired']} do not reproduce the reported test {row['test']} / ICL {row['icl']}")
+                write_json(out, list(done.values()))
     rows = [done[t] for t in CORE_TASKS if t in done]
     command = f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_positions --model {args.model} --dtype {args.dtype}"
     write_text(results / "positions_choice.md", markdown(name, rows, command))
