@@ -68,6 +68,18 @@ def paired_items(session: Session, task, tpl, vf, n_test: int) -> dict:
             "p": sign_test(only_ffv, only_icl)}
 
 
+def ship_every_token(lm, session: Session, task, run: dict, tpl, n_test: int, bank) -> float:
+    """Train the every-token vector of a sweep run, score it on the test pairs and ship it; its test top-1."""
+    cfg = Config(layer=run["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, steps=run["steps"], positions="all")
+    vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
+    items = build_items(session.tokenize, tpl, task.test[:n_test], task.train[:20], K)
+    top1 = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
+    vf.meta.update({"fvpatch.test_top1": f"{top1:.4f}", "fvpatch.test_n": str(len(items.answers)),
+                    "fvpatch.test_engine": f"llama.cpp, {session.path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
+    vectorfile.save(vf, bank / f"{task.name}.ffv-all.safetensors", overwrite=True)
+    return top1
+
+
 def same_choice(row: dict, shipped: dict, every: dict | None) -> bool:
     """Whether a written result still stands: runs added to the sweep since can change the choice."""
     return (config(row["last"]), row["every"] and config(row["every"])) == (config(shipped), every and config(every))
@@ -130,14 +142,7 @@ def main():
                     row["test"] = report["ffv"]
                 else:
                     lm = lm or load_model(path, "cpu", args.dtype)
-                    task = load_task(task_name)
-                    cfg = Config(layer=every["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, steps=every["steps"], positions="all")
-                    vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
-                    items = build_items(session.tokenize, tpl, task.test[: args.n_test], task.train[:20], K)
-                    row["test"] = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
-                    vf.meta.update({"fvpatch.test_top1": f"{row['test']:.4f}", "fvpatch.test_n": str(len(items.answers)),
-                                    "fvpatch.test_engine": f"llama.cpp, {path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
-                    vectorfile.save(vf, bank / f"{task_name}.ffv-all.safetensors", overwrite=True)
+                    row["test"] = ship_every_token(lm, session, load_task(task_name), every, tpl, args.n_test, bank)
                 done[task_name] = row
                 write_json(out, list(done.values()))
                 print(f"{task_name}: {row['chosen']}, test {row['test']:.3f} vs ICL {row['icl']:.3f}", flush=True)
