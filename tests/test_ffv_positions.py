@@ -3,7 +3,8 @@
 import pytest
 
 from train.ffv import Config
-from train.report_ffv_positions import choose, markdown, same_choice, sign_test, wins
+from train.paired import sign_test
+from train.report_ffv_positions import choose, markdown, same_choice, wins
 
 
 def run(task, positions, layer, init, lr, top1, loss, steps=60, **kw):

@@ -17,7 +17,7 @@ results/<model>/ffv/positions_choice.{json,md}; resumable (a task's result is ke
 
 import argparse
 import json
-import math
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +30,7 @@ from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
+from train.paired import compare
 from train.report_ffv import K, ROOT, accuracy, results_dir
 from train.sweep_ffv import config, default_out, read_runs
 
@@ -50,22 +51,11 @@ def wins(shipped: dict, every: dict | None) -> bool:
     return every is not None and (every["valid_top1"], -every["valid_loss"]) > (shipped["valid_top1"], -shipped["valid_loss"])
 
 
-def sign_test(only_a: int, only_b: int) -> float:
-    """Two-sided exact p of the discordant items (McNemar's exact test): how often a fair coin splits
-    only_a + only_b items at least this unevenly."""
-    n, k = only_a + only_b, min(only_a, only_b)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
-
-
 def paired_items(session: Session, task, tpl, vf, n_test: int) -> dict:
     """The chosen FFV and 10-shot ICL (seed 0) item by item on the same test pairs, one prompt per decode."""
     items = build_items(session.tokenize, tpl, task.test[:n_test], task.train[:20], K)
     predict, answers = llamacpp_predictor(session, batched=False), np.array(items.answers)
-    ffv = np.array(predict(items.tokens["zero_shot"], vf)) == answers
-    icl = np.array(predict(items.tokens["icl"], None)) == answers
-    only_ffv, only_icl = int((ffv & ~icl).sum()), int((icl & ~ffv).sum())
-    return {"n": len(answers), "ffv": int(ffv.sum()), "icl": int(icl.sum()), "only_ffv": only_ffv, "only_icl": only_icl,
-            "p": sign_test(only_ffv, only_icl)}
+    return compare(np.array(predict(items.tokens["zero_shot"], vf)) == answers, np.array(predict(items.tokens["icl"], None)) == answers)
 
 
 def ship_every_token(lm, session: Session, task, run: dict, tpl, n_test: int, bank) -> float:
@@ -78,6 +68,11 @@ def ship_every_token(lm, session: Session, task, run: dict, tpl, n_test: int, ba
                     "fvpatch.test_engine": f"llama.cpp, {session.path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
     vectorfile.save(vf, bank / f"{task.name}.ffv-all.safetensors", overwrite=True)
     return top1
+
+
+def chosen_vector(bank: Path, row: dict) -> Path:
+    """The vector file of a task's chosen FFV."""
+    return bank / f"{row['task']}{'.ffv-all' if row['chosen'] == 'every token' else '.ffv'}.safetensors"
 
 
 def same_choice(row: dict, shipped: dict, every: dict | None) -> bool:
@@ -147,8 +142,7 @@ def main():
                 write_json(out, list(done.values()))
                 print(f"{task_name}: {row['chosen']}, test {row['test']:.3f} vs ICL {row['icl']:.3f}", flush=True)
             if "paired" not in row:
-                suffix = ".ffv-all" if row["chosen"] == "every token" else ".ffv"
-                row["paired"] = paired_items(session, load_task(task_name), tpl, vectorfile.load(bank / f"{task_name}{suffix}.safetensors"), args.n_test)
+                row["paired"] = paired_items(session, load_task(task_name), tpl, vectorfile.load(chosen_vector(bank, row)), args.n_test)
                 if (row["paired"]["ffv"], row["paired"]["icl"]) != (round(row["test"] * row["paired"]["n"]), round(row["icl"] * row["paired"]["n"])):
                     raise SystemExit(f"{task_name}: per-item counts {row['paired']} do not reproduce the reported test {row['test']} / ICL {row['icl']}")
                 write_json(out, list(done.values()))

@@ -1,0 +1,31 @@
+"""train.report_full_test: the first items must reproduce the earlier counts; the table is over the whole split."""
+
+import pytest
+
+from train.paired import compare
+from train.report_full_test import check_first, markdown
+
+
+def row(ffv, icl, first):
+    return {"task": "a", "vector": "a.ffv.safetensors", "first": first, "ffv": ffv, "icl": icl}
+
+
+def test_the_first_items_must_reproduce_the_earlier_counts():
+    r = row([1, 1, 0, 1, 0, 1], [1, 0, 1, 1, 1, 0], compare([1, 1, 0, 1], [1, 0, 1, 1]))
+    check_first(r)
+    r["first"] = {**r["first"], "icl": 2}
+    with pytest.raises(SystemExit, match="the first 4 items give FFV 3 / ICL 3"):
+        check_first(r)
+
+
+def test_compare_counts_the_items_only_one_gets():
+    c = compare([1, 1, 0, 0, 1], [1, 0, 1, 0, 0])
+    assert (c["n"], c["ffv"], c["icl"], c["only_ffv"], c["only_icl"]) == (5, 3, 2, 2, 1)
+    with pytest.raises(ValueError, match="different items"):
+        compare([1, 0], [1])
+
+
+def test_table_is_over_the_whole_split_next_to_the_first_items():
+    md = markdown("m", [row([1, 1, 0, 1, 0, 1], [1, 0, 1, 1, 1, 0], compare([1, 1, 0, 1], [1, 0, 1, 1]))], "cmd")
+    assert "| a | a.ffv.safetensors | 3 / 3 of 4 | 6 | 66.7% | 66.7% | yes | 2 / 2 | 1.00 |" in md
+    assert "FFV ≥ ICL on the whole test split on 1 of 1 tasks." in md

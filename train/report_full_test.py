@@ -1,0 +1,112 @@
+"""The chosen FFV against 10-shot ICL on each core task's WHOLE test split, item by item, in llama.cpp.
+
+The FFV reports score a task's first 100 test pairs (all of them where it has fewer). On those the FFV and ICL
+differ by 0-5 points with p >= 0.45: the first 100 items cannot tell them apart. Antonym, capitalize and
+english-french hold 719, 244 and 1409 test pairs, so this scores every one. Nothing is chosen here: the vectors
+are the ones train.report_ffv_positions chose on valid pairs, and ICL is the FFV report's seed 0 (demos from the
+FFV's 20 training pairs, drawn by query index, so the first 100 prompts are the ones scored before and must
+reproduce its per-item counts; the script stops if they don't). One prompt per decode, as `fvpatch patch` runs.
+
+    OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model qwen2.5-coder-1.5b [--tasks antonym,...]
+
+Resumable: per-item results go to results/<model>/ffv/full_test.json every --chunk items and are kept while the
+vector file is unchanged (its sha256); processes given disjoint --tasks can share the file.
+"""
+
+import argparse
+import hashlib
+import json
+
+import numpy as np
+
+from fvpatch import vectorfile
+from fvpatch.atomic import write_text
+from fvpatch.evaluate import build_items, llamacpp_predictor
+from fvpatch.models import resolve_model, short_name
+from fvpatch.prompts import template
+from fvpatch.session import Session
+from fvpatch.tasks import CORE_TASKS, load_task
+from train.paired import compare
+from train.report_ffv import K, ROOT, results_dir
+from train.report_ffv_positions import chosen_vector
+from train.report_icl_spread import save
+
+
+def score(session: Session, task, tpl, vector_path, row: dict, chunk: int, out) -> None:
+    """Extend row["ffv"] and row["icl"] (0/1 per test item, in test order) to the whole test split."""
+    items = build_items(session.tokenize, tpl, task.test, task.train[:20], K)
+    predict, vf = llamacpp_predictor(session, batched=False), vectorfile.load(vector_path)
+    while len(row["ffv"]) < len(items.answers):
+        at = slice(len(row["ffv"]), len(row["ffv"]) + chunk)
+        answers = np.array(items.answers[at])
+        row["ffv"] += (np.array(predict(items.tokens["zero_shot"][at], vf)) == answers).astype(int).tolist()
+        row["icl"] += (np.array(predict(items.tokens["icl"][at], None)) == answers).astype(int).tolist()
+        if len(row["ffv"]) >= row["first"]["n"]:
+            check_first(row)
+        save(out, row)
+        print(f"{task.name}: {len(row['ffv'])} / {len(items.answers)} items", flush=True)
+
+
+def check_first(row: dict) -> None:
+    """The first items are the prompts report_ffv_positions scored: their counts must come out the same."""
+    before = row["first"]
+    n = before["n"]
+    again = compare(row["ffv"][:n], row["icl"][:n])
+    if (again["ffv"], again["icl"]) != (before["ffv"], before["icl"]):
+        raise SystemExit(f"{row['task']}: the first {n} items give FFV {again['ffv']} / ICL {again['icl']}, "
+                         f"report_ffv_positions gave {before['ffv']} / {before['icl']}")
+
+
+def markdown(model: str, rows: list[dict], command: str) -> str:
+    lines = [f"# Chosen FFV vs 10-shot ICL on the whole test split ({model}, llama.cpp)", "",
+             f"Regenerate: `{command}`. Top-1 of the answer's first token, one prompt per decode. FFV: the vector chosen per task "
+             "on valid pairs (results/<model>/ffv/positions_choice.md); ICL: 10-shot, seed 0 of the FFV report. \"First 100\" is the "
+             "subset the FFV reports score; \"whole split\" adds the rest of the test pairs, scored after those results were known "
+             "and with nothing chosen on them.", "",
+             "| task | vector | first 100: FFV / ICL | whole split: n | FFV | ICL | FFV ≥ ICL | items only FFV / only ICL gets | p |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        first, whole = r["first"], compare(r["ffv"], r["icl"])
+        lines.append(f"| {r['task']} | {r['vector']} | {first['ffv']} / {first['icl']} of {first['n']} | {whole['n']} | "
+                     f"{100 * whole['ffv'] / whole['n']:.1f}% | {100 * whole['icl'] / whole['n']:.1f}% | {'yes' if whole['ffv'] >= whole['icl'] else 'no'} | "
+                     f"{whole['only_ffv']} / {whole['only_icl']} | {whole['p']:.2f} |")
+    above = sum(sum(r["ffv"]) >= sum(r["icl"]) for r in rows)
+    lines += ["", f"FFV ≥ ICL on the whole test split on {above} of {len(rows)} tasks.", "",
+              "p: exact two-sided sign test on the items only one of the two gets right (McNemar's exact test)."]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--tasks", default=",".join(CORE_TASKS))
+    ap.add_argument("--chunk", type=int, default=100, help="Items scored between two writes of the results.")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    path = resolve_model(args.model)
+    name = short_name(path)
+    results, bank = results_dir(name), ROOT / "vectors" / name
+    chosen = {r["task"]: r for r in json.loads((results / "positions_choice.json").read_text())}
+    out = results / "full_test.json"
+    tpl = template("qa")
+    with Session(path, n_threads=args.threads) as session:
+        for task_name in args.tasks.split(","):
+            if "paired" not in chosen.get(task_name, {}):
+                raise SystemExit(f"{task_name}: no chosen FFV with per-item results; run train.report_ffv_positions first")
+            vector_path = chosen_vector(bank, chosen[task_name])
+            sha = hashlib.sha256(vector_path.read_bytes()).hexdigest()
+            rows = json.loads(out.read_text()) if out.exists() else {}
+            row = rows.get(task_name)
+            if row is None or row["sha256"] != sha:
+                row = {"task": task_name, "vector": vector_path.name, "sha256": sha, "first": chosen[task_name]["paired"], "ffv": [], "icl": []}
+            score(session, load_task(task_name), tpl, vector_path, row, args.chunk, out)
+    rows = json.loads(out.read_text())
+    done = [rows[t] for t in CORE_TASKS if t in rows and len(rows[t]["ffv"]) == len(load_task(t).test)]
+    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model {args.model}"
+    write_text(results / "full_test.md", markdown(name, done, command))
+    print(markdown(name, done, command))
+
+
+if __name__ == "__main__":
+    main()
