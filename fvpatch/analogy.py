@@ -2,225 +2,30 @@
 
 For the source pair A:B every bank vector v_i is scored by s_i = log P(B | `Q: A\\nA:`, v_i at the last
 token), B's tokens teacher-forced; all k scores come from one packed llama.cpp decode. The scores become
-weights w = softmax(W (s - mean s) + b) through a learned affine map (train/cfv.py fits it), or
-softmax(s / T) unlearned, and CFV = sum_i w_i v_i is added at the last token of `Q: C\\nA:`.
-
-Analogy files are JSONL in the layout of the public analogy question releases (SAT, U2, U4, BATS, Google):
-`{"stem": [A, B], "choice": [[C1, D1], [C2, D2], ...], "answer": index}`. A choice is scored by the mean
-per-token log P(D_j | C_j) under each condition. Generated analogies keep one C for all choices (the
-distractors are other D's), so they are also scored as open completion: greedy decoding from C alone.
+weights through the map (fvpatch/cfvmap.py), and the CFV, their weighted sum of the bank's vectors, is added at
+the last token of `Q: C\\nA:`. A choice of an analogy (fvpatch/analogyfile.py) is scored by the mean per-token
+log P(D_j | C_j) under each condition; open analogies are also scored by greedy decoding from C alone.
 """
 
-import json
-import random
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from fvpatch.atomic import write_text
+from fvpatch.analogyfile import Analogy
 from fvpatch.bank import Bank
-from fvpatch.errors import FvpatchError, NotFound
+from fvpatch.cfvmap import CFVMap, compose
+from fvpatch.errors import FvpatchError
 from fvpatch.prompts import answer_tokens, build, template
 from fvpatch.session import Patch, Session
-from fvpatch.tasks import Pair, load_task
+from fvpatch.tasks import Pair
 
 QA = template("qa")
 CONDITIONS = ("no_vector", "prompt_colon", "prompt_is_to", "best_ffv", "cfv_unlearned", "cfv_learned", "oracle_ffv")
 # also on request: k-shot demonstrations of the analogy's relation (evaluate's `demos`), and the learned CFV added
 # to the `A is to B as C is to` prompt or to that ICL prompt instead of to a bare `Q: C\nA:`
 MORE_CONDITIONS = ("icl", "cfv_learned_is_to", "cfv_learned_icl")
-MAP_KEYS = ("fvpatch.cfv.weight", "fvpatch.cfv.bias", "fvpatch.cfv.temperature")
-
-
-@dataclass
-class Analogy:
-    a: str
-    b: str
-    choices: list[Pair]  # (C_j, D_j); the right one is choices[answer]
-    answer: int
-    relation: str = ""  # known for generated analogies
-
-    @property
-    def c(self) -> str:
-        return self.choices[self.answer][0]
-
-    @property
-    def d(self) -> str:
-        return self.choices[self.answer][1]
-
-    @property
-    def open(self) -> bool:
-        """One C for every choice: the question is A:B::C:? and can be answered by free completion."""
-        return len({c for c, _ in self.choices}) == 1
-
-
-# ---- reading and writing analogy files ---------------------------------------------------------
-
-
-def parse_analogy(text: str) -> tuple[str, str, str]:
-    """`hot:cold::tall:?` (the trailing `?` optional) -> ("hot", "cold", "tall")."""
-    halves = text.split("::")
-    if len(halves) != 2 or halves[0].count(":") != 1 or halves[1].count(":") > 1:
-        raise FvpatchError(f"expected an analogy like 'hot:cold::tall:?', got {text!r}")
-    a, b = (s.strip() for s in halves[0].split(":"))
-    c = halves[1].split(":")[0].strip()
-    if not (a and b and c):
-        raise FvpatchError(f"A, B and C of {text!r} must all be non-empty")
-    return a, b, c
-
-
-def _analogy(row, where: str) -> Analogy:
-    stem, choices, answer = (row.get(k) for k in ("stem", "choice", "answer")) if type(row) is dict else (None, None, None)
-    pair = lambda v: type(v) is list and len(v) == 2 and all(type(w) is str and w.strip() for w in v)
-    if not (pair(stem) and type(choices) is list and choices and all(map(pair, choices)) and type(answer) is int and 0 <= answer < len(choices)):
-        raise FvpatchError(f'{where}: expected {{"stem": [A, B], "choice": [[C, D], ...], "answer": index}} (non-empty strings, '
-                           f'answer an index into the choices), got {row!r:.120}')
-    (a, b), relation = stem, row.get("relation", "")
-    return Analogy(a.strip(), b.strip(), [(c.strip(), d.strip()) for c, d in choices], answer, relation if type(relation) is str else "")
-
-
-def read_analogies(path: str | Path) -> list[Analogy]:
-    """Analogies from a JSONL file, one `{"stem", "choice", "answer"}` object a line (SAT/U2/U4/BATS/Google layout)."""
-    path = Path(path)
-    if not path.is_file():
-        raise NotFound(f"analogy file {path} does not exist")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise FvpatchError(f"{path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
-    out = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise FvpatchError(f"{path}:{n}: not valid JSON ({e})") from None
-        out.append(_analogy(row, f"{path}:{n}"))
-    if not out:
-        raise FvpatchError(f"{path}: holds no analogies")
-    return out
-
-
-def write_analogies(analogies: list[Analogy], path: str | Path) -> Path:
-    rows = [{"stem": [x.a, x.b], "choice": [list(ch) for ch in x.choices], "answer": x.answer, "relation": x.relation} for x in analogies]
-    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-# ---- generating analogies from the relation tasks ------------------------------------------------
-
-
-def generate(relations: list[str], split: str, n: int, seed: int = 0, exclude: dict[str, list[Pair]] | None = None) -> list[Analogy]:
-    """`n` near analogies (A:B and C:D from one relation), relations taken in turn, from one split of each task.
-
-    split `test` draws from the tasks' test splits, which no bank vector was fit on; `train` draws from the
-    train and valid splits minus `exclude` (the pairs each vector was fit on). The distractors are another
-    D of the same relation, C itself (copying), and a D of another relation: 4 choices."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be train or test, got {split!r}")
-    exclude = exclude or {}
-    pools = {}
-    for r in relations:
-        task = load_task(r)
-        used = {tuple(p) for p in exclude.get(r, [])}
-        pairs = task.test if split == "test" else [p for p in task.train + task.valid if p not in used]
-        pools[r] = [p for p in pairs if p[0] != p[1]]
-        if len(pools[r]) < 3:
-            raise FvpatchError(f"task {r!r} has {len(pools[r])} usable {split} pairs; an analogy with distractors needs at least 3")
-    rng = random.Random(f"analogies:{split}:{seed}")
-    order = list(relations)
-    out = []
-    while len(out) < n:
-        if len(out) % len(order) == 0:
-            rng.shuffle(order)
-        r = order[len(out) % len(order)]
-        (a, b), (c, d), (_, other) = rng.sample(pools[r], 3)
-        others = [y for q in relations if q != r for _, y in rng.sample(pools[q], 2)]
-        wrong = [w for w in dict.fromkeys([other, c, *others]) if w.lower() != d.lower() and w.lower() != b.lower()][:3]
-        if a == c or b == d or len(wrong) < 3:
-            continue
-        choices = [d, *wrong]
-        rng.shuffle(choices)
-        out.append(Analogy(a, b, [(c, w) for w in choices], choices.index(d), r))
-    return out
-
-
-# ---- the learned map: scores -> weights ----------------------------------------------------------
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _masked_softmax(logits: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
-    return softmax(logits if keep is None else np.where(keep, logits, -np.inf))
-
-
-@dataclass
-class CFVMap:
-    weight: np.ndarray  # (k, k), acting on scores centred over the bank
-    bias: np.ndarray  # (k,)
-    temperature: float  # of the unlearned softmax(s / T)
-    meta: dict[str, str] = field(default_factory=dict)  # how it was fit
-
-    def learned(self, scores: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        """Weights over the bank; `keep` (bool, like scores) gives the relations left out a weight of 0."""
-        s = np.asarray(scores, np.float64)
-        return _masked_softmax((s - s.mean(-1, keepdims=True)) @ self.weight.T + self.bias, keep)
-
-    def unlearned(self, scores: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
-        return _masked_softmax(np.asarray(scores, np.float64) / self.temperature, keep)
-
-    def to_meta(self) -> dict[str, str]:
-        return {
-            "fvpatch.cfv.weight": json.dumps(np.round(self.weight, 6).tolist()),
-            "fvpatch.cfv.bias": json.dumps(np.round(self.bias, 6).tolist()),
-            "fvpatch.cfv.temperature": repr(float(self.temperature)),
-        } | self.meta
-
-    @classmethod
-    def from_bank(cls, bank: Bank) -> "CFVMap":
-        """The map a bank file carries: each key a JSON array of finite numbers of the bank's shape (a temperature
-        above 0), or one line naming the file and the key."""
-        where = bank.source or "the bank"
-        if not all(k in bank.meta for k in MAP_KEYS):
-            raise FvpatchError(f"{where} carries no learned analogy map; fit one with `fvpatch train cfv`")
-        k = len(bank)
-        w, b, t = (_numbers(bank.meta[key], shape, f"{where}: {key}") for key, shape in zip(MAP_KEYS, [(k, k), (k,), ()]))
-        if not t > 0:
-            raise FvpatchError(f"{where}: {MAP_KEYS[2]} must be above 0, got {float(t)}")
-        rest = {k: v for k, v in bank.meta.items() if k.startswith("fvpatch.cfv.") and k not in MAP_KEYS}
-        return cls(w, b, float(t), rest)
-
-
-def _numbers(text: str, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """Finite numbers in nested JSON lists of `shape`: no NaN, no strings or booleans taken for numbers."""
-
-    def numeric(v) -> bool:
-        return all(map(numeric, v)) if type(v) is list else type(v) in (int, float)
-
-    def no_constant(name):
-        raise ValueError(f"{name} is not a number")
-
-    try:
-        value = json.loads(text, parse_constant=no_constant)
-        arr = np.array(value, np.float64) if numeric(value) else None
-    except (ValueError, OverflowError, RecursionError):  # not JSON, NaN/Infinity, ragged lists, an int beyond float
-        arr = None
-    if arr is None or arr.shape != shape or not np.isfinite(arr).all():
-        want = "a finite number" if not shape else f"finite numbers of shape {list(shape)}"
-        raise FvpatchError(f"{what} must be {want}, got {text[:60]!r}")
-    return arr
-
-
-def compose(bank: Bank, weights: np.ndarray) -> np.ndarray:
-    """The composite vector(s): weights (k,) or (n, k) over the bank's rows."""
-    return (np.asarray(weights, np.float64) @ bank.vectors.astype(np.float64)).astype(np.float32)
 
 
 # ---- prompts of each condition -------------------------------------------------------------------

@@ -324,7 +324,9 @@ def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, fo
     Example:
       fvpatch analogy "hot:cold::tall:?"
     """
-    from fvpatch.analogy import CFVMap, parse_analogy, solve
+    from fvpatch.analogy import solve
+    from fvpatch.analogyfile import parse_analogy
+    from fvpatch.cfvmap import CFVMap
     from fvpatch.bank import BANK_NAME, load_bank
     from fvpatch.shipped import model_folder
 

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from fvpatch import Save, vectorfile
-from fvpatch.analogy import CFVMap
+from fvpatch.cfvmap import CFVMap
 from fvpatch.bank import Bank, save_bank
 from fvpatch.cli import main
 from tests.test_vectorfile import refused_in_one_line

@@ -6,20 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from fvpatch.analogy import (
-    Analogy,
-    CFVMap,
-    bank_scores,
-    compose,
-    condition_weights,
-    encode,
-    evaluate,
-    generate,
-    parse_analogy,
-    read_analogies,
-    solve,
-    write_analogies,
-)
+from fvpatch.analogy import bank_scores, condition_weights, encode, evaluate, solve
+from fvpatch.analogyfile import Analogy, generate, parse_analogy, read_analogies, write_analogies
+from fvpatch.cfvmap import CFVMap, compose
 from fvpatch.bank import Bank, load_bank, save_bank
 from fvpatch.session import Patch
 from fvpatch.tasks import load_task

@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from fvpatch import vectorfile
-from fvpatch.analogy import CFVMap
+from fvpatch.cfvmap import CFVMap
 from fvpatch.bank import Bank, load_bank, save_bank
 from fvpatch.cli import main
 from fvpatch.session import Patch

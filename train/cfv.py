@@ -1,5 +1,5 @@
 """The PyTorch side of composite function vectors: bank scores in one batched forward, and the fit of the
-map that turns them into weights (fvpatch/analogy.py applies it in llama.cpp).
+map that turns them into weights (fvpatch/cfvmap.py; fvpatch/analogy.py applies it in llama.cpp).
 
 Scores: row r of a batch holds the source pair's zero-shot prompt and answer with bank vector r added at
 the prompt's last token, so the k scores of a pair are one forward (and many pairs share it).
@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fvpatch.analogy import QA, Analogy, CFVMap
+from fvpatch.analogy import QA
+from fvpatch.analogyfile import Analogy
+from fvpatch.cfvmap import CFVMap
 from fvpatch.bank import Bank
 from fvpatch.tasks import Pair
 from train.ffv import answer_nll, encode

@@ -110,7 +110,7 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
     """
     from pathlib import Path
 
-    from fvpatch.analogy import generate
+    from fvpatch.analogyfile import generate
     from fvpatch.bank import BANK_NAME, load_bank, save_bank
     from fvpatch.modelfile import ModelFile
     from fvpatch.models import check_fingerprint, resolve_model

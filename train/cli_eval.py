@@ -34,7 +34,9 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
       fvpatch eval analogy --data bats.jsonl
       fvpatch eval analogy --leave-own-out
     """
-    from fvpatch.analogy import CFVMap, evaluate, generate, read_analogies, relation_accuracy, table
+    from fvpatch.analogy import evaluate, relation_accuracy, table
+    from fvpatch.analogyfile import generate, read_analogies
+    from fvpatch.cfvmap import CFVMap
     from fvpatch.bank import BANK_NAME, load_bank
     from fvpatch.models import check_fingerprint, resolve_model
     from fvpatch.session import Session

@@ -31,7 +31,7 @@ from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
 from train.paired import compare
-from train.report_ffv import K, ROOT, accuracy, results_dir
+from train.report_ffv import K, ROOT, results_dir
 from train.sweep_ffv import config, default_out, read_runs
 
 
@@ -58,16 +58,15 @@ def paired_items(session: Session, task, tpl, vf, n_test: int) -> dict:
     return compare(np.array(predict(items.tokens["zero_shot"], vf)) == answers, np.array(predict(items.tokens["icl"], None)) == answers)
 
 
-def ship_every_token(lm, session: Session, task, run: dict, tpl, n_test: int, bank) -> float:
-    """Train the every-token vector of a sweep run, score it on the test pairs and ship it; its test top-1."""
+def ship_every_token(lm, session: Session, task, run: dict, tpl, n_test: int, bank) -> dict:
+    """Train the every-token vector of a sweep run and ship it with its test top-1; its item-by-item comparison with ICL."""
     cfg = Config(layer=run["layer"], init=ALL_TOKENS.init, lr=ALL_TOKENS.lr, steps=run["steps"], positions="all")
     vf, _ = train_ffv(lm, prepare(lm, task, tpl, positions="all"), tpl, cfg)
-    items = build_items(session.tokenize, tpl, task.test[:n_test], task.train[:20], K)
-    top1 = accuracy(llamacpp_predictor(session, batched=False), items.tokens["zero_shot"], items.answers, vf)
-    vf.meta.update({"fvpatch.test_top1": f"{top1:.4f}", "fvpatch.test_n": str(len(items.answers)),
+    paired = paired_items(session, task, tpl, vf, n_test)
+    vf.meta.update({"fvpatch.test_top1": f"{paired['ffv'] / paired['n']:.4f}", "fvpatch.test_n": str(paired["n"]),
                     "fvpatch.test_engine": f"llama.cpp, {session.path.name}, zero-shot {tpl.name} prompts, top-1 first token"})
     vectorfile.save(vf, bank / f"{task.name}.ffv-all.safetensors", overwrite=True)
-    return top1
+    return paired
 
 
 def chosen_vector(bank: Path, row: dict) -> Path:
@@ -137,7 +136,8 @@ def main():
                     row["test"] = report["ffv"]
                 else:
                     lm = lm or load_model(path, "cpu", args.dtype)
-                    row["test"] = ship_every_token(lm, session, load_task(task_name), every, tpl, args.n_test, bank)
+                    row["paired"] = ship_every_token(lm, session, load_task(task_name), every, tpl, args.n_test, bank)
+                    row["test"] = row["paired"]["ffv"] / row["paired"]["n"]
                 done[task_name] = row
                 write_json(out, list(done.values()))
                 print(f"{task_name}: {row['chosen']}, test {row['test']:.3f} vs ICL {row['icl']:.3f}", flush=True)

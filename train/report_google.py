@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import google_analogy as ga
-from fvpatch.analogy import CONDITIONS, LABELS, MORE_CONDITIONS, Analogy, CFVMap, bank_scores, evaluate
+from fvpatch.analogy import CONDITIONS, LABELS, MORE_CONDITIONS, bank_scores, evaluate
+from fvpatch.analogyfile import Analogy
+from fvpatch.cfvmap import CFVMap
 from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import BANK_NAME, load_bank, save_bank
 from fvpatch.models import check_fingerprint, resolve_model, short_name
