@@ -29,3 +29,19 @@ def test_table_is_over_the_whole_split_next_to_the_first_items():
     md = markdown("m", [row([1, 1, 0, 1, 0, 1], [1, 0, 1, 1, 1, 0], compare([1, 1, 0, 1], [1, 0, 1, 1]))], "cmd")
     assert "| a | a.ffv.safetensors | 3 / 3 of 4 | 6 | 66.7% | 66.7% | yes | 2 / 2 | 1.00 |" in md
     assert "FFV ≥ ICL on the whole test split on 1 of 1 tasks." in md
+
+
+def test_the_vector_is_the_positions_choice_or_else_the_shipped_last_token_ffv(tmp_path):
+    import json
+
+    from train.report_full_test import shipped_choice
+
+    bank = tmp_path / "vectors"
+    report = {"core": [{"task": "a", "n_test": 100, "acc": {"llamacpp": {"ffv": 0.39, "icl_10shot": 0.04}}}]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    assert shipped_choice(tmp_path, bank, "a") == (bank / "a.ffv.safetensors", {"n": 100, "ffv": 39, "icl": 4})
+    with pytest.raises(SystemExit, match="not in the FFV report"):
+        shipped_choice(tmp_path, bank, "b")
+    paired = compare([1, 0, 1], [1, 1, 1])
+    (tmp_path / "positions_choice.json").write_text(json.dumps([{"task": "a", "chosen": "every token", "paired": paired}]))
+    assert shipped_choice(tmp_path, bank, "a") == (bank / "a.ffv-all.safetensors", paired)

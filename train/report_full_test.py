@@ -1,11 +1,12 @@
 """The chosen FFV against 10-shot ICL on each core task's WHOLE test split, item by item, in llama.cpp.
 
-The FFV reports score a task's first 100 test pairs (all of them where it has fewer). On those the FFV and ICL
-differ by 0-5 points with p >= 0.45: the first 100 items cannot tell them apart. Antonym, capitalize and
+The FFV reports score a task's first 100 test pairs (all of them where it has fewer). On Qwen the FFV and ICL
+differ there by 0-5 points with p >= 0.45: the first 100 items cannot tell them apart. Antonym, capitalize and
 english-french hold 719, 244 and 1409 test pairs, so this scores every one. Nothing is chosen here: the vectors
-are the ones train.report_ffv_positions chose on valid pairs, and ICL is the FFV report's seed 0 (demos from the
-FFV's 20 training pairs, drawn by query index, so the first 100 prompts are the ones scored before and must
-reproduce its per-item counts; the script stops if they don't). One prompt per decode, as `fvpatch patch` runs.
+are the ones train.report_ffv_positions chose on valid pairs (the shipped last-token FFVs for a model without
+that choice), and ICL is the FFV report's seed 0 (demos from the FFV's 20 training pairs, drawn by query index,
+so the first 100 prompts are the ones scored before and must reproduce their counts; the script stops if they
+don't). One prompt per decode, as `fvpatch patch` runs.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model qwen2.5-coder-1.5b [--tasks antonym,...]
 
@@ -57,10 +58,28 @@ def check_first(row: dict) -> None:
                          f"report_ffv_positions gave {before['ffv']} / {before['icl']}")
 
 
+def shipped_choice(results, bank, task: str) -> tuple:
+    """(vector file, its counts on the first test items): the FFV report_ffv_positions chose and its per-item counts,
+    or, for a model without that choice, the shipped last-token FFV and the FFV report's llama.cpp accuracies."""
+    choice = results / "positions_choice.json"
+    rows = {r["task"]: r for r in json.loads(choice.read_text())} if choice.exists() else {}
+    if task in rows:
+        if "paired" not in rows[task]:
+            raise SystemExit(f"{task}: the chosen FFV has no per-item results; run train.report_ffv_positions first")
+        return chosen_vector(bank, rows[task]), rows[task]["paired"]
+    per_task = results / "tasks" / f"{task}.json"
+    report = [json.loads(per_task.read_text())] if per_task.exists() else json.loads((results / "report.json").read_text())["core"]
+    row = next((r for r in report if r["task"] == task), None)
+    if row is None:
+        raise SystemExit(f"{task}: not in the FFV report; run train.report_ffv first")
+    acc, n = row["acc"]["llamacpp"], row["n_test"]
+    return bank / f"{task}.ffv.safetensors", {"n": n, "ffv": round(acc["ffv"] * n), "icl": round(acc["icl_10shot"] * n)}
+
+
 def markdown(model: str, rows: list[dict], command: str) -> str:
     lines = [f"# Chosen FFV vs 10-shot ICL on the whole test split ({model}, llama.cpp)", "",
-             f"Regenerate: `{command}`. Top-1 of the answer's first token, one prompt per decode. FFV: the vector chosen per task "
-             "on valid pairs (results/<model>/ffv/positions_choice.md); ICL: 10-shot, seed 0 of the FFV report. \"First 100\" is the "
+             f"Regenerate: `{command}`. Top-1 of the answer's first token, one prompt per decode. FFV: the vector named, the one "
+             "chosen per task on valid pairs (results/<model>/ffv/positions_choice.md) or, without that choice, the shipped last-token FFV; ICL: 10-shot, seed 0 of the FFV report. \"First 100\" is the "
              "subset the FFV reports score; \"whole split\" adds the rest of the test pairs, scored after those results were known "
              "and with nothing chosen on them.", "",
              "| task | vector | first 100: FFV / ICL | whole split: n | FFV | ICL | FFV ≥ ICL | items only FFV / only ICL gets | p |",
@@ -87,19 +106,16 @@ def main():
     path = resolve_model(args.model)
     name = short_name(path)
     results, bank = results_dir(name), ROOT / "vectors" / name
-    chosen = {r["task"]: r for r in json.loads((results / "positions_choice.json").read_text())}
     out = results / "full_test.json"
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:
         for task_name in args.tasks.split(","):
-            if "paired" not in chosen.get(task_name, {}):
-                raise SystemExit(f"{task_name}: no chosen FFV with per-item results; run train.report_ffv_positions first")
-            vector_path = chosen_vector(bank, chosen[task_name])
+            vector_path, first = shipped_choice(results, bank, task_name)
             sha = hashlib.sha256(vector_path.read_bytes()).hexdigest()
             rows = json.loads(out.read_text()) if out.exists() else {}
             row = rows.get(task_name)
             if row is None or row["sha256"] != sha:
-                row = {"task": task_name, "vector": vector_path.name, "sha256": sha, "first": chosen[task_name]["paired"], "ffv": [], "icl": []}
+                row = {"task": task_name, "vector": vector_path.name, "sha256": sha, "first": first, "ffv": [], "icl": []}
             score(session, load_task(task_name), tpl, vector_path, row, args.chunk, out)
     rows = json.loads(out.read_text())
     done = [rows[t] for t in CORE_TASKS if t in rows and len(rows[t]["ffv"]) == len(load_task(t).test)]
