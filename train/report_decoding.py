@@ -11,7 +11,6 @@ Writes results/<model>/decoding.{json,md} (the default model's too go under resu
 """
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np

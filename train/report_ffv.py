@@ -54,6 +54,13 @@ def results_dir(name: str) -> Path:
     return ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv"
 
 
+def model_dirs(model: str) -> tuple[Path, str, Path, Path]:
+    """(GGUF file, short name, FFV results folder, shipped vectors folder) of a model given by name or path."""
+    path = resolve_model(model)
+    name = short_name(path)
+    return path, name, results_dir(name), ROOT / "vectors" / name
+
+
 def accuracy(predict, tokens, answers, vector=None) -> float:
     return float(np.mean(np.array(predict(tokens, vector)) == np.array(answers)))
 
@@ -188,10 +195,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    path = resolve_model(args.model)
-    name = short_name(path)
-    results = results_dir(name)
-    bank_dir = ROOT / "vectors" / name
+    path, name, results, bank_dir = model_dirs(args.model)
     cfg = Config(layer=args.layer)
     lm = load_model(path, dtype=args.dtype)
     tpl = template("qa")

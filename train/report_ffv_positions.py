@@ -24,14 +24,13 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.atomic import write_json, write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
-from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
 from train.paired import compare
-from train.report_ffv import K, ROOT, results_dir
+from train.report_ffv import K, model_dirs
 from train.sweep_ffv import config, default_out, read_runs
 
 
@@ -110,9 +109,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    path = resolve_model(args.model)
-    name = short_name(path)
-    results, bank = results_dir(name), ROOT / "vectors" / name
+    path, name, results, bank = model_dirs(args.model)
     out = results / "positions_choice.json"
     done = {r["task"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
     runs = read_runs(default_out(args.model, args.dtype))

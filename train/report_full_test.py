@@ -23,12 +23,11 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.atomic import write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
-from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.paired import compare
-from train.report_ffv import K, ROOT, results_dir
+from train.report_ffv import K, model_dirs
 from train.report_ffv_positions import chosen_vector
 from train.report_icl_spread import save
 
@@ -103,9 +102,7 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    path = resolve_model(args.model)
-    name = short_name(path)
-    results, bank = results_dir(name), ROOT / "vectors" / name
+    path, name, results, bank = model_dirs(args.model)
     out = results / "full_test.json"
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:

@@ -20,11 +20,11 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.atomic import write_json, write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
-from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
+from fvpatch.models import DEFAULT_MODEL
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
-from train.report_ffv import K, ROOT, accuracy, results_dir
+from train.report_ffv import K, accuracy, model_dirs
 
 
 def markdown(model: str, rows: dict, seeds: int) -> str:
@@ -63,9 +63,8 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
-    path = resolve_model(args.model)
-    name = short_name(path)
-    out = results_dir(name) / "icl_spread.json"
+    path, name, results, bank = model_dirs(args.model)
+    out = results / "icl_spread.json"
     rows = json.loads(out.read_text()) if out.exists() else {}
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:
@@ -76,7 +75,7 @@ def main():
             row = rows.setdefault(task_name, {"task": task_name, "n": len(queries), "icl": {}})
             if "ffv" not in row:
                 items = build_items(session.tokenize, tpl, queries, pool, K)
-                row["ffv"] = accuracy(predict, items.tokens["zero_shot"], items.answers, vectorfile.load(ROOT / "vectors" / name / f"{task_name}.ffv.safetensors"))
+                row["ffv"] = accuracy(predict, items.tokens["zero_shot"], items.answers, vectorfile.load(bank / f"{task_name}.ffv.safetensors"))
                 save(out, row)
             for seed in range(args.seeds):
                 if str(seed) in row["icl"]:
