@@ -27,7 +27,7 @@ def test_compare_counts_the_items_only_one_gets():
 
 def test_table_is_over_the_whole_split_next_to_the_first_items():
     md = markdown("m", [row([1, 1, 0, 1, 0, 1], [1, 0, 1, 1, 1, 0], compare([1, 1, 0, 1], [1, 0, 1, 1]))], "cmd")
-    assert "| a | a.ffv.safetensors | 3 / 3 of 4 | 6 | 66.7% | 66.7% | yes | 2 / 2 | 1.00 |" in md
+    assert "| a | a.ffv.safetensors | 3 / 3 of 4 | 6 | 66.7% | 66.7% | yes | 2 / 2 | 1.00 | +0.0 (-52.6 to +52.6) |" in md
     assert "FFV ≥ ICL on the whole test split on 1 of 1 tasks." in md
 
 
@@ -45,3 +45,15 @@ def test_the_vector_is_the_positions_choice_or_else_the_shipped_last_token_ffv(t
     paired = compare([1, 0, 1], [1, 1, 1])
     (tmp_path / "positions_choice.json").write_text(json.dumps([{"task": "a", "chosen": "every token", "paired": paired}]))
     assert shipped_choice(tmp_path, bank, "a") == (bank / "a.ffv-all.safetensors", paired)
+
+
+def test_difference_interval_is_newcombes_paired_score_interval():
+    from train.paired import difference_interval
+
+    # the paired 2x2 example of Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables, ch. 8:
+    # 59 both, 6 only the first, 16 only the second, 80 neither -> -0.0621 (95% CI -0.1186 to -0.0046)
+    lo, hi = difference_interval(59, 6, 16, 80)
+    assert abs(lo + 0.1186) < 5e-5 and abs(hi + 0.0046) < 5e-5
+    lo, hi = difference_interval(10, 0, 0, 0)  # no item where the two disagree: the interval holds 0
+    assert -1 <= lo <= 0 <= hi <= 1
+    assert compare([1, 1, 0], [1, 0, 0])["ci"] == list(difference_interval(1, 1, 0, 1))

@@ -16,10 +16,35 @@ def sign_test(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
 
 
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson's score interval of a binomial proportion, k successes in n (95% for the default z)."""
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return mid - half, mid + half
+
+
+def difference_interval(both: int, only_a: int, only_b: int, neither: int) -> tuple[float, float]:
+    """95% interval of accuracy(a) - accuracy(b) over the same items: Newcombe's hybrid score interval for paired
+    proportions (his method 10, Stat Med 1998), Wilson intervals of the two accuracies joined through the
+    correlation of the paired outcomes. It stays inside [-1, 1] and keeps its coverage when few items disagree."""
+    n = both + only_a + only_b + neither
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    (l1, u1), (l2, u2) = wilson(both + only_a, n), wilson(both + only_b, n)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    cross = both * neither - only_a * only_b
+    cross = cross - n / 2 if cross > n / 2 else min(cross, 0)  # Newcombe's continuity correction of the correlation
+    phi = cross / math.sqrt(margins) if margins else 0.0
+    d = p1 - p2
+    lower = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    upper = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return lower, upper
+
+
 def compare(a, b) -> dict:
     """Counts of two per-item correctness lists over the same items, with the sign test's p."""
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"per-item results over different items: {a.shape} vs {b.shape}")
     only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
-    return {"n": len(a), "ffv": int(a.sum()), "icl": int(b.sum()), "only_ffv": only_a, "only_icl": only_b, "p": sign_test(only_a, only_b)}
+    return {"n": len(a), "ffv": int(a.sum()), "icl": int(b.sum()), "only_ffv": only_a, "only_icl": only_b, "p": sign_test(only_a, only_b),
+            "ci": list(difference_interval(int((a & b).sum()), only_a, only_b, int((~a & ~b).sum())))}

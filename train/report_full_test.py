@@ -81,16 +81,18 @@ def markdown(model: str, rows: list[dict], command: str) -> str:
              "chosen per task on valid pairs (results/<model>/ffv/positions_choice.md) or, without that choice, the shipped last-token FFV; ICL: 10-shot, seed 0 of the FFV report. \"First 100\" is the "
              "subset the FFV reports score; \"whole split\" adds the rest of the test pairs, scored after those results were known "
              "and with nothing chosen on them.", "",
-             "| task | vector | first 100: FFV / ICL | whole split: n | FFV | ICL | FFV ≥ ICL | items only FFV / only ICL gets | p |",
-             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+             "| task | vector | first 100: FFV / ICL | whole split: n | FFV | ICL | FFV ≥ ICL | items only FFV / only ICL gets | p | FFV − ICL, points (95% CI) |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
     for r in rows:
         first, whole = r["first"], compare(r["ffv"], r["icl"])
         lines.append(f"| {r['task']} | {r['vector']} | {first['ffv']} / {first['icl']} of {first['n']} | {whole['n']} | "
                      f"{100 * whole['ffv'] / whole['n']:.1f}% | {100 * whole['icl'] / whole['n']:.1f}% | {'yes' if whole['ffv'] >= whole['icl'] else 'no'} | "
-                     f"{whole['only_ffv']} / {whole['only_icl']} | {whole['p']:.2f} |")
+                     f"{whole['only_ffv']} / {whole['only_icl']} | {whole['p']:.2f} | {100 * (whole['ffv'] - whole['icl']) / whole['n']:+.1f} "
+                     f"({100 * whole['ci'][0]:+.1f} to {100 * whole['ci'][1]:+.1f}) |")
     above = sum(sum(r["ffv"]) >= sum(r["icl"]) for r in rows)
     lines += ["", f"FFV ≥ ICL on the whole test split on {above} of {len(rows)} tasks.", "",
-              "p: exact two-sided sign test on the items only one of the two gets right (McNemar's exact test)."]
+              "p: exact two-sided sign test on the items only one of the two gets right (McNemar's exact test). CI: Newcombe's "
+              "score interval for the difference of two accuracies on the same items (his method 10, 1998)."]
     return "\n".join(lines) + "\n"
 
 
