@@ -158,6 +158,9 @@ def test_cli_trains_vectors_and_both_engines_score_them_alike(tiny_gguf, tmp_pat
         assert set(res) == {"llama.cpp", "torch"}
         assert res["llama.cpp"]["correct"] == res["torch"]["correct"]
         assert "| zero_shot+vector |" in r.output
+        paired = res["llama.cpp"]["vector_vs_icl"]  # whether the vector and ICL differ at all on these items
+        assert paired["ffv"] == sum(res["llama.cpp"]["correct"]["zero_shot+vector"]) and paired["n"] == 6
+        assert "llama.cpp: zero-shot + vector − ICL = " in r.output and "sign test p = " in r.output
     r = run(main, ["train", "fv", *common, "--out", str(tmp_path / "v.cma.safetensors")])
     assert r.exit_code != 0 and "exists; pass --force" in r.output
 

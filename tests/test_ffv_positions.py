@@ -3,7 +3,7 @@
 import pytest
 
 from train.ffv import Config
-from train.paired import sign_test
+from fvpatch.paired import sign_test
 from train.report_ffv_positions import choose, markdown, same_choice, wins
 
 

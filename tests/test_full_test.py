@@ -2,7 +2,7 @@
 
 import pytest
 
-from train.paired import compare
+from fvpatch.paired import compare
 from train.report_full_test import check_first, markdown
 
 
@@ -48,7 +48,7 @@ def test_the_vector_is_the_positions_choice_or_else_the_shipped_last_token_ffv(t
 
 
 def test_difference_interval_is_newcombes_paired_score_interval():
-    from train.paired import difference_interval
+    from fvpatch.paired import difference_interval
 
     # the paired 2x2 example of Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables, ch. 8:
     # 59 both, 6 only the first, 16 only the second, 80 neither -> -0.0621 (95% CI -0.1186 to -0.0046)

@@ -150,6 +150,8 @@ def _write_json(out, payload):
 def task(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, split, n_items, demos, one_at_a_time):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
     k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
+    With a vector it also says whether zero-shot + vector and ICL differ at all on these items: the gap with
+    its 95% confidence interval, and an exact sign test on the items only one of them gets right.
 
     \b
     Examples:
@@ -157,6 +159,7 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
       fvpatch eval task --task capitalize --vector capitalize.taskvec.safetensors --engine both -o results/cap.json
     """
     from fvpatch.evaluate import build_items, evaluate
+    from fvpatch.paired import compare
 
     check_outputs([out], force)
     vf = _load_vector(vector, model)
@@ -174,6 +177,11 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
     for cond in first["all"]:
         cells = [f"{100 * r['all'][cond]:.1f}% | " + ("-" if r["icl_solved"][cond] is None else f"{100 * r['icl_solved'][cond]:.1f}%") for r in results.values()]
         click.echo(f"| {cond} | " + " | ".join(cells) + " |")
+    if vf:
+        for name, r in results.items():
+            r["vector_vs_icl"] = c = compare(r["correct"]["zero_shot+vector"], r["correct"]["icl"])
+            click.echo(f"{name}: zero-shot + vector − ICL = {100 * (c['ffv'] - c['icl']) / c['n']:+.1f} points (95% CI {100 * c['ci'][0]:+.1f} to "
+                       f"{100 * c['ci'][1]:+.1f}); {c['only_ffv']} items only the vector gets, {c['only_icl']} only ICL (sign test p = {c['p']:.2f})")
     _write_json(out, {"task": t.name, "split": split, "k": k, "demos": demos, "template": tpl.text, "vector": vector, "results": results})
 
 

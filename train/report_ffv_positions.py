@@ -29,7 +29,7 @@ from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
-from train.paired import compare
+from fvpatch.paired import compare
 from train.report_ffv import K, model_dirs
 from train.sweep_ffv import config, default_out, read_runs
 

@@ -26,7 +26,7 @@ from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
-from train.paired import compare
+from fvpatch.paired import compare
 from train.report_ffv import K, model_dirs
 from train.report_ffv_positions import chosen_vector
 from train.report_icl_spread import save

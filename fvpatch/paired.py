@@ -41,7 +41,8 @@ def difference_interval(both: int, only_a: int, only_b: int, neither: int) -> tu
 
 
 def compare(a, b) -> dict:
-    """Counts of two per-item correctness lists over the same items, with the sign test's p."""
+    """A vector's and ICL's per-item correctness over the same items: their counts (keyed `ffv` and `icl`, as the
+    reports store them), the items only one gets, the sign test's p and the 95% interval of the difference."""
     a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"per-item results over different items: {a.shape} vs {b.shape}")
