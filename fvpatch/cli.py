@@ -83,10 +83,14 @@ def cli_threads() -> int | None:
     return click.get_current_context().meta.get("fvpatch.threads")
 
 
+gpu_layers_option = click.option("--n-gpu-layers", type=click.IntRange(0, INT32_MAX), default=0, show_default=True,
+                                 help="Layers whose weights llama.cpp offloads (Metal/CUDA builds; 999: all).")
+
+
 def model_options(f):
     f = click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)(f)
     f = click.option("--n-ctx", type=click.IntRange(1, INT32_MAX), default=2048, show_default=True, help="Context size in tokens.")(f)
-    f = click.option("--n-gpu-layers", type=click.IntRange(0, INT32_MAX), default=0, show_default=True, help="Layers to offload (Metal/CUDA builds).")(f)
+    f = gpu_layers_option(f)
     return threads_option(f)
 
 

@@ -27,3 +27,12 @@ def test_help(path):
         cmd = cmd.get_command(None, name)
     if not isinstance(cmd, click.Group):
         assert "Example" in r.output, f"`fvpatch {' '.join(path)} --help` shows no example"
+
+
+def test_every_command_that_decodes_in_llama_cpp_can_offload():
+    """A Metal or CUDA user can offload layers wherever llama.cpp runs the model, eval included."""
+    decoding = {("generate",), ("save",), ("patch",), ("lens",), ("decode",), ("sweep",), ("reversal",), ("analogy",), ("serve",),
+                ("tokenize",), ("tensors",), ("eval", "task"), ("eval", "sweep"), ("eval", "analogy")}
+    for path in decoding:
+        r = CliRunner().invoke(main, [*path, "--help"])
+        assert "--n-gpu-layers" in r.output, f"`fvpatch {' '.join(path)}` cannot offload layers"

@@ -6,7 +6,7 @@ from contextlib import ExitStack, contextmanager
 import click
 
 from fvpatch.atomic import check_outputs
-from fvpatch.cli import SEED, cli_threads, threads_option
+from fvpatch.cli import SEED, cli_threads, gpu_layers_option, threads_option
 from train.cli import _torch_options
 
 @click.group(name="eval")
@@ -23,8 +23,9 @@ def eval_cmd():
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
 @click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
 @click.option("--force", is_flag=True, help="Overwrite --out, and use a bank made on another model file.")
+@gpu_layers_option
 @threads_option
-def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
+def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_gpu_layers):
     """Solve analogies A:B::C:? in llama.cpp: no vector, analogy prompts, the best single vector, and
     composite function vectors; prints a markdown table of accuracies (no torch needed).
 
@@ -43,7 +44,7 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
     from fvpatch.shipped import model_folder
 
     check_outputs([out], force)
-    with Session(resolve_model(model), n_threads=cli_threads()) as s:
+    with Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()) as s:
         shipped = bank_path is None
         bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
         bank = load_bank(bank_path)
@@ -63,7 +64,7 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force):
 
 
 @contextmanager
-def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True):
+def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True, n_gpu_layers: int = 0):
     """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's,
     if loaded); llama.cpp's context is freed on leaving."""
     from fvpatch.evaluate import llamacpp_predictor
@@ -73,7 +74,7 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
     with ExitStack() as stack:
         out = {}
         if engine in ("llamacpp", "both"):
-            s = stack.enter_context(Session(resolve_model(model), n_threads=cli_threads()))
+            s = stack.enter_context(Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()))
             if vector_model:
                 check_fingerprint(vector_model, s.fingerprint())
             out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
@@ -124,6 +125,7 @@ eval_options = [
     click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."),
     click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here."),
     click.option("--force", is_flag=True, help="Overwrite the files it writes."),
+    gpu_layers_option,
 ]
 
 
@@ -147,7 +149,7 @@ def _write_json(out, payload):
 @click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split).")
 @click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
 @click.option("--one-at-a-time", is_flag=True, help="llama.cpp: one prompt per decode, as `fvpatch patch` runs, instead of batched (slower; logits can differ by about one on a 4-bit model).")
-def task(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, split, n_items, demos, one_at_a_time):
+def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, split, n_items, demos, one_at_a_time):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
     k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
     With a vector it also says whether zero-shot + vector and ICL differ at all on these items: the gap with
@@ -165,7 +167,7 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     results = {}
-    with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time) as engines:
+    with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time, n_gpu_layers=n_gpu_layers) as engines:
         for name, (predict, tokenize) in engines.items():
             items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed, shared_demos=demos == "shared")
             results[name] = evaluate(predict, items, vf)
@@ -193,7 +195,7 @@ def task(task, engine, k, template_name, seed, model, out, force, dtype, device,
 @click.option("--n", "n_items", type=click.IntRange(1), default=50, show_default=True, help="Queries scored per layer.")
 @click.option("--condition", type=click.Choice(["zero_shot", "shuffled"]), default="zero_shot", show_default=True, help="Which prompts get the vector.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy against layer to this PNG.")
-def sweep(task, engine, k, template_name, seed, model, out, force, dtype, device, vector, method, split, n_items, condition, plot):
+def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, method, split, n_items, condition, plot):
     """Accuracy with the vector placed at each layer in turn (a function vector is added there unchanged;
     task vectors are recomputed per layer), next to the zero-shot and ICL baselines.
 
@@ -226,7 +228,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, dtype, device
         rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
         files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
     results = {}
-    with _engines(engine, model, vf.model if vf else None, lm, dtype, device) as engines:
+    with _engines(engine, model, vf.model if vf else None, lm, dtype, device, n_gpu_layers=n_gpu_layers) as engines:
         for name, (predict, tokenize) in engines.items():
             items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
             base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
