@@ -45,6 +45,10 @@ def test_the_vector_is_the_positions_choice_or_else_the_shipped_last_token_ffv(t
     paired = compare([1, 0, 1], [1, 1, 1])
     (tmp_path / "positions_choice.json").write_text(json.dumps([{"task": "a", "chosen": "every token", "paired": paired}]))
     assert shipped_choice(tmp_path, bank, "a") == (bank / "a.ffv-all.safetensors", paired)
+    assert shipped_choice(tmp_path, bank, "a", last_token=True) == (bank / "a.ffv.safetensors", {"n": 100, "ffv": 39, "icl": 4})
+    (tmp_path / "tasks").mkdir()  # a report written per task wins over report.json
+    (tmp_path / "tasks" / "a.json").write_text(json.dumps({"task": "a", "n_test": 50, "acc": {"llamacpp": {"ffv": 0.5, "icl_10shot": 0.6}}}))
+    assert shipped_choice(tmp_path, bank, "a", last_token=True)[1] == {"n": 50, "ffv": 25, "icl": 30}
 
 
 def test_difference_interval_is_newcombes_paired_score_interval():

@@ -10,8 +10,9 @@ don't). One prompt per decode, as `fvpatch patch` runs.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model qwen2.5-coder-1.5b [--tasks antonym,...]
 
-Resumable: per-item results go to results/<model>/ffv/full_test.json every --chunk items and are kept while the
-vector file is unchanged (its sha256); processes given disjoint --tasks can share the file.
+Resumable: per-item results go to results/<model>/ffv/full_test.json (full_test-last_token.json with --last-token)
+every --chunk items and are kept while the vector file is unchanged (its sha256); processes given disjoint --tasks
+can share the file.
 """
 
 import argparse
@@ -40,7 +41,8 @@ def score(session: Session, task, tpl, vector_path, row: dict, chunk: int, out) 
         at = slice(len(row["ffv"]), len(row["ffv"]) + chunk)
         answers = np.array(items.answers[at])
         row["ffv"] += (np.array(predict(items.tokens["zero_shot"][at], vf)) == answers).astype(int).tolist()
-        row["icl"] += (np.array(predict(items.tokens["icl"][at], None)) == answers).astype(int).tolist()
+        missing = slice(len(row["icl"]), len(row["ffv"]))  # ICL's results can come from another vector's run
+        row["icl"] += (np.array(predict(items.tokens["icl"][missing], None)) == np.array(items.answers[missing])).astype(int).tolist()
         if len(row["ffv"]) >= row["first"]["n"]:
             check_first(row)
         save(out, row)
@@ -57,12 +59,13 @@ def check_first(row: dict) -> None:
                          f"report_ffv_positions gave {before['ffv']} / {before['icl']}")
 
 
-def shipped_choice(results, bank, task: str) -> tuple:
+def shipped_choice(results, bank, task: str, last_token: bool = False) -> tuple:
     """(vector file, its counts on the first test items): the FFV report_ffv_positions chose and its per-item counts,
-    or, for a model without that choice, the shipped last-token FFV and the FFV report's llama.cpp accuracies."""
+    or, for a model without that choice or with `last_token`, the shipped last-token FFV and the FFV report's
+    llama.cpp accuracies."""
     choice = results / "positions_choice.json"
     rows = {r["task"]: r for r in json.loads(choice.read_text())} if choice.exists() else {}
-    if task in rows:
+    if task in rows and not last_token:
         if "paired" not in rows[task]:
             raise SystemExit(f"{task}: the chosen FFV has no per-item results; run train.report_ffv_positions first")
         return chosen_vector(bank, rows[task]), rows[task]["paired"]
@@ -75,8 +78,8 @@ def shipped_choice(results, bank, task: str) -> tuple:
     return bank / f"{task}.ffv.safetensors", {"n": n, "ffv": round(acc["ffv"] * n), "icl": round(acc["icl_10shot"] * n)}
 
 
-def markdown(model: str, rows: list[dict], command: str) -> str:
-    lines = [f"# Chosen FFV vs 10-shot ICL on the whole test split ({model}, llama.cpp)", "",
+def markdown(model: str, rows: list[dict], command: str, what: str = "Chosen FFV") -> str:
+    lines = [f"# {what} vs 10-shot ICL on the whole test split ({model}, llama.cpp)", "",
              f"Regenerate: `{command}`. Top-1 of the answer's first token, one prompt per decode. FFV: the vector named, the one "
              "chosen per task on valid pairs (results/<model>/ffv/positions_choice.md) or, without that choice, the shipped last-token FFV; ICL: 10-shot, seed 0 of the FFV report. \"First 100\" is the "
              "subset the FFV reports score; \"whole split\" adds the rest of the test pairs, scored after those results were known "
@@ -101,26 +104,32 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--tasks", default=",".join(CORE_TASKS))
     ap.add_argument("--chunk", type=int, default=100, help="Items scored between two writes of the results.")
+    ap.add_argument("--last-token", action="store_true", help="Score the shipped last-token FFVs instead of the chosen ones "
+                    "(was choosing every token on valid pairs right?); ICL's results are taken from the chosen FFVs' run.")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
     path, name, results, bank = model_dirs(args.model)
-    out = results / "full_test.json"
+    chosen_out = results / "full_test.json"
+    out = results / "full_test-last_token.json" if args.last_token else chosen_out
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:
         for task_name in args.tasks.split(","):
-            vector_path, first = shipped_choice(results, bank, task_name)
+            vector_path, first = shipped_choice(results, bank, task_name, args.last_token)
             sha = hashlib.sha256(vector_path.read_bytes()).hexdigest()
             rows = json.loads(out.read_text()) if out.exists() else {}
             row = rows.get(task_name)
             if row is None or row["sha256"] != sha:
                 row = {"task": task_name, "vector": vector_path.name, "sha256": sha, "first": first, "ffv": [], "icl": []}
+                if out != chosen_out and chosen_out.exists():
+                    row["icl"] = json.loads(chosen_out.read_text()).get(task_name, {}).get("icl", [])
             score(session, load_task(task_name), tpl, vector_path, row, args.chunk, out)
     rows = json.loads(out.read_text())
     done = [rows[t] for t in CORE_TASKS if t in rows and len(rows[t]["ffv"]) == len(load_task(t).test)]
-    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model {args.model}"
-    write_text(results / "full_test.md", markdown(name, done, command))
-    print(markdown(name, done, command))
+    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model {args.model}" + (" --last-token" if args.last_token else "")
+    md = markdown(name, done, command, "Shipped last-token FFV" if args.last_token else "Chosen FFV")
+    write_text(out.with_suffix(".md"), md)
+    print(md)
 
 
 if __name__ == "__main__":
