@@ -24,12 +24,12 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.atomic import write_json, write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
+from fvpatch.paired import compare
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
-from fvpatch.paired import compare
 from train.report_ffv import K, model_dirs
 from train.sweep_ffv import config, default_out, read_runs
 

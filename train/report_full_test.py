@@ -24,10 +24,10 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.atomic import write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
+from fvpatch.paired import compare
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import CORE_TASKS, load_task
-from fvpatch.paired import compare
 from train.report_ffv import K, model_dirs
 from train.report_ffv_positions import chosen_vector
 from train.report_icl_spread import save
@@ -50,13 +50,14 @@ def score(session: Session, task, tpl, vector_path, row: dict, chunk: int, out) 
 
 
 def check_first(row: dict) -> None:
-    """The first items are the prompts report_ffv_positions scored: their counts must come out the same."""
+    """The first items are the prompts an earlier report scored (report_ffv_positions, or the FFV report for a
+    last-token FFV): their counts must come out the same."""
     before = row["first"]
     n = before["n"]
     again = compare(row["ffv"][:n], row["icl"][:n])
     if (again["ffv"], again["icl"]) != (before["ffv"], before["icl"]):
         raise SystemExit(f"{row['task']}: the first {n} items give FFV {again['ffv']} / ICL {again['icl']}, "
-                         f"report_ffv_positions gave {before['ffv']} / {before['icl']}")
+                         f"the earlier report gave {before['ffv']} / {before['icl']}")
 
 
 def shipped_choice(results, bank, task: str, last_token: bool = False) -> tuple:
