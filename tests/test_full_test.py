@@ -61,3 +61,14 @@ def test_difference_interval_is_newcombes_paired_score_interval():
     lo, hi = difference_interval(10, 0, 0, 0)  # no item where the two disagree: the interval holds 0
     assert -1 <= lo <= 0 <= hi <= 1
     assert compare([1, 1, 0], [1, 0, 0])["ci"] == list(difference_interval(1, 1, 0, 1))
+
+
+def test_draws_table_compares_the_ffv_with_the_mean_of_complete_draws_only():
+    r = row([1, 1, 0, 1], [1, 0, 0, 1], compare([1, 1], [1, 0]))
+    draws = {"a": {"task": "a", "icl": {"1": [1, 1, 1, 1], "2": [1, 1, 1, 0], "3": [1, 1]}}}  # seed 3 is unfinished
+    md = markdown("m", [r], "cmd", draws=draws)
+    # ICL by seed 50 / 100 / 75 -> mean 75.0; per item FFV minus the fraction of draws right: 0, 1/3, -2/3, 1/3
+    # (sd 0.471 -> half-width 1.96 * 0.471 / 2)
+    assert "| a | 4 | 75.0% | 50.0 / 100.0 / 75.0 | 75.0% | yes | yes | +0.0 (-46.2 to +46.2) |" in md
+    assert "FFV ≥ the mean of ICL's draws on 1 of 1 tasks." in md
+    assert "ICL's draws" not in markdown("m", [r], "cmd")

@@ -13,6 +13,10 @@ don't). One prompt per decode, as `fvpatch patch` runs.
 Resumable: per-item results go to results/<model>/ffv/full_test.json (full_test-last_token.json with --last-token)
 every --chunk items and are kept while the vector file is unchanged (its sha256); processes given disjoint --tasks
 can share the file.
+
+ICL seed 0 is one draw of demonstrations. `--icl-seeds 1,2,3,4` also scores those draws on every test pair (to
+full_test-icl_draws.json, resumable the same way; about 1.1 s per prompt) and adds a table of the FFV against the
+mean of all the draws scored.
 """
 
 import argparse
@@ -49,6 +53,43 @@ def score(session: Session, task, tpl, vector_path, row: dict, chunk: int, out) 
         print(f"{task.name}: {len(row['ffv'])} / {len(items.answers)} items", flush=True)
 
 
+def score_draw(session: Session, task, tpl, seed: int, row: dict, chunk: int, out) -> None:
+    """Extend row["icl"][seed] (0/1 per test item) to the whole test split: 10-shot ICL with that draw of demos."""
+    items = build_items(session.tokenize, tpl, task.test, task.train[:20], K, seed=seed)
+    predict, done = llamacpp_predictor(session, batched=False), row["icl"].setdefault(str(seed), [])
+    while len(done) < len(items.answers):
+        at = slice(len(done), len(done) + chunk)
+        done += (np.array(predict(items.tokens["icl"][at], None)) == np.array(items.answers[at])).astype(int).tolist()
+        save(out, row)
+        print(f"{task.name} ICL seed {seed}: {len(done)} / {len(items.answers)} items", flush=True)
+
+
+def draws_markdown(rows: list[dict], draws: dict) -> list[str]:
+    """The FFV against the mean over ICL's draws of demonstrations, for the tasks with every draw complete."""
+    lines = ["", "## Against ICL's draws of demonstrations", "",
+             "ICL with each draw of demos on the whole split (seed 0 is the column above). FFV − mean: per item, the FFV's 0/1 "
+             "minus the fraction of draws right; 95% CI by the normal approximation over items.", "",
+             "| task | n | FFV | ICL by seed | ICL mean | FFV ≥ ICL mean | FFV ≥ worst draw | FFV − mean, points (95% CI) |",
+             "|---|---:|---:|---|---:|---|---|---|"]
+    above = []
+    for r in rows:
+        scored = draws.get(r["task"], {}).get("icl", {})
+        complete = [scored[s] for s in sorted(scored, key=int) if len(scored[s]) == len(r["ffv"])]
+        if not complete:
+            continue
+        icl, ffv = np.array([r["icl"]] + complete, dtype=float), np.array(r["ffv"], dtype=float)
+        d = ffv - icl.mean(axis=0)
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        acc = icl.mean(axis=1)
+        above.append(ffv.mean() >= acc.mean())
+        lines.append(f"| {r['task']} | {len(d)} | {100 * ffv.mean():.1f}% | {' / '.join(f'{100 * a:.1f}' for a in acc)} | "
+                     f"{100 * acc.mean():.1f}% | {'yes' if above[-1] else 'no'} | {'yes' if ffv.mean() >= acc.min() else 'no'} | "
+                     f"{100 * d.mean():+.1f} ({100 * (d.mean() - half):+.1f} to {100 * (d.mean() + half):+.1f}) |")
+    if not above:
+        return []
+    return lines + ["", f"FFV ≥ the mean of ICL's draws on {sum(above)} of {len(above)} tasks."]
+
+
 def check_first(row: dict) -> None:
     """The first items are the prompts an earlier report scored (report_ffv_positions, or the FFV report for a
     last-token FFV): their counts must come out the same."""
@@ -79,7 +120,7 @@ def shipped_choice(results, bank, task: str, last_token: bool = False) -> tuple:
     return bank / f"{task}.ffv.safetensors", {"n": n, "ffv": round(acc["ffv"] * n), "icl": round(acc["icl_10shot"] * n)}
 
 
-def markdown(model: str, rows: list[dict], command: str, what: str = "Chosen FFV") -> str:
+def markdown(model: str, rows: list[dict], command: str, what: str = "Chosen FFV", draws: dict | None = None) -> str:
     lines = [f"# {what} vs 10-shot ICL on the whole test split ({model}, llama.cpp)", "",
              f"Regenerate: `{command}`. Top-1 of the answer's first token, one prompt per decode. FFV: the vector named, the one "
              "chosen per task on valid pairs (results/<model>/ffv/positions_choice.md) or, without that choice, the shipped last-token FFV; ICL: 10-shot, seed 0 of the FFV report. \"First 100\" is the "
@@ -97,7 +138,7 @@ def markdown(model: str, rows: list[dict], command: str, what: str = "Chosen FFV
     lines += ["", f"FFV ≥ ICL on the whole test split on {above} of {len(rows)} tasks.", "",
               "p: exact two-sided sign test on the items only one of the two gets right (McNemar's exact test). CI: Newcombe's "
               "score interval for the difference of two accuracies on the same items (his method 10, 1998)."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + draws_markdown(rows, draws or {})) + "\n"
 
 
 def main():
@@ -107,12 +148,16 @@ def main():
     ap.add_argument("--chunk", type=int, default=100, help="Items scored between two writes of the results.")
     ap.add_argument("--last-token", action="store_true", help="Score the shipped last-token FFVs instead of the chosen ones "
                     "(was choosing every token on valid pairs right?); ICL's results are taken from the chosen FFVs' run.")
+    ap.add_argument("--icl-seeds", default="", help="Also score these draws of ICL's demonstrations on every test pair, "
+                    "e.g. 1,2,3,4 (seed 0 is always scored).")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
 
     path, name, results, bank = model_dirs(args.model)
     chosen_out = results / "full_test.json"
     out = results / "full_test-last_token.json" if args.last_token else chosen_out
+    draws_out = results / "full_test-icl_draws.json"
+    seeds = [int(s) for s in args.icl_seeds.split(",") if s and int(s) != 0]  # seed 0 is scored with the FFV
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:
         for task_name in args.tasks.split(","):
@@ -125,10 +170,17 @@ def main():
                 if out != chosen_out and chosen_out.exists():
                     row["icl"] = json.loads(chosen_out.read_text()).get(task_name, {}).get("icl", [])
             score(session, load_task(task_name), tpl, vector_path, row, args.chunk, out)
+        for seed in seeds:  # every task's draw before the next draw, so a cut-short run leaves whole draws
+            for task_name in args.tasks.split(","):
+                draws = json.loads(draws_out.read_text()) if draws_out.exists() else {}
+                row = draws.get(task_name, {"task": task_name, "icl": {}})
+                score_draw(session, load_task(task_name), tpl, seed, row, args.chunk, draws_out)
     rows = json.loads(out.read_text())
     done = [rows[t] for t in CORE_TASKS if t in rows and len(rows[t]["ffv"]) == len(load_task(t).test)]
-    command = f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model {args.model}" + (" --last-token" if args.last_token else "")
-    md = markdown(name, done, command, "Shipped last-token FFV" if args.last_token else "Chosen FFV")
+    command = (f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_full_test --model {args.model}" + (" --last-token" if args.last_token else "")
+               + (f" --icl-seeds {','.join(map(str, seeds))}" if seeds else ""))
+    draws = json.loads(draws_out.read_text()) if draws_out.exists() else {}
+    md = markdown(name, done, command, "Shipped last-token FFV" if args.last_token else "Chosen FFV", draws)
     write_text(out.with_suffix(".md"), md)
     print(md)
 
