@@ -15,7 +15,7 @@ every --chunk items and are kept while the vector file is unchanged (its sha256)
 can share the file.
 
 ICL seed 0 is one draw of demonstrations. `--icl-seeds 1,2,3,4` also scores those draws on every test pair (to
-full_test-icl_draws.json, resumable the same way; about 1.1 s per prompt) and adds a table of the FFV against the
+full_test-icl_draws.json, resumable the same way; on Qwen about 1.1 s per prompt) and adds a table of the FFV against the
 mean of all the draws scored.
 """
 
