@@ -37,16 +37,20 @@ from train.report_ffv_positions import chosen_vector
 from train.report_icl_spread import save
 
 
+def hits(predict, tokens: list, answers: list, vector=None) -> list[int]:
+    """1 where the top-1 token is the answer's first token, else 0, item by item."""
+    return (np.array(predict(tokens, vector)) == np.array(answers)).astype(int).tolist()
+
+
 def score(session: Session, task, tpl, vector_path, row: dict, chunk: int, out) -> None:
     """Extend row["ffv"] and row["icl"] (0/1 per test item, in test order) to the whole test split."""
     items = build_items(session.tokenize, tpl, task.test, task.train[:20], K)
     predict, vf = llamacpp_predictor(session, batched=False), vectorfile.load(vector_path)
     while len(row["ffv"]) < len(items.answers):
         at = slice(len(row["ffv"]), len(row["ffv"]) + chunk)
-        answers = np.array(items.answers[at])
-        row["ffv"] += (np.array(predict(items.tokens["zero_shot"][at], vf)) == answers).astype(int).tolist()
+        row["ffv"] += hits(predict, items.tokens["zero_shot"][at], items.answers[at], vf)
         missing = slice(len(row["icl"]), len(row["ffv"]))  # ICL's results can come from another vector's run
-        row["icl"] += (np.array(predict(items.tokens["icl"][missing], None)) == np.array(items.answers[missing])).astype(int).tolist()
+        row["icl"] += hits(predict, items.tokens["icl"][missing], items.answers[missing])
         if len(row["ffv"]) >= row["first"]["n"]:
             check_first(row)
         save(out, row)
@@ -59,7 +63,7 @@ def score_draw(session: Session, task, tpl, seed: int, row: dict, chunk: int, ou
     predict, done = llamacpp_predictor(session, batched=False), row["icl"].setdefault(str(seed), [])
     while len(done) < len(items.answers):
         at = slice(len(done), len(done) + chunk)
-        done += (np.array(predict(items.tokens["icl"][at], None)) == np.array(items.answers[at])).astype(int).tolist()
+        done += hits(predict, items.tokens["icl"][at], items.answers[at])
         save(out, row)
         print(f"{task.name} ICL seed {seed}: {len(done)} / {len(items.answers)} items", flush=True)
 
