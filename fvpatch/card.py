@@ -80,9 +80,9 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
         if counts:
             n = counts["n"]
             out += ["", f"Where it is added matters. On the first {n} test pairs: {counts['last'] / n:.0%} added at the last prompt token, "
-                        f"{counts['all'] / n:.0%} added at every token (as `llama-cli --control-vector` adds it)."]
+                        f"{counts['all'] / n:.0%} added at every token (as llama.cpp's `--control-vector` adds it)."]
         else:
-            out += ["", "Its accuracy added at every token (as `llama-cli --control-vector` adds it) has not been measured."]
+            out += ["", "Its accuracy added at every token (as llama.cpp's `--control-vector` adds it) has not been measured."]
         out.append("")
     model_arg = f"-m {known.name} " if known else f"-m {m.get('file')} "
     q = tpl.query(example).replace("\n", "\\n")
@@ -94,7 +94,9 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
             f"    out = model.generate(**tokenizer(\"{q}\", return_tensors=\"pt\"), max_new_tokens=4)", "```", ""]
     if control_vector:
         out += ["With stock llama.cpp, as a control vector (added at **every** token, see above):", "", "```",
-                f"llama-cli -m {m.get('file')} --control-vector-scaled {control_vector} 1.0 -p $'{q}' -n 4", "```", ""]
+                f"llama-completion -m {m.get('file')} --control-vector {control_vector} -p $'{q}' -n 4 -no-cnv", "```", "",
+                "(`--control-vector-scaled FILE:SCALE` scales it; llama.cpp builds before `llama-completion` existed call the "
+                "program `llama-cli`.)", ""]
     lic = f" The vector is derived from the model's weights ({known.upstream}, licence: {known.licence})." if known else ""
     out += ["## Licence and provenance", "",
             f"Written by {meta.get('fvpatch.creator', 'fvpatch')}; every number above comes from the file's own metadata.{lic}"

@@ -31,7 +31,7 @@ def _source(spec: str) -> tuple[vectorfile.VectorFile, str]:
 @click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Scale of each VECTOR, in order (default: each file's own scale).")
 @click.option("--force", is_flag=True, help="Overwrite OUT.")
 def export_cmd(sources, out, fmt, scales, force):
-    """Export vectors as a llama.cpp control vector (GGUF), for `llama-cli` / `llama-server --control-vector`.
+    """Export vectors as a llama.cpp control vector (GGUF), for `llama-completion` / `llama-server --control-vector`.
 
     VECTOR is a vector file, a shipped vector's name (MODEL/NAME where several models ship one), or one
     relation of a bank as BANK#RELATION. Vectors for the same layer are summed after scaling. Only an
@@ -42,7 +42,7 @@ def export_cmd(sources, out, fmt, scales, force):
     \b
     Example:
       fvpatch export gemma-3-270m/antonym.ffv antonym.gguf
-      llama-cli -m models/gemma-3-270m-q4_k_m.gguf --control-vector antonym.gguf -p "Q: hot" -n 3
+      llama-completion -m models/gemma-3-270m-q4_k_m.gguf --control-vector antonym.gguf -p "Q: hot" -n 3 -no-cnv
     """
     if scales and len(scales) != len(sources):
         raise click.UsageError(f"give one --scale per VECTOR ({len(sources)}), or none")
@@ -56,7 +56,7 @@ def export_cmd(sources, out, fmt, scales, force):
                        f"{_measured_drop(vf)}", err=True)
     controlvector.save(cv, out, overwrite=force)
     layers = ", ".join(f"l_out-{n}" for n in cv.directions)
-    click.echo(f"{out}: control vector for {cv.model_hint}, {layers}; use: llama-cli --control-vector {out}")
+    click.echo(f"{out}: control vector for {cv.model_hint}, {layers}; use: llama-completion (or llama-server) --control-vector {out}")
 
 
 def _measured_drop(vf: vectorfile.VectorFile) -> str:

@@ -3,7 +3,7 @@
 The format, as llama.cpp's loader reads it: `general.architecture = "controlvector"`,
 `controlvector.model_hint` (the model's architecture), `controlvector.layer_count`, and one 1-D F32 tensor
 `direction.N` per block N >= 1 (never block 0), added to the output of block N (the graph's `l_out-N`)
-at every token, prompt and generated. `llama-cli --control-vector-scaled FILE S` scales it; several files
+at every token, prompt and generated. `--control-vector-scaled FILE:S` scales it; several files
 are summed.
 
 Writers agree on where a direction is applied but not on where it was measured: repeng measures at the

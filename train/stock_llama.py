@@ -1,0 +1,54 @@
+"""Stock llama.cpp's server (built by `make llama-tools`) with a control vector, asked for next-token
+log-probabilities: how a user of plain llama.cpp sees a vector that `fvpatch export` wrote."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+TOOLS = Path(os.environ.get("FVPATCH_LLAMA_TOOLS", Path(__file__).resolve().parent.parent / ".llama-tools" / "bin"))
+
+
+class Server:
+    """`llama-server -m MODEL [--control-vector FILE] EXTRA...` on a free local port, one slot, one thread."""
+
+    def __init__(self, model: Path, control_vector: Path | None = None, extra: list[str] = (), n_ctx: int = 512):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        args = [TOOLS / "llama-server", "-m", model, "--port", str(port), "-t", "1", "-np", "1", "-c", str(n_ctx), "--no-webui", *extra]
+        if control_vector is not None:
+            args += ["--control-vector", control_vector]
+        self.url = f"http://127.0.0.1:{port}"
+        self._proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(240):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {self._proc.stderr.read()[-2000:]}")
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.5)
+        self.close()
+        raise RuntimeError("llama-server did not become ready in 120 s")
+
+    def top(self, tokens: list[int], n: int = 5) -> list[tuple[int, float]]:
+        """The `n` most likely next tokens after `tokens` and their log-probabilities (the server's own softmax of
+        the logits, before any sampler); the prompt's cache is not reused, so each answer stands alone."""
+        body = json.dumps({"prompt": tokens, "n_predict": 1, "n_probs": n, "temperature": 0, "cache_prompt": False}).encode()
+        with urllib.request.urlopen(urllib.request.Request(self.url + "/completion", body), timeout=300) as r:
+            top = json.load(r)["completion_probabilities"][0]["top_logprobs"]
+        return [(t["id"], t["logprob"]) for t in top]
+
+    def close(self):
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
