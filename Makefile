@@ -35,21 +35,21 @@ test-shuffled: setup
 test-big: setup
 	$(PY) -m pytest -q -m big
 
-# stock llama.cpp programs (llama-completion, llama-server) built from the llama.cpp that the pinned
+# stock llama.cpp programs (llama-completion, llama-server, llama-cvector-generator) built from the llama.cpp that the pinned
 # llama-cpp-python vendors, so `fvpatch export` files are checked against the loader users run; ~6 min on 2 cores
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_TOOLS := .llama-tools
-llama-tools: $(LLAMA_TOOLS)/bin/llama-server
+llama-tools: $(LLAMA_TOOLS)/bin/llama-cvector-generator
 
-$(LLAMA_TOOLS)/bin/llama-server: pyproject.toml | setup
+$(LLAMA_TOOLS)/bin/llama-cvector-generator: pyproject.toml | setup
 	rm -rf $(LLAMA_TOOLS)/src && mkdir -p $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin
 	$(VENV)/bin/pip download -q --no-deps --no-binary :all: -d $(LLAMA_TOOLS)/src llama-cpp-python==$(LLAMA_CPP_VERSION)
 	tar -xzf $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_TOOLS)/src
 	cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(LLAMA_TOOLS)/build \
 		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-	cmake --build $(LLAMA_TOOLS)/build -j 2 --target llama-completion llama-server
-	cp $(LLAMA_TOOLS)/build/bin/llama-completion $(LLAMA_TOOLS)/build/bin/llama-server $(LLAMA_TOOLS)/bin/
+	cmake --build $(LLAMA_TOOLS)/build -j 2 --target llama-completion llama-server llama-cvector-generator
+	cp $(addprefix $(LLAMA_TOOLS)/build/bin/,llama-completion llama-server llama-cvector-generator) $(LLAMA_TOOLS)/bin/
 
 # exported control vectors in stock llama-completion and llama-server (builds them first)
 test-stock: llama-tools

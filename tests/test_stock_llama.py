@@ -1,7 +1,7 @@
-"""Exported control vectors in stock llama.cpp programs: llama-completion and llama-server, built by `make
-llama-tools` from the llama.cpp that the pinned llama-cpp-python vendors, read `fvpatch export`'s files with
-their own loader and apply them as fvpatch says they will. Marked `stock`; `make test-stock` builds the
-programs and runs these."""
+"""Control vectors between fvpatch and stock llama.cpp programs, built by `make llama-tools` from the
+llama.cpp that the pinned llama-cpp-python vendors: llama-completion and llama-server read `fvpatch export`'s
+files with their own loader and apply them as fvpatch says they will, and llama-cvector-generator's files
+import as fvpatch says they were measured. Marked `stock`; `make test-stock` builds the programs and runs these."""
 
 import subprocess
 from pathlib import Path
@@ -16,7 +16,8 @@ from fvpatch.session import Patch
 from fvpatch.shipped import vector_path
 from train.stock_llama import TOOLS, Server
 
-pytestmark = [pytest.mark.stock, pytest.mark.skipif(not (TOOLS / "llama-server").exists(),
+PROGRAMS = ("llama-completion", "llama-server", "llama-cvector-generator")
+pytestmark = [pytest.mark.stock, pytest.mark.skipif(not all((TOOLS / p).exists() for p in PROGRAMS),
                                                     reason=f"no stock llama.cpp programs in {TOOLS}: run `make llama-tools`")]
 PROMPTS = ["Q: walk\nA:", "Q: France\nA:", "Q: cat\nA:"]
 
@@ -78,3 +79,33 @@ def test_a_packed_cards_llama_command_runs_as_written(gemma, gemma_path, tmp_pat
     prompt = command.split("-p $'")[1].split("'")[0].replace("\\n", "\n")
     ours = gemma.run(prompt, patches=patches([(name, 1.0)]), max_tokens=4)
     assert out.rstrip("\n") == ours.text.rstrip("\n") and ours.text != gemma.run(prompt, max_tokens=4).text
+
+
+def test_cvector_generator_files_import_as_measured_one_block_below(smollm_path, tmp_path):
+    """A file from llama.cpp's own generator (`--method mean`): its direction.N is the normalised mean of
+    positive minus negative rows of l_out-(N-1), which fvpatch's save reproduces exactly, and import
+    records that convention and keeps where the file applies it (l_out-N)."""
+    from fvpatch import Session
+    from fvpatch.session import Save
+
+    pos, neg = ["I love this film", "What a wonderful day"], ["I hate this film", "What a terrible day"]
+    for name, prompts in (("pos", pos), ("neg", neg)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(prompts) + "\n")
+    subprocess.run([TOOLS / "llama-cvector-generator", "-m", smollm_path, "--positive-file", tmp_path / "pos.txt", "--negative-file",
+                    tmp_path / "neg.txt", "--method", "mean", "-o", tmp_path / "gen.gguf", "-t", "1"], capture_output=True, timeout=300, check=True)
+    r = CliRunner().invoke(main, ["import", str(tmp_path / "gen.gguf"), str(tmp_path / "imported"), "--model", str(smollm_path)])
+    assert r.exit_code == 0, r.output
+    with Session(smollm_path) as s:
+        for n in (1, 15, s.n_layer - 1):
+            vf = vectorfile.load(tmp_path / "imported" / f"l_out-{n}.safetensors")
+            assert vf.tensor == f"l_out-{n}" and vf.meta["fvpatch.controlvector.writer"] == "llama.cpp cvector-generator"
+            assert vf.meta["fvpatch.controlvector.measured_at"].startswith("l_out-(N-1)")
+            rows = []
+            for p, q in zip(pos, neg):
+                tp, tq = s.tokenize(p), s.tokenize(q)
+                assert len(tp) == len(tq)  # the generator pads the shorter prompt; these need none
+                save = [Save(f"l_out-{n - 1}", tuple(range(len(tp))))]
+                diff = s.run(tp, saves=save).saved[f"l_out-{n - 1}"] - s.run(tq, saves=save).saved[f"l_out-{n - 1}"]
+                rows += [d for d in diff if d.max() > 1e-6]  # the generator drops rows it takes for zero this way
+            mean = np.mean(rows, axis=0)
+            np.testing.assert_allclose(vf.rows[0], mean / np.linalg.norm(mean), atol=1e-6)
