@@ -109,3 +109,29 @@ def test_cvector_generator_files_import_as_measured_one_block_below(smollm_path,
                 rows += [d for d in diff if d.max() > 1e-6]  # the generator drops rows it takes for zero this way
             mean = np.mean(rows, axis=0)
             np.testing.assert_allclose(vf.rows[0], mean / np.linalg.norm(mean), atol=1e-6)
+
+
+def test_the_openai_client_gets_the_same_answer_from_fvpatch_serve_and_llama_server(gemma_path, tmp_path):
+    """One vector, two servers: fvpatch serve takes it with the request, stock llama-server at start."""
+    import threading
+
+    import openai
+
+    from fvpatch import Session
+    from fvpatch.server import make_server
+
+    name = "gemma-3-270m/present-past.ffv-all"
+    ask = dict(model="gemma-3-270m", max_tokens=6, temperature=0)
+    with Session(gemma_path) as s:
+        srv = make_server(s, "127.0.0.1", 0, "gemma-3-270m", quiet=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            ours = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+            served = [ours.completions.create(prompt=p, extra_body={"vectors": [{"vector": name}]}, **ask).choices[0].text for p in PROMPTS]
+        finally:
+            srv.shutdown()
+            srv.server_close()
+    with Server(gemma_path, export(tmp_path, name), ["--swa-full"]) as stock:
+        theirs = openai.OpenAI(base_url=stock.url + "/v1", api_key="none", max_retries=0)
+        # cache_prompt off: reusing the previous prompt's cached prefix changes the numerics enough to flip a near tie
+        assert [theirs.completions.create(prompt=p, extra_body={"cache_prompt": False}, **ask).choices[0].text for p in PROMPTS] == served
