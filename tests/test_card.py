@@ -1,6 +1,9 @@
 """`fvpatch vectors pack`: a folder to share (vector files, control vectors where a vector can be one, a card
 whose commands name the files written beside it)."""
 
+import json
+from pathlib import Path
+
 from click.testing import CliRunner
 
 from fvpatch import controlvector, vectorfile
@@ -26,3 +29,19 @@ def test_pack_refuses_an_existing_folder(tmp_path):
     (tmp_path / "pack").mkdir()
     r = CliRunner().invoke(main, ["vectors", "pack", str(tmp_path / "pack"), "gemma-3-270m/present-past.ffv-all"])
     assert r.exit_code != 0 and "exists; pass --force" in r.output and not any((tmp_path / "pack").iterdir())
+
+
+def test_the_cards_fvpatch_command_runs_as_printed(tmp_path, gemma_path):
+    """Run from the pack's folder, the card's `fvpatch patch` line applies the vector written beside it."""
+    import os
+    import subprocess
+    import sys
+
+    r = CliRunner().invoke(main, ["vectors", "pack", str(tmp_path / "pack"), "gemma-3-270m/present-past.ffv-all"])
+    assert r.exit_code == 0, r.output
+    command, = [line for line in (tmp_path / "pack" / "README.md").read_text().splitlines() if line.startswith("fvpatch patch")]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(["bash", "-c", command + " --json"], cwd=tmp_path / "pack", env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["completion"] != result["unpatched"]
