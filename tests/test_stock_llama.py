@@ -14,7 +14,7 @@ from fvpatch import vectorfile
 from fvpatch.cli import main
 from fvpatch.session import Patch
 from fvpatch.shipped import vector_path
-from train.stock_llama import TOOLS, Server
+from train.stock_llama import TOOLS, Server, log_softmax
 
 PROGRAMS = ("llama-completion", "llama-server", "llama-cvector-generator")
 pytestmark = [pytest.mark.stock, pytest.mark.skipif(not all((TOOLS / p).exists() for p in PROGRAMS),
@@ -60,8 +60,7 @@ def test_llama_server_gives_fvpatch_probabilities(gemma, gemma_path, tmp_path):
         for prompt in PROMPTS:
             tokens = gemma.tokenize(prompt)
             top = server.top(tokens)
-            logits = gemma.run(tokens, patches=patches(specs)).logits.astype(np.float64)
-            logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+            logp = log_softmax(gemma.run(tokens, patches=patches(specs)).logits)
             assert [i for i, _ in top] == list(np.argsort(-logp)[:5]), prompt
             np.testing.assert_allclose([lp for _, lp in top], logp[[i for i, _ in top]], atol=1e-3)
 

@@ -31,14 +31,9 @@ from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
 from train.report_positions import exportable
-from train.stock_llama import Server
+from train.stock_llama import Server, log_softmax
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64) - logits.max()
-    return x - np.log(np.exp(x).sum())
 
 
 def score(s: Session, model: Path, tokens: list[list[int]], answers: list[int], cv: Path | None, extra: list[str]) -> dict:
