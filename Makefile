@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FVPATCH := $(VENV)/bin/fvpatch
 
-.PHONY: setup demo test test-shuffled test-big test-stock llama-tools bench
+.PHONY: setup demo test test-shuffled test-big test-stock test-offload llama-tools bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -35,25 +35,40 @@ test-shuffled: setup
 test-big: setup
 	$(PY) -m pytest -q -m big
 
-# stock llama.cpp programs (llama-completion, llama-server, llama-cvector-generator) built from the llama.cpp that the pinned
-# llama-cpp-python vendors, so `fvpatch export` files are checked against the loader users run; ~6 min on 2 cores
+# stock llama.cpp programs (llama-completion, llama-server, llama-cvector-generator, ggml-rpc-server) built
+# from the llama.cpp that the pinned llama-cpp-python vendors, so control vectors are checked against the
+# programs users run; ~8 min on 2 cores
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_TOOLS := .llama-tools
-llama-tools: $(LLAMA_TOOLS)/bin/llama-cvector-generator
+LLAMA_PROGRAMS := llama-completion llama-server llama-cvector-generator ggml-rpc-server
+llama-tools: $(LLAMA_TOOLS)/bin/ggml-rpc-server
 
-$(LLAMA_TOOLS)/bin/llama-cvector-generator: pyproject.toml | setup
+$(LLAMA_TOOLS)/bin/ggml-rpc-server: pyproject.toml | setup
 	rm -rf $(LLAMA_TOOLS)/src && mkdir -p $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin
 	$(VENV)/bin/pip download -q --no-deps --no-binary :all: -d $(LLAMA_TOOLS)/src llama-cpp-python==$(LLAMA_CPP_VERSION)
 	tar -xzf $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_TOOLS)/src
 	cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(LLAMA_TOOLS)/build \
 		-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-	cmake --build $(LLAMA_TOOLS)/build -j 2 --target llama-completion llama-server llama-cvector-generator
-	cp $(addprefix $(LLAMA_TOOLS)/build/bin/,llama-completion llama-server llama-cvector-generator) $(LLAMA_TOOLS)/bin/
+		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_RPC=ON
+	cmake --build $(LLAMA_TOOLS)/build -j 2 --target $(LLAMA_PROGRAMS)
+	cp $(addprefix $(LLAMA_TOOLS)/build/bin/,$(LLAMA_PROGRAMS)) $(LLAMA_TOOLS)/bin/
 
-# exported control vectors in stock llama-completion and llama-server (builds them first)
+# control vectors between fvpatch and the stock programs (builds them first)
 test-stock: llama-tools
 	$(PY) -m pytest -q -m stock
+
+# llama-cpp-python rebuilt with ggml's RPC backend, beside the venv's (not instead of it): a device whose
+# buffers are not host memory, served by ggml-rpc-server on this CPU, stands in for a GPU; ~6 min.
+# --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS and would return the plain CPU build
+RPC_SITE := .rpc/site
+$(RPC_SITE)/llama_cpp/lib/libggml-rpc.so: pyproject.toml | setup
+	rm -rf .rpc && mkdir -p .rpc
+	CMAKE_ARGS="-DGGML_RPC=ON" $(VENV)/bin/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w .rpc/whl llama-cpp-python==$(LLAMA_CPP_VERSION)
+	$(VENV)/bin/pip install -q --no-deps --target $(RPC_SITE) .rpc/whl/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+
+# save and patch with every layer offloaded to that device
+test-offload: llama-tools $(RPC_SITE)/llama_cpp/lib/libggml-rpc.so
+	PYTHONPATH=$(RPC_SITE) $(PY) -m pytest -q -m offload
 
 bench: setup
 	$(PY) bench/patch_overhead.py
