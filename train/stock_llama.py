@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fvpatch.errors import FvpatchError
+
 TOOLS = Path(os.environ.get("FVPATCH_LLAMA_TOOLS", Path(__file__).resolve().parent.parent / ".llama-tools" / "bin"))
 
 
@@ -24,6 +26,8 @@ class Server:
     """`llama-server -m MODEL [--control-vector FILE] EXTRA...` on a free local port, one slot, one thread."""
 
     def __init__(self, model: Path, control_vector: Path | None = None, extra: list[str] = (), n_ctx: int = 512):
+        if not (TOOLS / "llama-server").exists():
+            raise FvpatchError(f"no llama-server in {TOOLS}: run `make llama-tools` (or set FVPATCH_LLAMA_TOOLS)")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
