@@ -20,6 +20,7 @@ import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs, write_gguf
+from fvpatch.bank import NAMES_KEY
 from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of
 
@@ -91,6 +92,16 @@ def from_vectors(items: list[tuple[vectorfile.VectorFile, float, str]]) -> Contr
                         "method": vf.meta.get("fvpatch.method", ""), "positions": vf.meta.get("fvpatch.apply_at", "last")})
     return ControlVector({n: np.asarray(v, np.float32) for n, v in sorted(directions.items())},
                          first.model.get("arch", ""), dict(first.model), sources)
+
+
+def exportable(vf: vectorfile.VectorFile) -> bool:
+    """Whether this vector file exports as a control vector as it is (a bank's relations export one at a
+    time, as BANK#RELATION)."""
+    try:
+        from_vectors([(vf, vf.scale, vf.tensor)])
+    except FvpatchError:
+        return False
+    return NAMES_KEY not in vf.meta
 
 
 def save(cv: ControlVector, path: str | Path, overwrite: bool = False) -> Path:

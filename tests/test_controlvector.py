@@ -109,3 +109,13 @@ def test_bad_control_vector_files(tmp_path):
         controlvector.load(_foreign(tmp_path / "zero.gguf", {0: np.ones(8)}, "int32"))
     with pytest.raises(FvpatchError, match="NaN"):
         controlvector.load(_foreign(tmp_path / "nan.gguf", {1: np.full(8, np.nan)}, "int32"))
+
+
+def test_exportable_says_what_export_takes(tiny_session):
+    from fvpatch.bank import NAMES_KEY
+
+    assert controlvector.exportable(_vector(tiny_session, 2))
+    assert not controlvector.exportable(_vector(tiny_session, 2, mode="replace"))
+    bank_row = _vector(tiny_session, 2)
+    bank_row.meta[NAMES_KEY] = '["antonym"]'  # a bank exports one relation at a time, as BANK#RELATION
+    assert not controlvector.exportable(bank_row)

@@ -26,8 +26,6 @@ from tqdm import tqdm
 
 from fvpatch import controlvector, vectorfile
 from fvpatch.atomic import write_json, write_report
-from fvpatch.bank import NAMES_KEY
-from fvpatch.errors import FvpatchError
 from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.session import Patch, Session
@@ -36,15 +34,6 @@ from fvpatch.tasks import load_task
 ROOT = Path(__file__).resolve().parent.parent
 WAYS = ("last", "all (fvpatch)", "all (control vector)")
 STAMP_KEY = "fvpatch.positions_top1"
-
-
-def exportable(vf: vectorfile.VectorFile) -> bool:
-    """What `fvpatch export` can write as a control vector (banks aside)."""
-    try:
-        controlvector.from_vectors([(vf, vf.scale, vf.tensor)])
-    except FvpatchError:
-        return False
-    return NAMES_KEY not in vf.meta
 
 
 def correct(s: Session, prompts: list[list[int]], answers: list[int], vf: vectorfile.VectorFile, way: str) -> int:
@@ -80,7 +69,7 @@ def main():
 
     source = resolve_model(args.model)
     name = short_name(source)
-    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if exportable(vf := vectorfile.load(p))}
+    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if controlvector.exportable(vf := vectorfile.load(p))}
     out = ROOT / "results" / name / "positions.json"
     report = json.loads(out.read_text()) if out.exists() else {"vectors": {}}
     report |= {"model": name, "n_test": args.n_test,

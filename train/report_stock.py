@@ -4,7 +4,7 @@
     make llama-tools
     OMP_NUM_THREADS=1 .venv/bin/python -m train.report_stock [--model gemma-3-270m] [--n-test 50] [--swa-full]
 
-For each vector of vectors/<model>/ that exports as a control vector (train.report_positions.exportable),
+For each vector of vectors/<model>/ that exports as a control vector (fvpatch.controlvector.exportable),
 and once with no vector: top-1 of the answer's first token on the first `--n-test` TEST pairs of its task,
 zero-shot prompt, the vector at every token,
 - `fvpatch`: the exported file's directions loaded through llama.cpp's control-vector API in fvpatch's session;
@@ -30,7 +30,6 @@ from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
-from train.report_positions import exportable
 from train.stock_llama import Server, log_softmax
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +76,7 @@ def main():
 
     source = resolve_model(args.model)
     name = short_name(source)
-    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if exportable(vf := vectorfile.load(p))}
+    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if controlvector.exportable(vf := vectorfile.load(p))}
     out = ROOT / "results" / name / ("stock-swa_full.json" if args.swa_full else "stock.json")
     report = json.loads(out.read_text()) if out.exists() else {"vectors": {}}
     report |= {"model": name, "n_test": args.n_test, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_stock --model {name} "
