@@ -17,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.arch_models import ARCHS, write_tiny_model
+
 pytestmark = pytest.mark.offload
 ROOT = Path(__file__).resolve().parent.parent
 RPC_SERVER = ROOT / ".llama-tools" / "bin" / "ggml-rpc-server"
 SOURCE, TARGET = "Egypt -> Cairo, Norway -> Oslo, Estonia ->", "France ->"
+TEXT = "Hello world -> 123, x y z!\nabc -> def; the cat sat on the mat."  # past the gemmas' 8-token window
 
 
 def _libggml():
@@ -139,3 +142,29 @@ def test_the_seed_transfer_offloaded(sessions):
     v = s.run(SOURCE, saves=[Save("l_out-10", (-1,))]).saved["l_out-10"][0]
     out = s.run(TARGET, patches=[Patch("l_out-10", v, -1, "replace")], max_tokens=2)
     assert out.text.startswith(" Paris") and not s.run(TARGET, max_tokens=2).text.startswith(" Paris")
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_architecture_saves_and_patches_offloaded(device, arch, tmp_path):
+    """The architecture matrix's tiny f32 models (tests/arch_models.py), every layer offloaded: saved rows equal
+    the CPU session's, and an added vector equals llama.cpp's in-graph control vector on the device."""
+    from fvpatch import Session
+    from fvpatch.session import Patch, Save
+
+    path = write_tiny_model(arch, tmp_path / f"tiny-{arch}.gguf")
+    with Session(path, exact=True) as cpu, Session(path, exact=True, n_gpu_layers=999) as s:
+        n = s.n_layer // 2
+        save = [Save(f"l_out-{n}", tuple(range(len(s.tokenize(TEXT)))))]
+        a, b = (x.run(TEXT, saves=save).saved[f"l_out-{n}"] for x in (cpu, s))
+        np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+        v = np.random.default_rng(1).normal(0, 1, s.n_embd).astype(np.float32)
+        patched = s.run(TEXT, patches=[Patch(f"l_out-{n}", v, -1, "add", all_tokens=True)], all_logits=True).prompt_logits
+        directions = np.zeros((s.n_layer - 1, s.n_embd), np.float32)
+        directions[n - 1] = v
+        s.set_control_vector(directions)
+        try:
+            native = s.run(TEXT, all_logits=True).prompt_logits
+        finally:
+            s.set_control_vector(None)
+        assert np.abs(native - s.run(TEXT, all_logits=True).prompt_logits).max() > 1e-3  # the vector does something
+        np.testing.assert_allclose(patched, native, atol=1e-4 * np.abs(native).max())
