@@ -40,6 +40,11 @@ class Template:
         head, mid, _ = self._parts()
         return f"{head}{x}{mid.rstrip(' ')}"
 
+    def query_affixes(self) -> tuple[str, str]:
+        """The text before and after the query in a zero-shot prompt (`Q:` and `\nA:` around `walk`)."""
+        head, mid, _ = self._parts()
+        return head.rstrip(" "), mid.rstrip(" ")
+
     def answer(self, y: str) -> str:
         _, mid, _ = self._parts()
         return mid[len(mid.rstrip(" ")) :] + y

@@ -10,3 +10,12 @@ def test_table_rows_and_means():
     assert "| layer | antonym | capitalize | mean last / all / query | mean norm |" in md
     assert "| 4 | 40 / 0 / 10 | 90 / 10 / 20 | 65.0 / 5.0 / 15.0 | 0.50 |" in md
     assert "| 12 | 20 / 20 / 20 | – | – | – |" in md  # capitalize has no run at layer 12: no mean
+
+
+def test_query_positions_are_the_querys_own_tokens(gemma):
+    from fvpatch.prompts import template
+    from train.report_ffv_depth import query_positions
+
+    tokens = gemma.tokenize("Q: hot air balloon\nA:")
+    positions = query_positions(gemma, template("qa"), tokens)
+    assert gemma.detokenize([tokens[p] for p in positions]) == " hot air balloon"

@@ -25,7 +25,7 @@ from fvpatch import vectorfile
 from fvpatch.atomic import write_json, write_report
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.models import resolve_model, short_name
-from fvpatch.prompts import template
+from fvpatch.prompts import Template, template
 from fvpatch.session import Patch, Save, Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import Config, prepare, train_ffv
@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 WAYS = ("last", "all", "query")
 
 
-def query_positions(s: Session, tpl, tokens: list[int]) -> list[int]:
+def query_positions(s: Session, tpl: Template, tokens: list[int]) -> list[int]:
     """The positions of the query's own tokens in a zero-shot prompt (`walk` in `Q: walk\nA:`)."""
-    head, mid, _ = tpl._parts()
-    before, after = s.tokenize(head.rstrip(" ")), s.tokenize(mid.rstrip(" "), add_bos=False)
+    head, tail = tpl.query_affixes()
+    before, after = s.tokenize(head), s.tokenize(tail, add_bos=False)
     if tokens[: len(before)] != before or tokens[len(tokens) - len(after) :] != after:
         raise ValueError("the template's tokens do not stand apart from the query's in this prompt")
     return list(range(len(before), len(tokens) - len(after)))

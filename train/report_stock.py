@@ -37,7 +37,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def score(s: Session, model: Path, tokens: list[list[int]], answers: list[int], cv: Path | None, extra: list[str]) -> dict:
     """Both engines on the same token ids, the vector (if any) as llama.cpp's control vector in each."""
-    ours = []
     s.set_control_vector(None if cv is None else controlvector.load(cv).dense(s.n_layer))
     try:
         ours = [log_softmax(s.run(t).logits) for t in tqdm(tokens, desc="fvpatch", leave=False)]
