@@ -44,10 +44,11 @@ def _libggml():
     return lib
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def device():
     """A device llama.cpp can offload to: an RPC server on this machine where the build has the RPC backend
-    and the server is built, else the build's own GPU."""
+    and the server is built, else the build's own GPU. Session-scoped: ggml cannot unregister a device,
+    and every model loaded after registration lists it among its devices, so the server lives to the end."""
     import llama_cpp
 
     lib = _libggml()
