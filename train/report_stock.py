@@ -10,7 +10,7 @@ zero-shot prompt, the vector at every token,
 - `fvpatch`: the exported file's directions loaded through llama.cpp's control-vector API in fvpatch's session;
 - `llama-server`: stock llama-server started with `--control-vector FILE` (one server per vector), asked over
   HTTP for the next token's log-probabilities, the prompt given as fvpatch's token ids.
-Also the items whose top-1 differs and the largest gap in the log-probability of fvpatch's top token.
+Also the items whose top-1 differs and the largest gap in the log-probability of the server's top token.
 `--swa-full` passes that flag to the server (a full-size cache for sliding-window layers, which a context
 made with llama.cpp's defaults has). No torch is used. Resumable: results/<model>/stock[-swa_full].json is
 rewritten after each vector.

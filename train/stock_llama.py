@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -35,10 +36,13 @@ class Server:
         if control_vector is not None:
             args += ["--control-vector", control_vector]
         self.url = f"http://127.0.0.1:{port}"
-        self._proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # the server logs every request; to a pipe nobody reads while it runs, that would fill and stall it
+        self._log = tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=self._log, text=True)
         for _ in range(240):
             if self._proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self._proc.stderr.read()[-2000:]}")
+                self._log.seek(0)
+                raise RuntimeError(f"llama-server exited: {self._log.read()[-2000:]}")
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=1)
                 return
@@ -58,6 +62,7 @@ class Server:
     def close(self):
         self._proc.terminate()
         self._proc.wait(timeout=30)
+        self._log.close()
 
     def __enter__(self):
         return self
