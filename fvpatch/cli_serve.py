@@ -9,13 +9,18 @@ from fvpatch.cli import main, model_options, open_session
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (another than localhost exposes the model to the network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port (0: any free one).")
-def serve(model, n_ctx, n_gpu_layers, host, port):
+@click.option("--parallel", "-np", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="Requests decoded together, each in its own sequence with its own vectors, sharing --n-ctx. More "
+                   "throughput under concurrent load on bigger models; a batch moves logits a little, so greedy text "
+                   "then depends on what else is in flight. 1: requests take turns and reproduce `fvpatch patch`.")
+def serve(model, n_ctx, n_gpu_layers, host, port, parallel):
     """Serve the model on /v1/completions and /v1/chat/completions (OpenAI's API, streaming too), where
     each request may add vectors: "vectors": [{"vector": NAME_OR_FILE, "scale": 1.0, "positions": "last"}].
 
     positions: "last" (the last prompt token and every generated one, as function vectors are applied),
     "all" (every token, as a llama.cpp control vector), or a list of prompt token indices. One model is
-    loaded; requests take turns on it, each with only its own vectors.
+    loaded; requests take turns on it, or up to --parallel of them are decoded together, each with only
+    its own vectors.
 
     \b
     Example:
@@ -27,7 +32,7 @@ def serve(model, n_ctx, n_gpu_layers, host, port):
     from fvpatch.server import make_server
 
     with open_session(model, n_ctx, n_gpu_layers) as s:
-        server = make_server(s, host, port, short_name(s.path))
+        server = make_server(s, host, port, short_name(s.path), parallel=parallel)
         click.echo(f"fvpatch serving {s.path.name} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", err=True)
         try:
             server.serve_forever()

@@ -67,7 +67,7 @@ class BatchedScoring:
                 entries += [(tok, pos, seq) for pos, tok in enumerate(tokens)]
                 for p in patches:
                     self.check_tensor_name(p.tensor)
-                    at = self._patch_positions(p, len(prompt), range(len(prompt) - 1, len(tokens)))
+                    at = self.patch_positions(p, len(prompt), range(len(prompt) - 1, len(tokens)))
                     at += list(range(len(prompt), len(tokens))) if p.generated or p.all_tokens else []
                     for pos in at:
                         plan.setdefault(p.tensor.encode(), []).append(("patch", p, base + pos, pos))
@@ -142,7 +142,7 @@ class BatchedScoring:
             entries += [(prompts[i][pos], pos, seq) for pos in range(shared, len(prompts[i]))]
             last[i] = len(entries) - 1
             for p in patches:
-                at = self._patch_positions(p, len(prompts[i]), [len(prompts[i]) - 1])
+                at = self.patch_positions(p, len(prompts[i]), [len(prompts[i]) - 1])
                 plan.setdefault(p.tensor.encode(), []).extend(("patch", p, base + pos - shared, pos) for pos in at if pos >= shared)
         self._watch, self._seen = set(plan), set()
         self._decode(entries, set(last.values()), plan)

@@ -7,13 +7,13 @@ generated token (as function vectors are applied: `fvpatch patch --every-token`)
 llama.cpp applies a control vector), a list at those prompt positions only. The layer and tensor come from
 the file. GET /v1/models lists the model.
 
-llama.cpp's context holds one sequence's state, so requests take turns on it: each runs alone from a clear
-KV cache with only its own patches, which is what keeps concurrent requests from leaking into each other.
-A bad request gets a 4xx whose error message is one line; the server keeps serving.
+Requests run on `parallel` slots (`fvpatch.slots`): with one they take turns, with more those that arrive
+together are decoded together, each in its own sequence of the one context. Either way each has only its own
+patches, so concurrent requests never see each other's vectors. A bad request gets
+a 4xx whose error message is one line; the server keeps serving.
 """
 
 import json
-import threading
 import time
 import uuid
 from http import HTTPStatus
@@ -26,6 +26,7 @@ from fvpatch.errors import FvpatchError
 from fvpatch.models import check_fingerprint
 from fvpatch.session import Patch, Session
 from fvpatch.shipped import vector_path
+from fvpatch.slots import Slots
 
 MAX_BODY = 1 << 20
 
@@ -41,8 +42,8 @@ def _field(body: dict, key: str, kind, default, check=lambda v: True, what: str 
     return value
 
 
-def parse_vectors(session: Session, specs) -> list[Patch]:
-    """The request's `vectors` as patches, each checked against the loaded model."""
+def parse_vectors(session: Session, specs, graph: set[str]) -> list[Patch]:
+    """The request's `vectors` as patches, each checked against the loaded model and the names in its graph."""
     if not isinstance(specs, list):
         raise BadRequest("vectors must be a list of {\"vector\": NAME_OR_FILE, \"scale\": 1.0, \"positions\": \"last\"}")
     fp = session.fingerprint()
@@ -72,16 +73,19 @@ def parse_vectors(session: Session, specs) -> list[Patch]:
         else:
             raise BadRequest(f"vectors[{i}].positions must be \"last\", \"all\" or a non-empty list of token indices")
         session.check_tensor_name(vf.tensor)
+        if vf.tensor not in graph:  # caught here, it fails this request alone, not the batch it would join
+            raise BadRequest(f"vectors[{i}] {name}: tensor {vf.tensor!r} never appears in this model's compute graph")
     return patches
 
 
 class Generator:
-    """Runs one request at a time on the session; `generate` yields text pieces, then the finish reason."""
+    """Turns requests into jobs on the session's slots; `generate` streams a job's text and applies stop strings."""
 
-    def __init__(self, session: Session, model_name: str):
+    def __init__(self, session: Session, model_name: str, parallel: int):
         self.session = session
         self.model_name = model_name
-        self.lock = threading.Lock()
+        self.graph = set(session.graph_tensor_names())
+        self.slots = Slots(session, parallel)
 
     def request(self, body: dict, chat: bool) -> tuple[list[int], list[Patch], dict]:
         s = self.session
@@ -106,7 +110,7 @@ class Generator:
             "seed": _field(body, "seed", int, 0, lambda v: v >= 0, "a non-negative integer"),
             "stop": stop,
         }
-        patches = parse_vectors(s, body.get("vectors", []))
+        patches = parse_vectors(s, body.get("vectors", []), self.graph)
         for p in patches:
             if not p.all_tokens:
                 s.resolve_position(p.token, len(tokens))  # a token index outside this prompt is the request's fault
@@ -115,31 +119,31 @@ class Generator:
     def generate(self, tokens: list[int], patches: list[Patch], opts: dict, emit):
         """Run the request, calling emit(piece) as text arrives; returns (finish_reason, completion tokens)."""
         pieces: list[bytes] = []
-        state = {"sent": 0, "stopped": False, "text": ""}
-
-        def on_token(tok: int) -> bool:
-            if self.session.is_eog(tok):
-                return False
-            pieces.append(self.session.piece(tok))
-            text = b"".join(pieces).decode("utf-8", "ignore")
-            cut = min((text.find(x) for x in opts["stop"] if x in text), default=-1)
-            if cut >= 0:
-                text, state["stopped"] = text[:cut], True
-            state["text"] = text
-            # hold back an ending that may yet grow into a stop string: it must never reach the client
-            held = 0 if state["stopped"] else max((k for x in opts["stop"] for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
-            if len(text) - held > state["sent"]:
-                emit(text[state["sent"] : len(text) - held])
-                state["sent"] = len(text) - held
-            return state["stopped"]
-
-        with self.lock:
-            r = self.session.run(tokens, patches=patches, max_tokens=opts["max_tokens"], temperature=opts["temperature"],
-                                 seed=opts["seed"], on_token=on_token)
-        if len(state["text"]) > state["sent"]:  # what was held back, now that no stop string came
-            emit(state["text"][state["sent"] :])
-        ended = state["stopped"] or (r.generated and self.session.is_eog(r.generated[-1]))
-        return ("stop" if ended else "length"), len(r.generated)
+        sent, text, stopped, n, eog = 0, "", False, 0, False
+        job = self.slots.submit(tokens, patches, opts["max_tokens"], opts["temperature"], opts["seed"])
+        try:
+            for tok in job:
+                n += 1
+                if self.session.is_eog(tok):
+                    eog = True
+                    break
+                pieces.append(self.session.piece(tok))
+                text = b"".join(pieces).decode("utf-8", "ignore")
+                cut = min((text.find(x) for x in opts["stop"] if x in text), default=-1)
+                if cut >= 0:
+                    text, stopped = text[:cut], True
+                # hold back an ending that may yet grow into a stop string: it must never reach the client
+                held = 0 if stopped else max((k for x in opts["stop"] for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+                if len(text) - held > sent:
+                    emit(text[sent : len(text) - held])
+                    sent = len(text) - held
+                if stopped:
+                    break
+        finally:
+            job.cancel()  # a stop string came, or emit failed because the client left: free the slot
+        if len(text) > sent:  # what was held back, now that no stop string came
+            emit(text[sent:])
+        return ("stop" if stopped or eog else "length"), n
 
 
 def make_handler(gen: Generator):
@@ -230,9 +234,20 @@ def make_handler(gen: Generator):
     return Handler
 
 
-def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None, quiet: bool = False) -> ThreadingHTTPServer:
-    """A server bound to host:port (port 0 picks a free one); call serve_forever(), shutdown() to stop."""
-    server = ThreadingHTTPServer((host, port), make_handler(Generator(session, model_name or session.path.stem)))
-    server.daemon_threads = True
+class VectorServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_close(self):
+        super().server_close()
+        self.generator.slots.close()  # after this the session is free for its owner to close
+
+
+def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
+                quiet: bool = False, parallel: int = 1) -> VectorServer:
+    """A server bound to host:port (port 0 picks a free one) that decodes up to `parallel` requests together;
+    call serve_forever(), then shutdown() and server_close() to stop."""
+    gen = Generator(session, model_name or session.path.stem, parallel)
+    server = VectorServer((host, port), make_handler(gen))
+    server.generator = gen
     server.quiet = quiet
     return server

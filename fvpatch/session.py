@@ -188,7 +188,7 @@ class Session(BatchedScoring, ModelFile):
             raise OutOfRange(f"token index {idx} is outside the prompt of {n_prompt} tokens (valid: {-n_prompt}..{n_prompt - 1})")
         return pos
 
-    def _patch_positions(self, p: Patch, n_prompt: int, outputs) -> list[int]:
+    def patch_positions(self, p: Patch, n_prompt: int, outputs) -> list[int]:
         """The prompt positions a patch applies to. At the last block, only the rows of `outputs` (the positions
         whose logits are kept) exist: llama.cpp drops the others before it, and so adds a control vector there only."""
         if not p.all_tokens:
@@ -196,6 +196,35 @@ class Session(BatchedScoring, ModelFile):
         if layer_of(p.tensor) == self.n_layer - 1:
             return [i for i in outputs if i < n_prompt]
         return list(range(n_prompt))
+
+    def prompt_plan(self, actions: list[tuple[str, Save | Patch, int]], start: int, end: int, n_prompt: int, base: int = 0):
+        """The callback's plan and the output rows for decoding prompt positions [start, end) into batch rows from
+        `base`, for (action, spec, absolute position) actions. Output rows: the prompt's last token, when in the
+        chunk, and every row acted on past the last block, where llama.cpp keeps output rows only."""
+        plan: dict[bytes, list] = {}
+        for action, spec, pos in actions:
+            if start <= pos < end:
+                plan.setdefault(spec.tensor.encode(), []).append((action, spec, base + pos - start, pos))
+        # earlier tensors have every row anyway, and an output row costs a projection onto the whole vocabulary
+        outputs = {bi for name, acts in plan.items() if layer_of(name.decode()) in (None, self.n_layer - 1) for _, _, bi, _ in acts}
+        if start <= n_prompt - 1 < end:
+            outputs.add(base + n_prompt - 1 - start)
+        return plan, outputs
+
+    def decode(self, entries: list[tuple[int, int, int]], outputs: set[int], plan: dict[bytes, list]) -> dict[int, np.ndarray]:
+        """One decode of (token, position, sequence) entries, at most one ubatch, on top of what the KV cache
+        holds, with the callback's `plan` (`prompt_plan`, `token_plan`); the logits of the `outputs` rows."""
+        self._watch, self._seen = set(plan), set()
+        self._decode(entries, outputs, plan)
+        return {bi: self._logits(bi) for bi in outputs}
+
+    def forget(self, seq: int | None = None):
+        """Drop one sequence from the KV cache (None: all of them)."""
+        mem = ll.llama_get_memory(self._ctx)
+        if seq is None:
+            ll.llama_memory_clear(mem, True)
+        else:
+            ll.llama_memory_seq_rm(mem, seq, -1, -1)
 
     def set_control_vector(self, directions: np.ndarray | None):
         """Load (n_layer - 1, n_embd) directions for blocks 1.. through llama.cpp's own control-vector API,
@@ -236,27 +265,18 @@ class Session(BatchedScoring, ModelFile):
             self.check_tensor_name(spec.tensor)
         # a row asked for twice (one tensor saved for two files, or tokens -1 and n-1) is saved, and returned, once
         save_at = list({(s.tensor, pos): (s, pos) for s in saves for pos in (self.resolve_position(i, n) for i in s.tokens)}.values())
-        patch_at = [(p, pos) for p in patches for pos in self._patch_positions(p, n, range(n))]  # run() keeps the logits of every patched row
+        patch_at = [(p, pos) for p in patches for pos in self.patch_positions(p, n, range(n))]  # run() keeps the logits of every patched row
         self._watch = {s.tensor.encode() for s in (*saves, *patches)}
         self._seen = set()
         self._saved_rows = {}
         ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
 
         prompt_logits = np.empty((n, self.n_vocab), np.float32) if all_logits else None
+        actions = [("save", s, pos) for s, pos in save_at] + [("patch", p, pos) for p, pos in patch_at]
         for start in range(0, n, self.n_ubatch):
             end = min(start + self.n_ubatch, n)
-            plan: dict[bytes, list] = {}
-            for action, specs in (("save", save_at), ("patch", patch_at)):
-                for spec, pos in specs:
-                    if start <= pos < end:
-                        plan.setdefault(spec.tensor.encode(), []).append((action, spec, pos - start, pos))
-            # rows past the last block exist only at output positions; earlier tensors have every row anyway, and
-            # an output row costs a projection onto the whole vocabulary
-            kept = [acts for name, acts in plan.items() if layer_of(name.decode()) in (None, self.n_layer - 1)]
-            outputs = set(range(end - start)) if all_logits else {bi for acts in kept for _, _, bi, _ in acts}
-            if end == n:
-                outputs.add(n - 1 - start)
-            self._decode([(tokens[i], i, 0) for i in range(start, end)], outputs, plan)
+            plan, outputs = self.prompt_plan(actions, start, end, n)
+            self._decode([(tokens[i], i, 0) for i in range(start, end)], set(range(end - start)) if all_logits else outputs, plan)
             if all_logits:
                 for i in range(end - start):
                     prompt_logits[start + i] = self._logits(i)
@@ -268,16 +288,12 @@ class Session(BatchedScoring, ModelFile):
         rng = np.random.default_rng(seed)
         every = [p for p in patches if p.generated or p.all_tokens]
         for k in range(max_tokens):
-            tok = _sample(logits, temperature, rng)
+            tok = sample(logits, temperature, rng)
             generated.append(tok)
             stop = on_token(tok) if on_token else False
             if stop or self.is_eog(tok) or k == max_tokens - 1:
                 break
-            pos = n + k
-            plan = {}
-            for p in every:
-                plan.setdefault(p.tensor.encode(), []).append(("patch", p, 0, pos))
-            self._decode([(tok, pos, 0)], {0}, plan)
+            self._decode([(tok, n + k, 0)], {0}, token_plan(every, n + k, 0))
             logits = self._logits(-1)
 
         saved, saved_positions = {}, {}
@@ -314,7 +330,15 @@ def _check_fired(never: set[bytes]):
         )
 
 
-def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+def token_plan(patches: list[Patch], pos: int, row: int) -> dict[bytes, list]:
+    """The callback's plan for one token fed after the prompt, at position `pos` in batch row `row`."""
+    plan: dict[bytes, list] = {}
+    for p in patches:
+        plan.setdefault(p.tensor.encode(), []).append(("patch", p, row, pos))
+    return plan
+
+
+def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
     if temperature <= 0:
         return int(np.argmax(logits))
     z = (logits - logits.max()) / temperature

@@ -6,6 +6,7 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import openai
 import pytest
 
@@ -49,19 +50,42 @@ def test_completion_with_and_without_a_vector(client, gemma_path):
     assert steered.usage.completion_tokens == 4 and steered.choices[0].finish_reason == "length"
 
 
-def test_concurrent_requests_keep_their_own_vectors(client, gemma_path):
-    asks = [("antonym.ffv", "Q: maximal\nA:"), ("present-past.ffv", "Q: maximal\nA:"), (None, "Q: maximal\nA:")] * 2
+ASKS = [("antonym.ffv", PROMPT), ("present-past.ffv", PROMPT), (None, PROMPT)] * 2
 
+
+def ask_all(client) -> list[str]:
+    """Six requests at once, three vectors (one of them none)."""
     def ask(vector_prompt):
         vector, prompt = vector_prompt
         body = {"vectors": [{"vector": vector}]} if vector else {}
         return client.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, extra_body=body).choices[0].text
 
-    with ThreadPoolExecutor(6) as pool:
-        got = list(pool.map(ask, asks))
+    with ThreadPoolExecutor(len(ASKS)) as pool:
+        return list(pool.map(ask, ASKS))
+
+
+def test_concurrent_requests_take_turns_and_keep_their_own_vectors(client, gemma_path):
+    got = ask_all(client)
     assert got[:3] == got[3:]
     assert got[0] == cli_patch(gemma_path, "antonym.ffv") and got[1] == cli_patch(gemma_path, "present-past.ffv")
     assert len(set(got[:3])) == 3
+
+
+def test_concurrent_requests_decoded_together_keep_their_own_vectors(gemma_path, client):
+    """With --parallel 3 the six are decoded together. Batched, a 4-bit model's logits move a little (README,
+    "Batched evaluation"), so later near-tied tokens may differ from a lone run; the first token, where each
+    vector decides, may not. Exact equality with lone runs is tests/test_slots.py's, on an f32 model."""
+    alone = ask_all(client)[:3]
+    with Session(gemma_path) as s:
+        srv = make_server(s, "127.0.0.1", 0, quiet=True, parallel=3)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            together = ask_all(openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0))
+        finally:
+            srv.shutdown()
+            srv.server_close()
+    firsts = [" minimal", " maximal", " The"]  # each answer's first token
+    assert all(text.startswith(f) for text, f in zip(alone + together, firsts * 3))
 
 
 def test_streaming_gives_the_same_text(client):
@@ -127,3 +151,14 @@ def test_a_stop_string_never_reaches_the_client(client):
 def test_a_position_outside_the_prompt_is_a_400(client):
     with pytest.raises(openai.BadRequestError, match="outside the prompt"):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": "antonym.ffv", "positions": [99]}]})
+
+
+def test_a_vector_on_a_tensor_that_never_fires_is_a_400(client, gemma, tmp_path):
+    from fvpatch import vectorfile
+
+    # a real name on another architecture (mixture-of-experts), within Gemma's layers, absent from its graph
+    path = vectorfile.save(vectorfile.VectorFile("ffn_moe_out-3", np.ones((1, gemma.n_embd), np.float32), [-1], gemma.fingerprint(), mode="add"),
+                           tmp_path / "moe.safetensors")
+    with pytest.raises(openai.BadRequestError, match="never appears in this model's compute graph"):
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
+    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text

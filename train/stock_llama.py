@@ -24,15 +24,15 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Server:
-    """`llama-server -m MODEL [--control-vector FILE] EXTRA...` on a free local port, one slot, one thread."""
+    """`llama-server -m MODEL [--control-vector FILE] EXTRA...` on a free local port, one thread, `parallel` slots."""
 
-    def __init__(self, model: Path, control_vector: Path | None = None, extra: list[str] = (), n_ctx: int = 512):
+    def __init__(self, model: Path, control_vector: Path | None = None, extra: list[str] = (), n_ctx: int = 512, parallel: int = 1):
         if not (TOOLS / "llama-server").exists():
             raise FvpatchError(f"no llama-server in {TOOLS}: run `make llama-tools` (or set FVPATCH_LLAMA_TOOLS)")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        args = [TOOLS / "llama-server", "-m", model, "--port", str(port), "-t", "1", "-np", "1", "-c", str(n_ctx), "--no-webui", *extra]
+        args = [TOOLS / "llama-server", "-m", model, "--port", str(port), "-t", "1", "-np", str(parallel), "-c", str(n_ctx), "--no-webui", *extra]
         if control_vector is not None:
             args += ["--control-vector", control_vector]
         self.url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,159 @@
+"""Generation requests decoded together: each in its own sequence of one llama.cpp context, each with only its
+own patches, so one loaded model serves several clients and several vectors at once.
+
+One worker thread owns the session. Each step decodes, in one batch, the next token of every request that is
+generating and as much of the waiting prompts as the batch has room for, every row patched where a one-prompt
+`Session.run` would patch it; then each request's next token is sampled from its own logits. A request gets a
+sequence (a slot) when one is free and the KV cache has room for its prompt plus `max_tokens`, in order of
+arrival. Batched, rows go through llama.cpp's quantized kernels in other groupings than alone, so on a 4-bit
+model a logit can move by up to about one (README, "Batched evaluation"): a near-tie can flip a greedy token.
+With one slot every request runs alone, exactly as `Session.run` runs it.
+"""
+
+import queue
+import threading
+from collections import deque
+
+import numpy as np
+
+from fvpatch.errors import FvpatchError
+from fvpatch.session import Patch, Session, sample, token_plan
+
+_END = object()
+
+
+class Job:
+    """One request. Iterating it yields its generated tokens as they come, and raises what failed its decode."""
+
+    def __init__(self, tokens: list[int], actions: list, every: list[Patch], max_tokens: int, temperature: float, seed: int):
+        self.tokens, self.actions, self.every = tokens, actions, every
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.rng = np.random.default_rng(seed)
+        self.seq: int | None = None
+        self.fed = 0  # prompt tokens decoded so far
+        self.generated: list[int] = []
+        self.cancelled = False
+        self._out: queue.Queue = queue.Queue()
+
+    def __iter__(self):
+        while (item := self._out.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self):
+        """Generate no more (a stop string came, or the client left); the slot frees at the worker's next step."""
+        self.cancelled = True
+
+
+class Slots:
+    def __init__(self, session: Session, n_slots: int = 4):
+        if not 1 <= n_slots <= session.n_seq:
+            raise FvpatchError(f"parallel slots must be 1 to {session.n_seq} (the sequences this context holds), got {n_slots}")
+        self.session = session
+        self.n_slots = n_slots
+        self._free = list(range(n_slots))
+        self._active: list[Job] = []
+        self._waiting: deque[Job] = deque()
+        self._reserved = 0  # KV cells promised to the active jobs
+        self._wake = threading.Condition()
+        self._closed = False
+        session.forget()
+        self._thread = threading.Thread(target=self._work, name="fvpatch-slots", daemon=True)
+        self._thread.start()
+
+    def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, seed: int = 0) -> Job:
+        """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens."""
+        s, n = self.session, len(tokens)
+        if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
+            raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
+        actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
+        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, seed)
+        with self._wake:
+            if self._closed:
+                raise FvpatchError("the server is shutting down")
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    def close(self):
+        """Fail what is queued or running, and stop the worker: the session is free again when this returns."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _work(self):
+        while True:
+            with self._wake:
+                while not (self._closed or self._waiting or self._active):
+                    self._wake.wait()
+                if self._closed:
+                    for job in [*self._active, *self._waiting]:
+                        self._finish(job, FvpatchError("the server shut down before this request finished"))
+                    return
+                self._admit()
+            for job in [j for j in self._active if j.cancelled]:
+                self._finish(job)
+            if not self._active:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - the decode's jobs hear of it; the server goes on
+                for job in list(self._active):
+                    self._finish(job, e)
+
+    def _admit(self):
+        while self._waiting and self._free:
+            job = self._waiting[0]
+            need = len(job.tokens) + job.max_tokens
+            if self._reserved + need > self.session.n_ctx:
+                break  # in order of arrival: it waits for cells to free up, and those behind it wait too
+            self._waiting.popleft()
+            job.seq = self._free.pop(0)
+            self._reserved += need
+            self._active.append(job)
+
+    def _step(self):
+        s = self.session
+        entries, outputs, plan, sample_at = [], set(), {}, {}
+
+        def add(part: dict):
+            for name, acts in part.items():
+                plan.setdefault(name, []).extend(acts)
+
+        for job in self._active:
+            if job.fed == len(job.tokens):  # generating: feed back its last token
+                row, pos = len(entries), len(job.tokens) + len(job.generated) - 1
+                entries.append((job.generated[-1], pos, job.seq))
+                add(token_plan(job.every, pos, row))
+                outputs.add(row)
+                sample_at[job] = row
+        for job in self._active:
+            room = s.n_ubatch - len(entries)
+            if job.fed < len(job.tokens) and room > 0:
+                n, start, base = len(job.tokens), job.fed, len(entries)
+                end = min(n, start + room)
+                entries += [(job.tokens[i], i, job.seq) for i in range(start, end)]
+                part, rows = s.prompt_plan(job.actions, start, end, n, base)
+                add(part)
+                outputs |= rows
+                if end == n:
+                    sample_at[job] = base + n - 1 - start
+                job.fed = end
+        logits = s.decode(entries, outputs, plan)
+        for job, row in sample_at.items():
+            tok = sample(logits[row], job.temperature, job.rng)
+            job.generated.append(tok)
+            job._out.put(tok)
+            if s.is_eog(tok) or len(job.generated) == job.max_tokens:
+                self._finish(job)
+
+    def _finish(self, job: Job, error: BaseException | None = None):
+        if job.seq is not None:
+            self._active.remove(job)
+            self.session.forget(job.seq)
+            self._free.append(job.seq)
+            self._reserved -= len(job.tokens) + job.max_tokens
+            job.seq = None
+        job._out.put(error if error is not None else _END)

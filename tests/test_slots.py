@@ -1,0 +1,131 @@
+"""fvpatch.slots: requests decoded together generate what each would generate alone, with only its own patches.
+
+On the tiny f32 model with exact numerics a batch's rows come out as they do alone, so the check is equality of
+every generated token; on a 4-bit model batching moves logits a little (README, "Batched evaluation")."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from fvpatch.errors import FvpatchError
+from fvpatch.session import Patch, Session
+from fvpatch.slots import Slots
+
+PROMPTS = ["one two three four five six seven eight", "a b c", "hello world", "z y x w v u t s r q p o n m l k j i h g f e d c b a"]
+
+
+@pytest.fixture(scope="module")
+def exact(tiny_gguf):
+    # a small ubatch, so long prompts are decoded in chunks beside other requests' generated tokens
+    with Session(tiny_gguf, n_ctx=512, n_ubatch=16, exact=True) as s:
+        yield s
+
+
+def requests(s: Session) -> list[dict]:
+    rng = np.random.default_rng(0)
+    v = lambda: rng.normal(0, 4, s.n_embd).astype(np.float32)  # noqa: E731 - big enough to change what is generated
+    last = s.n_layer - 1
+    patches = [
+        [],
+        [Patch("l_out-1", v(), -1, "add", generated=True)],
+        [Patch("l_out-2", v(), -1, "add", all_tokens=True)],
+        [Patch(f"l_out-{last}", v(), -1, "add", all_tokens=True)],
+        [Patch("l_out-1", v(), 2, "replace")],
+        [Patch("l_out-1", v(), -1, "add", generated=True), Patch("l_out-1", v(), 0, "add", scale=0.5)],
+    ]
+    out = []
+    for i, ps in enumerate(patches * 2):
+        out.append({"tokens": s.tokenize(PROMPTS[i % len(PROMPTS)]), "patches": ps, "max_tokens": 3 + i,
+                    "temperature": 0.8 if i % 5 == 4 else 0.0, "seed": i})
+    return out
+
+
+def alone(s: Session, r: dict) -> list[int]:
+    return s.run(r["tokens"], patches=r["patches"], max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r["seed"]).generated
+
+
+@pytest.mark.parametrize("n_slots", [1, 3, 12])
+def test_requests_together_generate_what_each_generates_alone(exact, n_slots):
+    reqs = requests(exact)
+    expected = [alone(exact, r) for r in reqs]
+    assert len({tuple(e[:3]) for e in expected}) > 4  # the vectors matter, so a leak between requests would show
+    slots = Slots(exact, n_slots)
+    try:
+        jobs = [slots.submit(**r) for r in reqs]
+        assert [list(j) for j in jobs] == expected
+    finally:
+        slots.close()
+
+
+def test_requests_submitted_while_others_generate(exact):
+    reqs = requests(exact)
+    expected = [alone(exact, r) for r in reqs]
+    slots = Slots(exact, 4)
+    got = [None] * len(reqs)
+
+    def client(i):
+        got[i] = list(slots.submit(**reqs[i]))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == expected
+    finally:
+        slots.close()
+
+
+def test_a_request_waits_for_cache_room_and_then_runs(tiny_gguf):
+    with Session(tiny_gguf, n_ctx=256, n_ubatch=16, exact=True) as s:  # llama.cpp's smallest
+        big = {"tokens": s.tokenize(PROMPTS[3]), "patches": [], "max_tokens": 110, "temperature": 0.0, "seed": 0}
+        expected = alone(s, big)
+        assert 2 * (len(big["tokens"]) + 110) > s.n_ctx  # two at once would not fit the cache
+        slots = Slots(s, 4)
+        try:
+            assert [list(j) for j in [slots.submit(**big), slots.submit(**big)]] == [expected, expected]
+        finally:
+            slots.close()
+
+
+def test_a_cancelled_request_frees_its_slot(exact):
+    slots = Slots(exact, 1)
+    try:
+        long = slots.submit(exact.tokenize("a b c"), [], 200)
+        first = next(iter(long))
+        long.cancel()
+        short = slots.submit(exact.tokenize("a b c"), [], 2)
+        assert list(short)[0] == first
+        assert len(list(long)) < 199  # it ended early; what it had already made still comes out
+    finally:
+        slots.close()
+
+
+def test_a_failed_decode_fails_its_requests_and_the_slots_go_on(exact):
+    r = requests(exact)[1]
+    expected = alone(exact, r)
+    slots = Slots(exact, 2)
+    try:
+        bad = slots.submit(exact.tokenize("a b c"), [Patch("no_such_tensor-1", np.zeros(exact.n_embd), -1, "add")], 3)
+        with pytest.raises(FvpatchError, match="never appeared"):
+            list(bad)
+        assert list(slots.submit(**r)) == expected
+    finally:
+        slots.close()
+
+
+@pytest.mark.parametrize("n_slots", [0, 10_000])
+def test_slots_must_fit_the_context(exact, n_slots):
+    with pytest.raises(FvpatchError, match="parallel slots must be 1 to"):
+        Slots(exact, n_slots)
+
+
+def test_a_request_that_cannot_fit_is_refused(exact):
+    slots = Slots(exact, 1)
+    try:
+        with pytest.raises(FvpatchError, match="a request needs a prompt and 1 to"):
+            slots.submit(exact.tokenize("a b c"), [], exact.n_ctx)
+    finally:
+        slots.close()
