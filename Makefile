@@ -41,10 +41,11 @@ test-big: setup
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_TOOLS := .llama-tools
 LLAMA_PROGRAMS := llama-completion llama-server llama-cvector-generator ggml-rpc-server
-llama-tools: $(LLAMA_TOOLS)/bin/ggml-rpc-server
+# the stamp names the pinned version, so the build reruns when the pin changes, not at any edit of pyproject.toml
+llama-tools: $(LLAMA_TOOLS)/bin/.built-$(LLAMA_CPP_VERSION)
 
-$(LLAMA_TOOLS)/bin/ggml-rpc-server: pyproject.toml | setup
-	rm -rf $(LLAMA_TOOLS)/src && mkdir -p $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin
+$(LLAMA_TOOLS)/bin/.built-$(LLAMA_CPP_VERSION): | setup
+	rm -rf $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin && mkdir -p $(LLAMA_TOOLS)/src $(LLAMA_TOOLS)/bin
 	$(VENV)/bin/pip download -q --no-deps --no-binary :all: -d $(LLAMA_TOOLS)/src llama-cpp-python==$(LLAMA_CPP_VERSION)
 	tar -xzf $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_TOOLS)/src
 	cmake -S $(LLAMA_TOOLS)/src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp -B $(LLAMA_TOOLS)/build \
@@ -52,6 +53,7 @@ $(LLAMA_TOOLS)/bin/ggml-rpc-server: pyproject.toml | setup
 		-DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DGGML_RPC=ON
 	cmake --build $(LLAMA_TOOLS)/build -j 2 --target $(LLAMA_PROGRAMS)
 	cp $(addprefix $(LLAMA_TOOLS)/build/bin/,$(LLAMA_PROGRAMS)) $(LLAMA_TOOLS)/bin/
+	touch $@
 
 # control vectors between fvpatch and the stock programs (builds them first)
 test-stock: llama-tools
@@ -61,13 +63,14 @@ test-stock: llama-tools
 # buffers are not host memory, served by ggml-rpc-server on this CPU, stands in for a GPU; ~6 min.
 # --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS and would return the plain CPU build
 RPC_SITE := .rpc/site
-$(RPC_SITE)/llama_cpp/lib/libggml-rpc.so: pyproject.toml | setup
+$(RPC_SITE)/.built-$(LLAMA_CPP_VERSION): | setup
 	rm -rf .rpc && mkdir -p .rpc
 	CMAKE_ARGS="-DGGML_RPC=ON" $(VENV)/bin/pip wheel -q --no-deps --no-cache-dir --no-binary llama-cpp-python -w .rpc/whl llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(VENV)/bin/pip install -q --no-deps --target $(RPC_SITE) .rpc/whl/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
+	touch $@
 
 # save and patch with every layer offloaded to that device
-test-offload: llama-tools $(RPC_SITE)/llama_cpp/lib/libggml-rpc.so
+test-offload: llama-tools $(RPC_SITE)/.built-$(LLAMA_CPP_VERSION)
 	PYTHONPATH=$(RPC_SITE) $(PY) -m pytest -q -m offload
 
 bench: setup
