@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from fvpatch.session import Patch
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64: a vocabulary of 262k makes float32's sum lose digits."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
 class BatchedScoring:
     def answer_logprobs(self, items: list[tuple[list[int], list[int], list[Patch]]]) -> list[np.ndarray]:
         """log p(answer[j] | prompt, answer[:j]) for each (prompt tokens, answer tokens, patches) item, packed as
@@ -27,9 +34,7 @@ class BatchedScoring:
             raise ValueError("every item needs answer tokens to score")
         out = []
         for (_, answer, _), logits in zip(items, self.sequence_logits([(p, a[:-1], ps) for p, a, ps in items])):
-            top = logits.max(axis=1, keepdims=True)
-            logz = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-            out.append(logits[np.arange(len(logits)), list(answer)] - logz)
+            out.append(log_softmax(logits)[np.arange(len(logits)), list(answer)])
         return out
 
     def sequence_logits(self, items: list[tuple[list[int], list[int], list[Patch]]]) -> list[np.ndarray]:

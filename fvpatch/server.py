@@ -1,7 +1,7 @@
 """An OpenAI-compatible local server whose requests may carry vectors: one loaded model, a vector per request.
 
 POST /v1/completions and /v1/chat/completions take the usual fields (prompt or messages, max_tokens,
-temperature, seed, stop, stream) plus `vectors`: a list of {"vector": NAME_OR_FILE, "scale": 1.0,
+temperature, seed, stop, stream, logprobs, and chat's top_logprobs) plus `vectors`: a list of {"vector": NAME_OR_FILE, "scale": 1.0,
 "positions": "last" | "all" | [token indices]}. "last" adds the vector at the last prompt token and every
 generated token (as function vectors are applied: `fvpatch patch --every-token`), "all" at every token (as
 llama.cpp applies a control vector), a list at those prompt positions only. The layer and tensor come from
@@ -9,8 +9,8 @@ the file. GET /v1/models lists the model.
 
 Requests run on `parallel` slots (`fvpatch.slots`): with one they take turns, with more those that arrive
 together are decoded together, each in its own sequence of the one context. Either way each has only its own
-patches, so concurrent requests never see each other's vectors. A bad request gets
-a 4xx whose error message is one line; the server keeps serving.
+patches, so concurrent requests never see each other's vectors. A bad request gets a 4xx whose error
+message is one line; the server keeps serving.
 """
 
 import json
@@ -29,6 +29,7 @@ from fvpatch.shipped import vector_path
 from fvpatch.slots import Slots
 
 MAX_BODY = 1 << 20
+MAX_TOP = 20  # alternatives per token, as llama-server allows by default
 
 
 class BadRequest(FvpatchError):
@@ -78,6 +79,44 @@ def parse_vectors(session: Session, specs, graph: set[str]) -> list[Patch]:
     return patches
 
 
+def top_logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each generated token's log-probability comes with; None: no log-probabilities.
+    Completions ask with "logprobs": N, chat with "logprobs": true and "top_logprobs": N, as OpenAI's API does."""
+    in_range = lambda v: 0 <= v <= MAX_TOP  # noqa: E731
+    if chat:
+        want = body.get("logprobs")
+        if want is not None and not isinstance(want, bool):
+            raise BadRequest(f"logprobs must be true or false, got {json.dumps(want)[:60]}")
+        if not want:
+            if body.get("top_logprobs") is not None:
+                raise BadRequest("top_logprobs needs \"logprobs\": true")
+            return None
+        top = 0 if body.get("top_logprobs") is None else _field(body, "top_logprobs", int, 0, in_range, f"an integer from 0 to {MAX_TOP}")
+    else:
+        if body.get("top_logprobs") is not None:
+            raise BadRequest("top_logprobs is a chat field; completions ask with \"logprobs\": N")
+        if body.get("logprobs") is None:
+            return None
+        top = _field(body, "logprobs", int, 0, in_range, f"an integer from 0 to {MAX_TOP}, or null")
+    if body.get("stream"):
+        raise BadRequest("fvpatch serve does not stream log-probabilities; ask for them without \"stream\"")
+    return top
+
+
+def logprobs_json(session: Session, steps: list[tuple[int, float, list]], chat: bool) -> dict:
+    """OpenAI's logprobs object for (token, log-probability, top alternatives) steps: chat's `content` list, or
+    the completions API's parallel lists, whose offsets count characters of the completion's text."""
+    text = lambda t: session.piece(t).decode("utf-8", "replace")  # noqa: E731
+    if chat:
+        return {"content": [{"token": text(t), "logprob": lp, "bytes": list(session.piece(t)),
+                             "top_logprobs": [{"token": text(a), "logprob": alp, "bytes": list(session.piece(a))} for a, alp in top]}
+                            for t, lp, top in steps]}
+    pieces = [session.piece(t) for t, _, _ in steps]
+    return {"tokens": [text(t) for t, _, _ in steps], "token_logprobs": [lp for _, lp, _ in steps],
+            "top_logprobs": [{text(a): alp for a, alp in top} for _, _, top in steps],
+            "text_offset": [len(b"".join(pieces[:i]).decode("utf-8", "ignore")) for i in range(len(pieces))]}
+
+
 class Generator:
     """Turns requests into jobs on the session's slots; `generate` streams a job's text and applies stop strings."""
 
@@ -109,6 +148,7 @@ class Generator:
             "temperature": _field(body, "temperature", (int, float), 0.0, lambda v: np.isfinite(v) and 0 <= v <= 2, "a number from 0 to 2"),
             "seed": _field(body, "seed", int, 0, lambda v: v >= 0, "a non-negative integer"),
             "stop": stop,
+            "top_logprobs": top_logprobs(body, chat),
         }
         patches = parse_vectors(s, body.get("vectors", []), self.graph)
         for p in patches:
@@ -117,10 +157,11 @@ class Generator:
         return tokens, patches, opts
 
     def generate(self, tokens: list[int], patches: list[Patch], opts: dict, emit):
-        """Run the request, calling emit(piece) as text arrives; returns (finish_reason, completion tokens)."""
+        """Run the request, calling emit(piece) as text arrives; returns (finish_reason, completion tokens, and
+        when asked, (token, log-probability, top alternatives) for each token whose text the client got)."""
         pieces: list[bytes] = []
         sent, text, stopped, n, eog = 0, "", False, 0, False
-        job = self.slots.submit(tokens, patches, opts["max_tokens"], opts["temperature"], opts["seed"])
+        job = self.slots.submit(tokens, patches, opts["max_tokens"], opts["temperature"], opts["seed"], opts["top_logprobs"])
         try:
             for tok in job:
                 n += 1
@@ -143,7 +184,12 @@ class Generator:
             job.cancel()  # a stop string came, or emit failed because the client left: free the slot
         if len(text) > sent:  # what was held back, now that no stop string came
             emit(text[sent:])
-        return ("stop" if stopped or eog else "length"), n
+        steps = None
+        if opts["top_logprobs"] is not None:
+            # past a stop string, only the tokens that began before it: their text is (partly) the client's
+            kept = sum(1 for i in range(len(pieces)) if len(b"".join(pieces[:i]).decode("utf-8", "ignore")) < len(text)) if stopped else len(pieces)
+            steps = [(job.generated[i], *job.logprobs[i]) for i in range(kept)]
+        return ("stop" if stopped or eog else "length"), n, steps
 
 
 def make_handler(gen: Generator):
@@ -194,12 +240,13 @@ def make_handler(gen: Generator):
                 return self._stream(base, chat, tokens, patches, opts)
             parts: list[str] = []
             try:
-                finish, n = gen.generate(tokens, patches, opts, parts.append)
+                finish, n, steps = gen.generate(tokens, patches, opts, parts.append)
             except FvpatchError as e:  # found only while decoding, e.g. a tensor that never fires
                 return self._error(400, str(e).splitlines()[0])
             text = "".join(parts)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-                      else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            logprobs = None if steps is None else logprobs_json(gen.session, steps, chat)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish} if chat
+                      else {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish})
             self._json(200, base | {"object": "chat.completion" if chat else "text_completion", "choices": [choice],
                                     "usage": {"prompt_tokens": len(tokens), "completion_tokens": n, "total_tokens": len(tokens) + n}})
 
@@ -220,7 +267,7 @@ def make_handler(gen: Generator):
             piece = (lambda t: {"index": 0, "delta": {"content": t}, "finish_reason": None}) if chat else \
                     (lambda t: {"index": 0, "text": t, "logprobs": None, "finish_reason": None})
             try:
-                finish, _ = gen.generate(tokens, patches, opts, lambda t: send(piece(t)))
+                finish, _, _ = gen.generate(tokens, patches, opts, lambda t: send(piece(t)))
             except FvpatchError as e:  # the status line is sent: the error goes in the stream, as OpenAI's API does
                 self.wfile.write(f"data: {json.dumps({'error': {'message': str(e).splitlines()[0], 'type': 'invalid_request_error'}})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")

@@ -17,17 +17,23 @@ from collections import deque
 import numpy as np
 
 from fvpatch.errors import FvpatchError
+from fvpatch.scoring import log_softmax
 from fvpatch.session import Patch, Session, sample, token_plan
 
 _END = object()
 
 
 class Job:
-    """One request. Iterating it yields its generated tokens as they come, and raises what failed its decode."""
+    """One request. Iterating it yields its generated tokens as they come, and raises what failed its decode.
+    With `top_logprobs` set, `logprobs[i]` holds the i-th token's log-probability and the `top_logprobs` most
+    likely (token, log-probability) pairs, from the logits before any temperature; it is filled before the
+    token is yielded."""
 
-    def __init__(self, tokens: list[int], actions: list, every: list[Patch], max_tokens: int, temperature: float, seed: int):
+    def __init__(self, tokens: list[int], actions: list, every: list[Patch], max_tokens: int, temperature: float, seed: int,
+                 top_logprobs: int | None):
         self.tokens, self.actions, self.every = tokens, actions, every
-        self.max_tokens, self.temperature = max_tokens, temperature
+        self.max_tokens, self.temperature, self.top_logprobs = max_tokens, temperature, top_logprobs
+        self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.rng = np.random.default_rng(seed)
         self.seq: int | None = None
         self.fed = 0  # prompt tokens decoded so far
@@ -62,13 +68,14 @@ class Slots:
         self._thread = threading.Thread(target=self._work, name="fvpatch-slots", daemon=True)
         self._thread.start()
 
-    def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, seed: int = 0) -> Job:
+    def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, seed: int = 0,
+               top_logprobs: int | None = None) -> Job:
         """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens."""
         s, n = self.session, len(tokens)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
         actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
-        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, seed)
+        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, seed, top_logprobs)
         with self._wake:
             if self._closed:
                 raise FvpatchError("the server is shutting down")
@@ -144,6 +151,10 @@ class Slots:
         logits = s.decode(entries, outputs, plan)
         for job, row in sample_at.items():
             tok = sample(logits[row], job.temperature, job.rng)
+            if job.top_logprobs is not None:  # a few ms over a large vocabulary: only when asked
+                lp, k = log_softmax(logits[row]), job.top_logprobs
+                top = np.argpartition(-lp, k)[:k]
+                job.logprobs.append((float(lp[tok]), [(int(t), float(lp[t])) for t in top[np.argsort(-lp[top])]]))
             job.generated.append(tok)
             job._out.put(tok)
             if s.is_eog(tok) or len(job.generated) == job.max_tokens:

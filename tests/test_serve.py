@@ -134,6 +134,11 @@ def test_chat_with_a_vector_on_an_instruct_model(smollm_path, tmp_path):
             assert steered.choices[0].message.content != plain.choices[0].message.content
             chunks = list(c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, stream=True))
             assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == plain.choices[0].message.content
+            scored = c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+            assert "".join(t.token for t in scored.choices[0].logprobs.content) == plain.choices[0].message.content
+            assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob for t in scored.choices[0].logprobs.content)
+            with pytest.raises(openai.BadRequestError, match="top_logprobs needs"):
+                c.chat.completions.create(model="m", messages=msgs, max_tokens=2, top_logprobs=2)
         finally:
             srv.shutdown()
             srv.server_close()
@@ -162,3 +167,35 @@ def test_a_vector_on_a_tensor_that_never_fires_is_a_400(client, gemma, tmp_path)
     with pytest.raises(openai.BadRequestError, match="never appears in this model's compute graph"):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
     assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+def test_logprobs_are_the_sessions_own(client, gemma):
+    from fvpatch import vectorfile
+    from fvpatch.scoring import log_softmax
+    from fvpatch.session import Patch
+    from fvpatch.shipped import vector_path
+
+    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=3,
+                                  extra_body={"vectors": [{"vector": "antonym.ffv"}]})
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0 and len(lp.token_logprobs) == 3
+    assert all(len(top) == 3 and max(top.values()) == got for top, got in zip(lp.top_logprobs, lp.token_logprobs))  # greedy
+    vf = vectorfile.load(vector_path("antonym.ffv", gemma.fingerprint()))
+    logits = gemma.run(PROMPT, patches=[Patch(vf.tensor, vf.row(None), -1, vf.mode, vf.scale, generated=True)]).logits
+    assert lp.token_logprobs[0] == pytest.approx(log_softmax(logits).max(), abs=1e-4)
+
+
+def test_logprobs_stop_where_the_text_stops(client):
+    r = client.completions.create(model="m", prompt=PROMPT, max_tokens=4, temperature=0, stop=["al\n"], logprobs=0,
+                                  extra_body={"vectors": [{"vector": "antonym.ffv"}]})
+    assert r.choices[0].text == " minim" and r.choices[0].logprobs.tokens == [" minimal"]
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"logprobs": 21}, "logprobs must be an integer from 0 to 20"),
+    ({"logprobs": 2, "stream": True}, "does not stream log-probabilities"),
+    ({"top_logprobs": 2}, "top_logprobs is a chat field"),
+])
+def test_bad_logprobs_are_a_400(client, fields, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body=fields)

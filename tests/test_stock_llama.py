@@ -12,9 +12,10 @@ from click.testing import CliRunner
 
 from fvpatch import vectorfile
 from fvpatch.cli import main
+from fvpatch.scoring import log_softmax
 from fvpatch.session import Patch
 from fvpatch.shipped import vector_path
-from train.stock_llama import TOOLS, Server, log_softmax
+from train.stock_llama import TOOLS, Server
 
 PROGRAMS = ("llama-completion", "llama-server", "llama-cvector-generator")
 pytestmark = [pytest.mark.stock, pytest.mark.skipif(not all((TOOLS / p).exists() for p in PROGRAMS),
@@ -113,7 +114,9 @@ def test_cvector_generator_files_import_as_measured_one_block_below(smollm_path,
 
 
 def test_the_openai_client_gets_the_same_answer_from_fvpatch_serve_and_llama_server(gemma_path, tmp_path):
-    """One vector, two servers: fvpatch serve takes it with the request, stock llama-server at start."""
+    """One vector, two servers: fvpatch serve takes it with the request, stock llama-server at start. The same
+    greedy text, and the same log-probabilities of each token's five likeliest, to 1e-3. (llama-server answers
+    `logprobs` on /v1/completions in chat's format, a `content` list.)"""
     import threading
 
     import openai
@@ -122,17 +125,23 @@ def test_the_openai_client_gets_the_same_answer_from_fvpatch_serve_and_llama_ser
     from fvpatch.server import make_server
 
     name = "gemma-3-270m/present-past.ffv-all"
-    ask = dict(model="gemma-3-270m", max_tokens=6, temperature=0)
+    ask = dict(model="gemma-3-270m", max_tokens=6, temperature=0, logprobs=5)
     with Session(gemma_path) as s:
         srv = make_server(s, "127.0.0.1", 0, "gemma-3-270m", quiet=True)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:
             ours = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
-            served = [ours.completions.create(prompt=p, extra_body={"vectors": [{"vector": name}]}, **ask).choices[0].text for p in PROMPTS]
+            served = [ours.completions.create(prompt=p, extra_body={"vectors": [{"vector": name}]}, **ask).choices[0] for p in PROMPTS]
         finally:
             srv.shutdown()
             srv.server_close()
     with Server(gemma_path, export(tmp_path, name), ["--swa-full"]) as stock:
         theirs = openai.OpenAI(base_url=stock.url + "/v1", api_key="none", max_retries=0)
         # cache_prompt off: reusing the previous prompt's cached prefix changes the numerics enough to flip a near tie
-        assert [theirs.completions.create(prompt=p, extra_body={"cache_prompt": False}, **ask).choices[0].text for p in PROMPTS] == served
+        stock = [theirs.completions.create(prompt=p, extra_body={"cache_prompt": False}, **ask).choices[0] for p in PROMPTS]
+    assert [c.text for c in stock] == [c.text for c in served]
+    for ours_choice, stock_choice in zip(served, stock):
+        content = stock_choice.model_dump()["logprobs"]["content"]
+        assert len(content) == len(ours_choice.logprobs.top_logprobs)
+        for top, theirs_top in zip(ours_choice.logprobs.top_logprobs, content):
+            assert {t["token"]: pytest.approx(t["logprob"], abs=1e-3) for t in theirs_top["top_logprobs"]} == top

@@ -28,9 +28,10 @@ from fvpatch import controlvector, vectorfile
 from fvpatch.atomic import write_json, write_report
 from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
+from fvpatch.scoring import log_softmax
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
-from train.stock_llama import Server, log_softmax
+from train.stock_llama import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,17 +10,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
 from fvpatch.errors import FvpatchError
 
 TOOLS = Path(os.environ.get("FVPATCH_LLAMA_TOOLS", Path(__file__).resolve().parent.parent / ".llama-tools" / "bin"))
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """fvpatch's side of a comparison with the server's log-probabilities, in float64."""
-    x = logits.astype(np.float64) - logits.max()
-    return x - np.log(np.exp(x).sum())
 
 
 class Server:
