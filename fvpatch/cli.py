@@ -274,7 +274,7 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
     """
     with open_session(model, n_ctx, n_gpu_layers) as s:
         check_layer(layer, s.n_layer)
-        names = s.graph_tensor_names()
+        names = list(s.graph_tensors())
     if layer is not None:
         names = [n for n in names if n.endswith(f"-{layer}")]
     emit(as_json, {"tensors": names}, names)

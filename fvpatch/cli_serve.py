@@ -2,7 +2,7 @@
 
 import click
 
-from fvpatch.cli import main, model_options, open_session
+from fvpatch.cli import FiniteFloat, main, model_options, open_session
 
 
 @main.command()
@@ -13,7 +13,11 @@ from fvpatch.cli import main, model_options, open_session
               help="Requests decoded together, each in its own sequence with its own vectors, sharing --n-ctx. More "
                    "throughput under concurrent load on bigger models; a batch moves logits a little, so greedy text "
                    "then depends on what else is in flight. 1: requests take turns and reproduce `fvpatch patch`.")
-def serve(model, n_ctx, n_gpu_layers, host, port, parallel):
+@click.option("--vector", "vectors", multiple=True, metavar="NAME|FILE",
+              help="A vector for every request that names none of its own (for clients that cannot add fields), at the "
+                   "positions its file says; a request's own \"vectors\" replace these, and [] asks for none. Repeatable.")
+@click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Scale of each --vector, in order (default: each file's own).")
+def serve(model, n_ctx, n_gpu_layers, host, port, parallel, vectors, scales):
     """Serve the model on /v1/completions and /v1/chat/completions (OpenAI's API, streaming too), where
     each request may add vectors: "vectors": [{"vector": NAME_OR_FILE, "scale": 1.0, "positions": "last"}].
 
@@ -27,13 +31,18 @@ def serve(model, n_ctx, n_gpu_layers, host, port, parallel):
       fvpatch serve --port 8080
       curl -s localhost:8080/v1/completions -d '{"prompt": "Q: hot\\nA:", "max_tokens": 3,
            "vectors": [{"vector": "antonym.ffv"}]}'
+      fvpatch serve --vector antonym.ffv     # for any OpenAI client, unchanged
     """
     from fvpatch.models import short_name
     from fvpatch.server import make_server
 
+    if scales and len(scales) != len(vectors):
+        raise click.UsageError(f"give one --scale per --vector ({len(vectors)}), or none")
+    default = [{"vector": v} | ({"scale": scales[i]} if scales else {}) for i, v in enumerate(vectors)]
     with open_session(model, n_ctx, n_gpu_layers) as s:
-        server = make_server(s, host, port, short_name(s.path), parallel=parallel)
-        click.echo(f"fvpatch serving {s.path.name} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C stops)", err=True)
+        server = make_server(s, host, port, short_name(s.path), parallel=parallel, vectors=default)
+        with_vectors = f", with {', '.join(vectors)} unless a request names its own" if vectors else ""
+        click.echo(f"fvpatch serving {s.path.name} on http://{host}:{server.server_address[1]}/v1{with_vectors} (Ctrl-C stops)", err=True)
         try:
             server.serve_forever()
         except KeyboardInterrupt:

@@ -69,7 +69,7 @@ def _head_space_error(session: Session, tensor: str) -> str:
            f"the lens reads residual-stream tensors such as l_out and ffn_out")
     if tensor == "kqv_out":
         # the next tensor of the layer after kqv_out is its output projection (attn_out in llama, attn_post_norm in gemma3)
-        graph = session.graph_tensor_names()
+        graph = list(session.graph_tensors())
         name = layered(tensor, 0)
         after = [t for t in graph[graph.index(name) + 1 :] if layer_of(t) == 0]
         if after:

@@ -43,8 +43,9 @@ def _field(body: dict, key: str, kind, default, check=lambda v: True, what: str 
     return value
 
 
-def parse_vectors(session: Session, specs, graph: set[str]) -> list[Patch]:
-    """The request's `vectors` as patches, each checked against the loaded model and the names in its graph."""
+def parse_vectors(session: Session, specs, graph: dict[str, int]) -> list[Patch]:
+    """The request's `vectors` as patches, each checked against the loaded model and its graph's tensors (name ->
+    width): a patch that could fail only inside a decode would fail every request of the batch it joined."""
     if not isinstance(specs, list):
         raise BadRequest("vectors must be a list of {\"vector\": NAME_OR_FILE, \"scale\": 1.0, \"positions\": \"last\"}")
     fp = session.fingerprint()
@@ -74,8 +75,10 @@ def parse_vectors(session: Session, specs, graph: set[str]) -> list[Patch]:
         else:
             raise BadRequest(f"vectors[{i}].positions must be \"last\", \"all\" or a non-empty list of token indices")
         session.check_tensor_name(vf.tensor)
-        if vf.tensor not in graph:  # caught here, it fails this request alone, not the batch it would join
+        if vf.tensor not in graph:
             raise BadRequest(f"vectors[{i}] {name}: tensor {vf.tensor!r} never appears in this model's compute graph")
+        if len(row) != graph[vf.tensor]:
+            raise BadRequest(f"vectors[{i}] {name}: vector of width {len(row)} does not fit tensor {vf.tensor!r} of width {graph[vf.tensor]}")
     return patches
 
 
@@ -120,10 +123,12 @@ def logprobs_json(session: Session, steps: list[tuple[int, float, list]], chat: 
 class Generator:
     """Turns requests into jobs on the session's slots; `generate` streams a job's text and applies stop strings."""
 
-    def __init__(self, session: Session, model_name: str, parallel: int):
+    def __init__(self, session: Session, model_name: str, parallel: int, vectors: list[dict]):
         self.session = session
         self.model_name = model_name
-        self.graph = set(session.graph_tensor_names())
+        self.graph = session.graph_tensors()
+        parse_vectors(session, vectors, self.graph)  # a bad default vector stops the server before it starts
+        self.vectors = vectors
         self.slots = Slots(session, parallel)
 
     def request(self, body: dict, chat: bool) -> tuple[list[int], list[Patch], dict]:
@@ -150,7 +155,7 @@ class Generator:
             "stop": stop,
             "top_logprobs": top_logprobs(body, chat),
         }
-        patches = parse_vectors(s, body.get("vectors", []), self.graph)
+        patches = parse_vectors(s, body.get("vectors", self.vectors), self.graph)
         for p in patches:
             if not p.all_tokens:
                 s.resolve_position(p.token, len(tokens))  # a token index outside this prompt is the request's fault
@@ -290,10 +295,11 @@ class VectorServer(ThreadingHTTPServer):
 
 
 def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
-                quiet: bool = False, parallel: int = 1) -> VectorServer:
-    """A server bound to host:port (port 0 picks a free one) that decodes up to `parallel` requests together;
-    call serve_forever(), then shutdown() and server_close() to stop."""
-    gen = Generator(session, model_name or session.path.stem, parallel)
+                quiet: bool = False, parallel: int = 1, vectors: list[dict] = ()) -> VectorServer:
+    """A server bound to host:port (port 0 picks a free one) that decodes up to `parallel` requests together,
+    and gives `vectors` (a request's "vectors" field) to every request that names none; call serve_forever(),
+    then shutdown() and server_close() to stop."""
+    gen = Generator(session, model_name or session.path.stem, parallel, list(vectors))
     server = VectorServer((host, port), make_handler(gen))
     server.generator = gen
     server.quiet = quiet

@@ -104,7 +104,7 @@ class Session(BatchedScoring, ModelFile):
         self._watch: set[bytes] = set()  # every tensor name a spec of this run mentions
         self._plan: dict[bytes, list] = {}  # tensor name -> actions for the chunk being decoded
         self._seen: set[bytes] = set()
-        self._record_all: list[str] | None = None
+        self._record_all: dict[str, int] | None = None  # name -> width of every node, when graph_tensors asks
         self._error: BaseException | None = None
 
     # ---- the eval callback --------------------------------------------------------------------
@@ -116,7 +116,7 @@ class Session(BatchedScoring, ModelFile):
             name = ggml.tensor_name(t)
             if ask:
                 if self._record_all is not None:
-                    self._record_all.append(name.decode("utf-8", "replace"))
+                    self._record_all.setdefault(name.decode("utf-8", "replace"), ggml.TensorHead.from_address(t).ne[0])
                 if name in self._watch:
                     if name in self._seen_this_decode:
                         raise FvpatchError(f"tensor {name.decode()!r} appears more than once in the graph; fvpatch cannot tell which one is meant")
@@ -303,12 +303,12 @@ class Session(BatchedScoring, ModelFile):
             saved[name] = np.stack([self._saved_rows[(name, pos)] for pos in positions])
         return Result(tokens, generated, self.detokenize(generated), first_logits, saved, saved_positions, prompt_logits)
 
-    def graph_tensor_names(self, prompt: str = "Hello") -> list[str]:
-        """Names of the nodes of one decode's compute graph, in compute order."""
-        self._record_all = []
+    def graph_tensors(self, prompt: str = "Hello") -> dict[str, int]:
+        """The nodes of one decode's compute graph, in compute order: name -> row width (a vector's length)."""
+        self._record_all = {}
         try:
             self.run(prompt)
-            return list(dict.fromkeys(self._record_all))
+            return self._record_all
         finally:
             self._record_all = None
 

@@ -107,6 +107,10 @@ CASES = {
     "analogy --top 0": ([*ANALOGY, "--top", "0"], "--top"),
     "bank map with NaN": ([*ANALOGY, "--bank", "{nan_map}"], "nan-map.safetensors: fvpatch.cfv.weight must be finite"),
     "bank names not JSON": ([*ANALOGY, "--bank", "{bad_names}"], "bad-names.safetensors: fvpatch.bank.names is not valid JSON"),
+    "serve a missing vector": (["serve", *MODEL, "--port", "0", "--vector", "{o}/missing.safetensors"], "neither a file nor a shipped vector"),
+    "serve a vector of the wrong width": (["serve", *MODEL, "--port", "0", "--vector", "{wide_add}"], "width 65 does not fit"),
+    "serve two scales for a vector": (["serve", *MODEL, "--port", "0", "--vector", "{v}", "--scale", "1", "--scale", "2"], "one --scale per --vector"),
+    "serve --parallel 0": (["serve", *MODEL, "--port", "0", "--parallel", "0"], "--parallel"),
     "quantize to an unknown type": (["quantize", "{m}", "Q9_9", "{o}/q.gguf"], "unknown quantization"),
     "quantize over a file": (["quantize", "{m}", "Q8_0", "{o}/exists.safetensors"], "exists; pass --force"),
     # training and evaluation: refused before any weights load

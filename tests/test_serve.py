@@ -199,3 +199,29 @@ def test_logprobs_stop_where_the_text_stops(client):
 def test_bad_logprobs_are_a_400(client, fields, message):
     with pytest.raises(openai.BadRequestError, match=message):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body=fields)
+
+
+def test_a_default_vector_serves_clients_that_name_none(gemma_path, client):
+    """`fvpatch serve --vector antonym.ffv`: any OpenAI client gets the vector without adding a field."""
+    ask = dict(model="m", prompt=PROMPT, max_tokens=4, temperature=0)
+    steered = client.completions.create(**ask, extra_body={"vectors": [{"vector": "antonym.ffv"}]}).choices[0].text
+    plain = client.completions.create(**ask).choices[0].text
+    with Session(gemma_path) as s:
+        srv = make_server(s, "127.0.0.1", 0, quiet=True, vectors=[{"vector": "antonym.ffv"}])
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
+            assert c.completions.create(**ask).choices[0].text == steered
+            assert c.completions.create(**ask, extra_body={"vectors": []}).choices[0].text == plain
+        finally:
+            srv.shutdown()
+            srv.server_close()
+
+
+def test_a_vector_of_another_width_is_a_400(client, gemma, tmp_path):
+    from fvpatch import vectorfile
+
+    path = vectorfile.save(vectorfile.VectorFile("l_out-3", np.ones((1, gemma.n_embd + 1), np.float32), [-1], gemma.fingerprint(), mode="add"),
+                           tmp_path / "wide.safetensors")
+    with pytest.raises(openai.BadRequestError, match=f"width {gemma.n_embd + 1} does not fit tensor 'l_out-3' of width {gemma.n_embd}"):
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
