@@ -98,6 +98,11 @@ class ModelFile:
             n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, special)
         return list(arr[:n])
 
+    def chat_template(self) -> str | None:
+        """The model's own chat template (Jinja), if its GGUF carries one."""
+        template = ll.llama_model_chat_template(self._model, None)
+        return template.decode("utf-8", "replace") if template else None
+
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Messages ({"role", "content"}) in the model's own chat template, ready for the assistant's turn."""
         template = ll.llama_model_chat_template(self._model, None)
@@ -120,13 +125,29 @@ class ModelFile:
         """An end-of-generation token (end of text, end of turn)."""
         return bool(ll.llama_vocab_is_eog(self._vocab, token))
 
-    def piece(self, token: int) -> bytes:
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """One token's bytes; `special` writes a control token as its text (<eos>), where otherwise it has none."""
         buf = ctypes.create_string_buffer(64)
-        n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
+
+    @property
+    def bos(self) -> int | None:
+        t = ll.llama_vocab_bos(self._vocab)
+        return None if t < 0 else t
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the model's tokenizer starts every text with BOS (Gemma, Llama) or not (Qwen)."""
+        return bool(ll.llama_vocab_get_add_bos(self._vocab)) and self.bos is not None
+
+    @property
+    def eos(self) -> int | None:
+        t = ll.llama_vocab_eos(self._vocab)
+        return None if t < 0 else t
 
     def piece_text(self, token: int) -> str:
         """One token as text (a piece that is only part of a UTF-8 character shows as U+FFFD)."""

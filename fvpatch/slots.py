@@ -27,13 +27,16 @@ class Job:
     """One request. Iterating it yields its generated tokens as they come, and raises what failed its decode.
     With `top_logprobs` set, `logprobs[i]` holds the i-th token's log-probability and the `top_logprobs` most
     likely (token, log-probability) pairs, from the logits before any temperature; it is filled before the
-    token is yielded."""
+    token is yielded. With `echo` too, `prompt_logprobs[i]` holds the same for prompt token i + 1, filled
+    before the first token is yielded."""
 
     def __init__(self, tokens: list[int], actions: list, every: list[Patch], max_tokens: int, temperature: float, seed: int,
-                 top_logprobs: int | None):
+                 top_logprobs: int | None, echo: bool):
         self.tokens, self.actions, self.every = tokens, actions, every
         self.max_tokens, self.temperature, self.top_logprobs = max_tokens, temperature, top_logprobs
+        self.echo = echo and top_logprobs is not None
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+        self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.rng = np.random.default_rng(seed)
         self.seq: int | None = None
         self.fed = 0  # prompt tokens decoded so far
@@ -69,13 +72,13 @@ class Slots:
         self._thread.start()
 
     def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, seed: int = 0,
-               top_logprobs: int | None = None) -> Job:
+               top_logprobs: int | None = None, echo: bool = False) -> Job:
         """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens."""
         s, n = self.session, len(tokens)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
         actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
-        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, seed, top_logprobs)
+        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, seed, top_logprobs, echo)
         with self._wake:
             if self._closed:
                 raise FvpatchError("the server is shutting down")
@@ -123,7 +126,7 @@ class Slots:
 
     def _step(self):
         s = self.session
-        entries, outputs, plan, sample_at = [], set(), {}, {}
+        entries, outputs, plan, sample_at, scored = [], set(), {}, {}, {}
 
         def add(part: dict):
             for name, acts in part.items():
@@ -145,16 +148,20 @@ class Slots:
                 part, rows = s.prompt_plan(job.actions, start, end, n, base)
                 add(part)
                 outputs |= rows
+                if job.echo:  # every prompt row's logits, to score the token after it
+                    outputs |= set(range(base, base + end - start))
+                    scored[job] = (base, start, end)
                 if end == n:
                     sample_at[job] = base + n - 1 - start
                 job.fed = end
         logits = s.decode(entries, outputs, plan)
+        for job, (base, start, end) in scored.items():
+            for pos in range(start, min(end, len(job.tokens) - 1)):
+                job.prompt_logprobs.append(scores(logits[base + pos - start], job.tokens[pos + 1], job.top_logprobs))
         for job, row in sample_at.items():
             tok = sample(logits[row], job.temperature, job.rng)
             if job.top_logprobs is not None:  # a few ms over a large vocabulary: only when asked
-                lp, k = log_softmax(logits[row]), job.top_logprobs
-                top = np.argpartition(-lp, k)[:k]
-                job.logprobs.append((float(lp[tok]), [(int(t), float(lp[t])) for t in top[np.argsort(-lp[top])]]))
+                job.logprobs.append(scores(logits[row], tok, job.top_logprobs))
             job.generated.append(tok)
             job._out.put(tok)
             if s.is_eog(tok) or len(job.generated) == job.max_tokens:
@@ -168,3 +175,10 @@ class Slots:
             self._reserved -= len(job.tokens) + job.max_tokens
             job.seq = None
         job._out.put(error if error is not None else _END)
+
+
+def scores(logits: np.ndarray, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability under `logits`, and the `k` likeliest tokens' (token, log-probability), best first."""
+    lp = log_softmax(logits)
+    top = np.argpartition(-lp, k)[:k]
+    return float(lp[token]), [(int(t), float(lp[t])) for t in top[np.argsort(-lp[top])]]

@@ -225,3 +225,73 @@ def test_a_vector_of_another_width_is_a_400(client, gemma, tmp_path):
                            tmp_path / "wide.safetensors")
     with pytest.raises(openai.BadRequestError, match=f"width {gemma.n_embd + 1} does not fit tensor 'l_out-3' of width {gemma.n_embd}"):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
+
+
+def test_several_prompts_as_text_or_tokens_are_one_choice_each(client, gemma):
+    ask = dict(model="m", max_tokens=3, temperature=0, extra_body={"vectors": [{"vector": "antonym.ffv"}]})
+    alone = [client.completions.create(prompt=p, **ask).choices[0].text for p in (PROMPT, "Q: wet\nA:")]
+    r = client.completions.create(prompt=[PROMPT, gemma.tokenize("Q: wet\nA:")], **ask)
+    assert [c.index for c in r.choices] == [0, 1] and [c.text for c in r.choices] == alone
+    assert r.usage.prompt_tokens == len(gemma.tokenize(PROMPT)) + len(gemma.tokenize("Q: wet\nA:"))
+
+
+def test_echo_scores_the_prompt_as_lm_evaluation_harness_asks(client, gemma):
+    """lm-eval's local-completions sends context + continuation tokens with echo, logprobs=1, max_tokens=1, and
+    sums token_logprobs[ctxlen:-1]: the continuation's log-likelihood, which must be the session's own."""
+    from fvpatch.scoring import log_softmax
+
+    context, continuation = gemma.tokenize(PROMPT), gemma.tokenize(" minimal", add_bos=False)
+    r = client.completions.create(model="m", prompt=context + continuation, max_tokens=1, temperature=0, logprobs=1, echo=True)
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(context) + len(continuation) + 1
+    assert r.choices[0].text.startswith("Q: maximal\nA: minimal") and lp.text_offset[len(context)] == len("Q: maximal\nA:")
+    logits = gemma.run(context + continuation, all_logits=True).prompt_logits
+    expected = [log_softmax(logits[i - 1])[t] for i, t in enumerate(context + continuation) if i >= len(context)]
+    assert lp.token_logprobs[len(context):-1] == pytest.approx(expected, abs=1e-4)
+
+
+def call(server, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """GET (no body) or POST JSON to the server, as a client without the openai package would."""
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}{path}", data)) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_the_tokenizer_endpoints_speak_vllms_format(server, gemma):
+    _, info = call(server, "/tokenizer_info")
+    assert info["eos_token"] == "<eos>" and info["bos_token"] == "<bos>"
+    assert call(server, "/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False})[1]["tokens"] == [gemma.eos]
+    tokens = call(server, "/tokenize", {"prompt": PROMPT})[1]["tokens"]
+    assert tokens == gemma.tokenize(PROMPT)
+    assert call(server, "/detokenize", {"tokens": tokens})[1]["prompt"] == PROMPT
+    assert call(server, "/detokenize", {"tokens": [-1]})[0] == 400
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"prompt": [PROMPT] * 65}, "a list of 1 to 64 of either"),
+    ({"prompt": [PROMPT, ""]}, "prompt 1 is empty"),
+    ({"prompt": [2, 10**7]}, "token id 10000000 is outside the vocabulary"),
+    ({"prompt": [PROMPT, PROMPT], "stream": True}, "a streamed request takes one prompt and no echo"),
+    ({"prompt": PROMPT, "echo": True, "stream": True}, "a streamed request takes one prompt and no echo"),
+    ({"prompt": PROMPT, "echo": "yes"}, "echo must be true or false"),
+])
+def test_bad_prompts_are_a_400(server, fields, message):
+    status, body = call(server, "/v1/completions", {"max_tokens": 2} | fields)
+    assert status == 400 and message in body["error"]["message"]
+
+
+def test_token_ids_without_bos_get_one_on_a_model_that_starts_texts_with_it(client, gemma):
+    """As lm-evaluation-harness sends them: Gemma without BOS answers noise. The echo is the prompt as sent."""
+    ask = dict(model="m", max_tokens=3, temperature=0, logprobs=1, echo=True)
+    with_bos = gemma.tokenize(PROMPT)
+    assert gemma.adds_bos and with_bos[0] == gemma.bos
+    sent = client.completions.create(prompt=with_bos[1:], **ask).choices[0]
+    whole = client.completions.create(prompt=with_bos, **ask).choices[0]
+    assert sent.text == whole.text and sent.text.startswith(PROMPT)
+    assert sent.logprobs.token_logprobs == whole.logprobs.token_logprobs[1:]  # the first token sent is scored after the BOS
