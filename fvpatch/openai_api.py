@@ -71,6 +71,8 @@ def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int]
     if stream and (len(prompts) > 1 or echo):
         raise BadRequest("a streamed request takes one prompt and no echo")
     room = session.n_ctx - max(len(p) for p in prompts)
+    if room < 1:
+        raise BadRequest(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room in the context of {session.n_ctx}; raise --n-ctx")
     req = Request(
         chat, prompts, sent_from, parse_vectors(session, body.get("vectors", default_vectors), graph),
         max_tokens=_field(body, "max_tokens", int, 16, lambda v: 1 <= v <= room, f"an integer from 1 to {room} (what the context leaves after the prompt)"),

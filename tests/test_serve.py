@@ -280,6 +280,7 @@ def test_the_tokenizer_endpoints_speak_vllms_format(server, gemma):
     ({"prompt": [PROMPT, PROMPT], "stream": True}, "a streamed request takes one prompt and no echo"),
     ({"prompt": PROMPT, "echo": True, "stream": True}, "a streamed request takes one prompt and no echo"),
     ({"prompt": PROMPT, "echo": "yes"}, "echo must be true or false"),
+    ({"prompt": [2] * 5000}, "a prompt of 5000 tokens leaves no room in the context of 2048"),
 ])
 def test_bad_prompts_are_a_400(server, fields, message):
     status, body = call(server, "/v1/completions", {"max_tokens": 2} | fields)
