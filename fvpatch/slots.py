@@ -60,7 +60,6 @@ class Slots:
         if not 1 <= n_slots <= session.n_seq:
             raise FvpatchError(f"parallel slots must be 1 to {session.n_seq} (the sequences this context holds), got {n_slots}")
         self.session = session
-        self.n_slots = n_slots
         self._free = list(range(n_slots))
         self._active: list[Job] = []
         self._waiting: deque[Job] = deque()
