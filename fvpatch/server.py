@@ -167,6 +167,9 @@ def make_handler(gen: Generator):
                     (lambda t: {"index": 0, "text": t, "logprobs": None, "finish_reason": None})
             try:
                 got = gen.collect(gen.submit(req, req.prompts[0]), req, lambda t: send(piece(t)))
+            except (BrokenPipeError, ConnectionResetError):  # the client left; collect has freed its slot
+                self.close_connection = True
+                return
             except FvpatchError as e:  # the status line is sent: the error goes in the stream, as OpenAI's API does
                 self.wfile.write(f"data: {json.dumps({'error': {'message': str(e).splitlines()[0], 'type': 'invalid_request_error'}})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")

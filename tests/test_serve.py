@@ -296,3 +296,20 @@ def test_token_ids_without_bos_get_one_on_a_model_that_starts_texts_with_it(clie
     whole = client.completions.create(prompt=with_bos, **ask).choices[0]
     assert sent.text == whole.text and sent.text.startswith(PROMPT)
     assert sent.logprobs.token_logprobs == whole.logprobs.token_logprobs[1:]  # the first token sent is scored after the BOS
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
+    import socket
+    import time
+
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 2000, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1])) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    slots = server.generator.slots
+    for _ in range(100):  # 10 s: not cancelled, the 2000 tokens would keep the slot for about 30 s
+        if not slots._active and not slots._waiting:
+            break
+        time.sleep(0.1)
+    assert not slots._active
+    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text

@@ -129,3 +129,24 @@ def test_a_request_that_cannot_fit_is_refused(exact):
             slots.submit(exact.tokenize("a b c"), [], exact.n_ctx)
     finally:
         slots.close()
+
+
+def test_echo_scores_every_prompt_token_across_chunks(exact):
+    """A prompt longer than the batch is decoded in chunks beside other requests; its rows' log-probabilities
+    are still the one-prompt run's."""
+    from fvpatch.scoring import log_softmax
+
+    tokens = exact.tokenize(PROMPTS[3])
+    assert len(tokens) > exact.n_ubatch
+    patch = [Patch("l_out-1", np.full(exact.n_embd, 0.5, np.float32), -1, "add", all_tokens=True)]
+    logits = exact.run(tokens, patches=patch, all_logits=True).prompt_logits
+    slots = Slots(exact, 3)
+    try:
+        others = [slots.submit(exact.tokenize(p), [], 5) for p in PROMPTS[:2]]
+        job = slots.submit(tokens, patch, 2, top_logprobs=2, echo=True)
+        list(job), [list(o) for o in others]
+    finally:
+        slots.close()
+    expected = [log_softmax(logits[i])[tokens[i + 1]] for i in range(len(tokens) - 1)]
+    assert [lp for lp, _ in job.prompt_logprobs] == pytest.approx(expected, abs=1e-5)
+    assert all(len(top) == 2 and top[0][1] >= top[1][1] for _, top in job.prompt_logprobs)
