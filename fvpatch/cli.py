@@ -266,7 +266,10 @@ def tokenize(model, n_ctx, n_gpu_layers, prompt, as_json):
 @click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Only the tensors of this layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
-    """List the graph tensor names a decode computes: the names --save and --patch accept.
+    """List the graph tensor names a decode computes, in order, with their row width: the names --save and
+    --patch accept, and the length a vector for each must have (the residual stream's is the model's width).
+    A tensor shown without a width cannot be saved or patched: it is not one row per token (a per-head view),
+    or several nodes share its name.
 
     \b
     Example:
@@ -274,10 +277,11 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
     """
     with open_session(model, n_ctx, n_gpu_layers) as s:
         check_layer(layer, s.n_layer)
-        names = list(s.graph_tensors())
+        widths = s.graph_tensors()
     if layer is not None:
-        names = [n for n in names if n.endswith(f"-{layer}")]
-    emit(as_json, {"tensors": names}, names)
+        widths = {n: w for n, w in widths.items() if n.endswith(f"-{layer}")}
+    emit(as_json, {"tensors": list(widths), "widths": widths},
+         [f"{n:<24} {'- (not one row per token, or a name several nodes share)' if w is None else w}" for n, w in widths.items()])
 
 
 def file_row(vf: vectorfile.VectorFile, idx: int | None) -> np.ndarray:

@@ -60,7 +60,7 @@ class Generated:
     prompt_steps: list[tuple[int, float | None, list | None]] | None  # the same for the prompt, with echo
 
 
-def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int], default_vectors: list[dict]) -> Request:
+def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int | None], default_vectors: list[dict]) -> Request:
     prompts, sent_from = _prompts(session, body, chat)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -117,7 +117,7 @@ def _prompts(session: Session, body: dict, chat: bool) -> tuple[list[list[int]],
     return out, sent_from
 
 
-def parse_vectors(session: Session, specs, graph: dict[str, int]) -> list[Patch]:
+def parse_vectors(session: Session, specs, graph: dict[str, int | None]) -> list[Patch]:
     """The request's `vectors` as patches, each checked against the loaded model and its graph's tensors (name ->
     width): a patch that could fail only inside a decode would fail every request of the batch it joined."""
     if not isinstance(specs, list):
@@ -151,6 +151,8 @@ def parse_vectors(session: Session, specs, graph: dict[str, int]) -> list[Patch]
         session.check_tensor_name(vf.tensor)
         if vf.tensor not in graph:
             raise BadRequest(f"vectors[{i}] {name}: tensor {vf.tensor!r} never appears in this model's compute graph")
+        if graph[vf.tensor] is None:
+            raise BadRequest(f"vectors[{i}] {name}: tensor {vf.tensor!r} is not one row per token, or several nodes share its name; fvpatch patches neither")
         if len(row) != graph[vf.tensor]:
             raise BadRequest(f"vectors[{i}] {name}: vector of width {len(row)} does not fit tensor {vf.tensor!r} of width {graph[vf.tensor]}")
     return patches

@@ -104,7 +104,8 @@ class Session(BatchedScoring, ModelFile):
         self._watch: set[bytes] = set()  # every tensor name a spec of this run mentions
         self._plan: dict[bytes, list] = {}  # tensor name -> actions for the chunk being decoded
         self._seen: set[bytes] = set()
-        self._record_all: dict[str, int] | None = None  # name -> width of every node, when graph_tensors asks
+        self._record_all: dict[str, int | None] | None = None  # name -> row width of every node, when graph_tensors asks
+        self._record_rows = 0  # the tokens of graph_tensors' decode
         self._error: BaseException | None = None
 
     # ---- the eval callback --------------------------------------------------------------------
@@ -116,7 +117,9 @@ class Session(BatchedScoring, ModelFile):
             name = ggml.tensor_name(t)
             if ask:
                 if self._record_all is not None:
-                    self._record_all.setdefault(name.decode("utf-8", "replace"), ggml.TensorHead.from_address(t).ne[0])
+                    ne, key = ggml.TensorHead.from_address(t).ne, name.decode("utf-8", "replace")
+                    rows = ne[2] == ne[3] == 1 and ne[1] in (self._record_rows, 1)  # 1: the last block's output row
+                    self._record_all[key] = ne[0] if rows and key not in self._record_all else None
                 if name in self._watch:
                     if name in self._seen_this_decode:
                         raise FvpatchError(f"tensor {name.decode()!r} appears more than once in the graph; fvpatch cannot tell which one is meant")
@@ -303,11 +306,16 @@ class Session(BatchedScoring, ModelFile):
             saved[name] = np.stack([self._saved_rows[(name, pos)] for pos in positions])
         return Result(tokens, generated, self.detokenize(generated), first_logits, saved, saved_positions, prompt_logits)
 
-    def graph_tensors(self, prompt: str = "Hello") -> dict[str, int]:
-        """The nodes of one decode's compute graph, in compute order: name -> row width (a vector's length)."""
+    def graph_tensors(self, prompt: str = "Hello, world") -> dict[str, int | None]:
+        """The nodes of one decode's compute graph, in compute order: name -> row width (a vector's length), or None
+        where save and patch refuse the name: a tensor that is not one row per token (per-head views, 3-D and up),
+        or a name that several nodes share. The prompt has several tokens, so that a per-head view cannot pass for
+        rows as it would in a 1-token decode."""
         self._record_all = {}
+        tokens = self.tokenize(prompt)
+        self._record_rows = len(tokens)
         try:
-            self.run(prompt)
+            self.run(tokens)
             return self._record_all
         finally:
             self._record_all = None

@@ -115,6 +115,17 @@ def test_non_row_tensor_is_refused(tiny_session):
         tiny_session.run(PROMPT, saves=[Save("cache_k_l0 (view) (permuted)")])
 
 
+def test_graph_tensors_lists_what_save_takes_with_its_width(tiny_session):
+    widths = tiny_session.graph_tensors()
+    assert widths["l_out-1"] == N_EMBD and widths["Qcur-0"] is None  # Qcur-0: before and after RoPE
+    usable = [n for n, w in widths.items() if w is not None and n != "result_output"]
+    saved = tiny_session.run(PROMPT, saves=[Save(n) for n in usable]).saved
+    assert {n: saved[n].shape[1] for n in usable} == {n: widths[n] for n in usable}
+    for name in [n for n, w in widths.items() if w is None]:
+        with pytest.raises(ValueError, match="only 2-D tensors|appears more than once|rows in a ubatch"):
+            tiny_session.run(PROMPT, saves=[Save(name)])
+
+
 def test_ambiguous_name_is_refused(tiny_session):
     # Qcur-0 names the query before and after RoPE: patching "it" would be a guess
     with pytest.raises(ValueError, match="appears more than once"):

@@ -167,6 +167,11 @@ def test_a_vector_on_a_tensor_that_never_fires_is_a_400(client, gemma, tmp_path)
     with pytest.raises(openai.BadRequestError, match="never appears in this model's compute graph"):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
     assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text
+    # a per-head view: in the graph, but not one row per token
+    path = vectorfile.save(vectorfile.VectorFile("Qcur_normed-3", np.ones((1, 256), np.float32), [-1], gemma.fingerprint(), mode="add"),
+                           tmp_path / "heads.safetensors")
+    with pytest.raises(openai.BadRequestError, match="is not one row per token"):
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
 
 
 def test_logprobs_are_the_sessions_own(client, gemma):
