@@ -83,7 +83,7 @@ class BatchedScoring:
             ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
             self._decode(entries, {bi for r in rows.values() for bi in r}, plan)
             for i in pack:
-                out[i] = np.stack([self._logits(bi) for bi in rows[i]])
+                out[i] = np.stack([self.row_logits(bi) for bi in rows[i]])
         return out
 
     def last_logits(self, prompts: list[list[int]], patches: list[Patch] = ()) -> list[np.ndarray]:
@@ -152,6 +152,6 @@ class BatchedScoring:
         self._watch, self._seen = set(plan), set()
         self._decode(entries, set(last.values()), plan)
         for i, bi in last.items():
-            out[i] = self._logits(bi)
+            out[i] = self.row_logits(bi)
         for seq in range(1, len(pack) + 1):
             ll.llama_memory_seq_rm(mem, seq, -1, -1)

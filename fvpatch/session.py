@@ -174,7 +174,7 @@ class Session(BatchedScoring, ModelFile):
         if self._done != planned:
             raise RuntimeError(f"only {self._done} of {planned} save/patch actions ran in this decode")
 
-    def _logits(self, batch_index: int) -> np.ndarray:
+    def row_logits(self, batch_index: int) -> np.ndarray:
         ptr = ll.llama_get_logits_ith(self._ctx, batch_index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
@@ -214,12 +214,12 @@ class Session(BatchedScoring, ModelFile):
             outputs.add(base + n_prompt - 1 - start)
         return plan, outputs
 
-    def decode(self, entries: list[tuple[int, int, int]], outputs: set[int], plan: dict[bytes, list]) -> dict[int, np.ndarray]:
+    def decode(self, entries: list[tuple[int, int, int]], outputs: set[int], plan: dict[bytes, list]):
         """One decode of (token, position, sequence) entries, at most one ubatch, on top of what the KV cache
-        holds, with the callback's `plan` (`prompt_plan`, `token_plan`); the logits of the `outputs` rows."""
+        holds, with the callback's `plan` (`prompt_plan`, `token_plan`); `row_logits` then reads the `outputs`
+        rows' logits, until the next decode."""
         self._watch, self._seen = set(plan), set()
         self._decode(entries, outputs, plan)
-        return {bi: self._logits(bi) for bi in outputs}
 
     def forget(self, seq: int | None = None):
         """Drop one sequence from the KV cache (None: all of them)."""
@@ -282,9 +282,9 @@ class Session(BatchedScoring, ModelFile):
             self._decode([(tokens[i], i, 0) for i in range(start, end)], set(range(end - start)) if all_logits else outputs, plan)
             if all_logits:
                 for i in range(end - start):
-                    prompt_logits[start + i] = self._logits(i)
+                    prompt_logits[start + i] = self.row_logits(i)
         _check_fired(self._watch - self._seen)
-        first_logits = prompt_logits[n - 1].copy() if all_logits else self._logits(-1)
+        first_logits = prompt_logits[n - 1].copy() if all_logits else self.row_logits(-1)
 
         generated: list[int] = []
         logits = first_logits
@@ -297,7 +297,7 @@ class Session(BatchedScoring, ModelFile):
             if stop or self.is_eog(tok) or k == max_tokens - 1:
                 break
             self._decode([(tok, n + k, 0)], {0}, token_plan(every, n + k, 0))
-            logits = self._logits(-1)
+            logits = self.row_logits(-1)
 
         saved, saved_positions = {}, {}
         for s, pos in save_at:

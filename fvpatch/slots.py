@@ -153,14 +153,15 @@ class Slots:
                 if end == n:
                     sample_at[job] = base + n - 1 - start
                 job.fed = end
-        logits = s.decode(entries, outputs, plan)
-        for job, (base, start, end) in scored.items():
+        s.decode(entries, outputs, plan)
+        for job, (base, start, end) in scored.items():  # row by row: a batch of rows over a large vocabulary is GBs
             for pos in range(start, min(end, len(job.tokens) - 1)):
-                job.prompt_logprobs.append(scores(logits[base + pos - start], job.tokens[pos + 1], job.top_logprobs))
+                job.prompt_logprobs.append(scores(s.row_logits(base + pos - start), job.tokens[pos + 1], job.top_logprobs))
         for job, row in sample_at.items():
-            tok = sample(logits[row], job.temperature, job.rng)
+            logits = s.row_logits(row)
+            tok = sample(logits, job.temperature, job.rng)
             if job.top_logprobs is not None:  # a few ms over a large vocabulary: only when asked
-                job.logprobs.append(scores(logits[row], tok, job.top_logprobs))
+                job.logprobs.append(scores(logits, tok, job.top_logprobs))
             job.generated.append(tok)
             job._out.put(tok)
             if s.is_eog(tok) or len(job.generated) == job.max_tokens:
