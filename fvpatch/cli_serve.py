@@ -24,7 +24,8 @@ def serve(model, n_ctx, n_gpu_layers, host, port, parallel, vectors, scales):
     positions: "last" (the last prompt token and every generated one, as function vectors are applied),
     "all" (every token, as a llama.cpp control vector), or a list of prompt token indices. One model is
     loaded; requests take turns on it, or up to --parallel of them are decoded together, each with only
-    its own vectors.
+    its own vectors. Log-probabilities (logprobs, echo) and vLLM's /tokenize, /detokenize and
+    /tokenizer_info let lm-evaluation-harness score a vector through it (examples/lm_eval).
 
     \b
     Example:
