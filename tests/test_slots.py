@@ -150,3 +150,73 @@ def test_echo_scores_every_prompt_token_across_chunks(exact):
     expected = [log_softmax(logits[i])[tokens[i + 1]] for i in range(len(tokens) - 1)]
     assert [lp for lp, _ in job.prompt_logprobs] == pytest.approx(expected, abs=1e-5)
     assert all(len(top) == 2 and top[0][1] >= top[1][1] for _, top in job.prompt_logprobs)
+
+
+def test_a_mixed_load_on_four_slots_answers_as_one_slot_does(tiny_gguf, tmp_path):
+    """The whole server on the exact f32 model: streams, echoes, log-probabilities, several prompts per request
+    and vectors, twelve requests at once on four slots, each answered exactly as one slot answers it alone."""
+    import json
+    import threading
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fvpatch import vectorfile
+    from fvpatch.server import make_server
+
+    with Session(tiny_gguf, n_ctx=512, n_ubatch=16, exact=True) as s:
+        rng = np.random.default_rng(1)
+        vec = lambda name: str(vectorfile.save(vectorfile.VectorFile("l_out-1", rng.normal(0, 4, (1, s.n_embd)), [-1], s.fingerprint(), mode="add"),  # noqa: E731
+                                              tmp_path / f"{name}.safetensors"))
+        a, b = vec("a"), vec("b")
+        bodies = [
+            {"prompt": PROMPTS[0], "max_tokens": 6},
+            {"prompt": PROMPTS[1], "max_tokens": 5, "vectors": [{"vector": a}], "logprobs": 2},
+            {"prompt": PROMPTS[3], "max_tokens": 4, "vectors": [{"vector": b, "positions": "all"}], "logprobs": 1, "echo": True},
+            {"prompt": [PROMPTS[2], s.tokenize(PROMPTS[0])], "max_tokens": 3, "vectors": [{"vector": a, "scale": 0.5}]},
+            {"prompt": PROMPTS[2], "max_tokens": 7, "vectors": [{"vector": b}], "stream": True},
+            {"prompt": PROMPTS[0], "max_tokens": 5, "temperature": 0.9, "seed": 3, "vectors": [{"vector": a}]},
+        ] * 2
+
+        def answers(parallel: int, at_once: bool) -> list:
+            srv = make_server(s, "127.0.0.1", 0, quiet=True, parallel=parallel)
+            threading.Thread(target=srv.serve_forever, daemon=True).start()
+            url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
+
+            def ask(body):
+                with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode())) as r:
+                    raw = r.read().decode()
+                if body.get("stream"):  # the streamed text, joined
+                    return "".join(json.loads(line[6:])["choices"][0]["text"] for line in raw.splitlines() if line.startswith("data: {"))
+                return [{k: c[k] for k in ("text", "logprobs", "finish_reason")} for c in json.loads(raw)["choices"]]
+
+            try:
+                if not at_once:
+                    return [ask(body) for body in bodies]
+                with ThreadPoolExecutor(len(bodies)) as pool:
+                    return list(pool.map(ask, bodies))
+            finally:
+                srv.shutdown()
+                srv.server_close()
+
+        alone = answers(1, at_once=False)
+        assert alone[:6] == alone[6:] and len({json.dumps(x) for x in alone[:6]}) == 6
+        together = answers(4, at_once=True)
+        # the same text, tokens and alternatives; log-probabilities to float rounding (a batch sums in another order)
+        assert skeleton(together) == skeleton(alone)
+        np.testing.assert_allclose(floats(together), floats(alone), atol=1e-5)
+
+
+def skeleton(x):
+    """A JSON value with every float replaced by 0.0."""
+    if isinstance(x, float):
+        return 0.0
+    if isinstance(x, dict):
+        return {k: skeleton(v) for k, v in x.items()}
+    return [skeleton(v) for v in x] if isinstance(x, list) else x
+
+
+def floats(x) -> list[float]:
+    if isinstance(x, float):
+        return [x]
+    values = x.values() if isinstance(x, dict) else x if isinstance(x, list) else []
+    return [f for v in values for f in floats(v)]
