@@ -3,9 +3,9 @@
 POST /v1/completions and /v1/chat/completions take the usual fields (prompt or messages, max_tokens,
 temperature, seed, stop, stream, logprobs, echo, and chat's top_logprobs; `fvpatch.openai_api` reads them)
 plus `vectors`: a list of {"vector": NAME_OR_FILE, "scale": 1.0, "positions": "last" | "all" | [token
-indices]}. "last" adds the vector at the last prompt token and every generated token (as function vectors are applied: `fvpatch patch --every-token`), "all" at every token (as
-llama.cpp applies a control vector), a list at those prompt positions only. The layer and tensor come from
-the file. GET /v1/models lists the model; /tokenize, /detokenize and /tokenizer_info serve its tokenizer, as
+indices]}. "last" adds the vector at the last prompt token and every generated token (as function vectors
+are applied: `fvpatch patch --every-token`), "all" at every token (as llama.cpp applies a control vector), a
+list at those prompt positions only. The layer and tensor come from the file. GET /v1/models lists the model; /tokenize, /detokenize and /tokenizer_info serve its tokenizer, as
 vLLM's do, for clients such as lm-evaluation-harness that tokenize through the server.
 
 Requests run on `parallel` slots (`fvpatch.slots`): with one they take turns, with more those that arrive
@@ -46,6 +46,7 @@ class Generator:
         """The job's completion, calling emit(text) as text arrives; never a stop string, nor the start of one."""
         s = self.session
         pieces: list[bytes] = []
+        starts: list[int] = []  # where each token's text begins
         sent, text, stopped, n, eog = 0, "", False, 0, False
         try:
             for tok in job:
@@ -53,6 +54,7 @@ class Generator:
                 if s.is_eog(tok):
                     eog = True
                     break
+                starts.append(len(text))
                 pieces.append(s.piece(tok))
                 text = b"".join(pieces).decode("utf-8", "ignore")
                 cut = min((text.find(x) for x in req.stop if x in text), default=-1)
@@ -72,17 +74,11 @@ class Generator:
         steps = prompt_steps = None
         if req.top_logprobs is not None:
             # past a stop string, only the tokens that began before it: their text is (partly) the client's
-            kept = sum(1 for i in range(len(pieces)) if len(b"".join(pieces[:i]).decode("utf-8", "ignore")) < len(text)) if stopped else len(pieces)
+            kept = sum(1 for at in starts if at < len(text)) if stopped else len(pieces)
             steps = [(job.generated[i], *job.logprobs[i]) for i in range(kept)]
             if req.echo:
                 prompt_steps = [(job.tokens[0], None, None)] + [(t, *lp) for t, lp in zip(job.tokens[1:], job.prompt_logprobs)]
         return Generated(text, "stop" if stopped or eog else "length", n, steps, prompt_steps)
-
-    def tokenizer_info(self) -> dict:
-        s = self.session
-        special = lambda t: None if t is None else s.piece(t, special=True).decode("utf-8", "replace")  # noqa: E731
-        return {"eos_token": special(s.eos), "bos_token": special(s.bos), "pad_token": None, "chat_template": s.chat_template(),
-                "model_max_length": s.n_ctx}
 
 
 def make_handler(gen: Generator):
@@ -109,7 +105,7 @@ def make_handler(gen: Generator):
             if route == "/v1/models":
                 self._json(200, {"object": "list", "data": [{"id": gen.model_name, "object": "model", "owned_by": "fvpatch"}]})
             elif route == "/tokenizer_info":
-                self._json(200, gen.tokenizer_info())
+                self._json(200, tokenizer_info(gen.session))
             else:
                 self._error(404, f"no such endpoint: GET {self.path}")
 
@@ -142,7 +138,7 @@ def make_handler(gen: Generator):
             except FvpatchError as e:  # found only while decoding
                 return self._error(400, str(e).splitlines()[0])
             finally:
-                for job in jobs:
+                for job in jobs:  # those not collected when an earlier one failed
                     job.cancel()
             n_prompt, n_out = sum(len(t) for t in req.prompts), sum(g.n_tokens for g in got)
             self._json(200, base | {"object": "chat.completion" if chat else "text_completion",
@@ -181,6 +177,13 @@ def make_handler(gen: Generator):
             self.close_connection = True
 
     return Handler
+
+
+def tokenizer_info(session: Session) -> dict:
+    """vLLM's /tokenizer_info: what lm-evaluation-harness reads to tokenize through the server."""
+    special = lambda t: None if t is None else session.piece(t, special=True).decode("utf-8", "replace")  # noqa: E731
+    return {"eos_token": special(session.eos), "bos_token": special(session.bos), "pad_token": None,
+            "chat_template": session.chat_template(), "model_max_length": session.n_ctx}
 
 
 def tokenizer_call(session: Session, route: str, body: dict) -> dict:
