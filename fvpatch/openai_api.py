@@ -89,10 +89,10 @@ def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int 
 
 def _prompts(session: Session, body: dict, chat: bool) -> tuple[list[list[int]], list[int]]:
     """The prompts as tokens, and where each one's tokens as sent begin: chat's messages in the model's template;
-    for completions a string, a list of token ids, or a list of up to MAX_PROMPTS of either. Token ids are used as
-    they are, except that a model whose tokenizer starts every text with BOS gets one before ids that lack it
-    (llama-server would decode them as sent; Gemma without BOS answers noise, and lm-evaluation-harness sends
-    its prompts as ids without BOS)."""
+    for completions a string, a list of token ids, or a list of up to MAX_PROMPTS of either. A model whose
+    tokenizer starts every text with BOS gets one before text, and before ids that lack it (llama-server would
+    decode ids as sent; Gemma without BOS answers noise, and lm-evaluation-harness sends its prompts as ids
+    without BOS); `"add_bos": false` asks for none, before text or ids."""
     if chat:
         messages = body.get("messages")
         if not (isinstance(messages, list) and messages and all(
@@ -104,14 +104,17 @@ def _prompts(session: Session, body: dict, chat: bool) -> tuple[list[list[int]],
     items = [prompt] if isinstance(prompt, str) or (ids(prompt) and prompt) else prompt
     if not (isinstance(items, list) and 0 < len(items) <= MAX_PROMPTS and all(isinstance(x, str) or ids(x) for x in items)):
         raise BadRequest(f"prompt must be a string, a list of token ids, or a list of 1 to {MAX_PROMPTS} of either")
+    add_bos = body.get("add_bos", True)
+    if not isinstance(add_bos, bool):
+        raise BadRequest(f"add_bos must be true or false, got {json.dumps(add_bos)[:60]}")
     out, sent_from = [], []
     for i, item in enumerate(items):
-        tokens = (session.tokenize(item) if item else []) if isinstance(item, str) else item
+        tokens = (session.tokenize(item, add_bos=add_bos) if item else []) if isinstance(item, str) else item
         if not tokens:
             raise BadRequest(f"prompt {i} is empty")
         if bad := [t for t in tokens if not 0 <= t < session.n_vocab]:
             raise BadRequest(f"prompt {i}: token id {bad[0]} is outside the vocabulary (0 to {session.n_vocab - 1})")
-        bos = not isinstance(item, str) and session.adds_bos and tokens[0] != session.bos
+        bos = add_bos and not isinstance(item, str) and session.adds_bos and tokens[0] != session.bos
         out.append([session.bos] + tokens if bos else tokens)
         sent_from.append(int(bos))
     return out, sent_from

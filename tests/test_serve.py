@@ -286,6 +286,7 @@ def test_the_tokenizer_endpoints_speak_vllms_format(server, gemma):
     ({"prompt": PROMPT, "echo": True, "stream": True}, "a streamed request takes one prompt and no echo"),
     ({"prompt": PROMPT, "echo": "yes"}, "echo must be true or false"),
     ({"prompt": [2] * 5000}, "a prompt of 5000 tokens leaves no room in the context of 2048"),
+    ({"prompt": PROMPT, "add_bos": "no"}, "add_bos must be true or false"),
 ])
 def test_bad_prompts_are_a_400(server, fields, message):
     status, body = call(server, "/v1/completions", {"max_tokens": 2} | fields)
@@ -301,6 +302,10 @@ def test_token_ids_without_bos_get_one_on_a_model_that_starts_texts_with_it(clie
     whole = client.completions.create(prompt=with_bos, **ask).choices[0]
     assert sent.text == whole.text and sent.text.startswith(PROMPT)
     assert sent.logprobs.token_logprobs == whole.logprobs.token_logprobs[1:]  # the first token sent is scored after the BOS
+    bare = client.completions.create(prompt=with_bos[1:], **ask, extra_body={"add_bos": False}).choices[0]
+    as_text = client.completions.create(prompt=PROMPT, **ask, extra_body={"add_bos": False}).choices[0]
+    assert bare.logprobs.token_logprobs[0] is None and bare.text != sent.text  # as sent, no BOS: another answer
+    assert as_text.text == bare.text
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
