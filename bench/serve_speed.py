@@ -60,7 +60,7 @@ def round_rate(url: str, n: int, bodies: list[dict]) -> tuple[float, list[str]]:
 
 
 def serving(session: Session, parallel: int):
-    server = make_server(session, "127.0.0.1", 0, quiet=True, parallel=parallel)
+    server = make_server(session, "127.0.0.1", 0, quiet=True, parallel=parallel, vector_dir="/")  # the bench names its own files
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 

@@ -17,7 +17,10 @@ from fvpatch.cli import FiniteFloat, main, model_options, open_session
               help="A vector for every request that names none of its own (for clients that cannot add fields), at the "
                    "positions its file says; a request's own \"vectors\" replace these, and [] asks for none. Repeatable.")
 @click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Scale of each --vector, in order (default: each file's own).")
-def serve(model, n_ctx, n_gpu_layers, host, port, parallel, vectors, scales):
+@click.option("--vector-dir", type=click.Path(exists=True, file_okay=False), default=".", show_default=True,
+              help="The folder whose files requests may name as vectors (besides shipped vectors); no other file on this "
+                   "machine can be read, or probed, by a client.")
+def serve(model, n_ctx, n_gpu_layers, host, port, parallel, vectors, scales, vector_dir):
     """Serve the model on /v1/completions and /v1/chat/completions (OpenAI's API, streaming too), where
     each request may add vectors: "vectors": [{"vector": NAME_OR_FILE, "scale": 1.0, "positions": "last"}].
 
@@ -41,7 +44,7 @@ def serve(model, n_ctx, n_gpu_layers, host, port, parallel, vectors, scales):
         raise click.UsageError(f"give one --scale per --vector ({len(vectors)}), or none")
     default = [{"vector": v} | ({"scale": scales[i]} if scales else {}) for i, v in enumerate(vectors)]
     with open_session(model, n_ctx, n_gpu_layers) as s:
-        server = make_server(s, host, port, short_name(s.path), parallel=parallel, vectors=default)
+        server = make_server(s, host, port, short_name(s.path), parallel=parallel, vectors=default, vector_dir=vector_dir)
         with_vectors = f", with {', '.join(vectors)} unless a request names its own" if vectors else ""
         click.echo(f"fvpatch serving {s.path.name} on http://{host}:{server.server_address[1]}/v1{with_vectors} (Ctrl-C stops)", err=True)
         try:

@@ -15,42 +15,90 @@ message is one line; the server keeps serving.
 """
 
 import json
+import select
+import socket
 import time
+import traceback
 import uuid
+from bisect import bisect_left
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from fvpatch.errors import FvpatchError
-from fvpatch.openai_api import MAX_BODY, BadRequest, Generated, Request, choice_json, parse_vectors, read_request
+from fvpatch.openai_api import MAX_BODY, BadRequest, Generated, Request, choice_json, chunk_json, parse_vectors, read_request
 from fvpatch.session import Session
 from fvpatch.slots import Job, Slots
+
+GET_ROUTES = ("/v1/models", "/tokenizer_info", "/health")
+POST_ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Refused(Exception):
+    """A request turned away before its body was read: the reply closes the connection, since what follows on
+    it would be that body, not the next request."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class Generator:
     """Turns checked requests into jobs on the session's slots, and a job's tokens into text under stop strings."""
 
-    def __init__(self, session: Session, model_name: str, parallel: int, vectors: list[dict]):
+    def __init__(self, session: Session, model_name: str, parallel: int, vectors: list[dict], vector_dir: Path):
         self.session = session
         self.model_name = model_name
+        self.created = int(time.time())
         self.graph = session.graph_tensors()
         parse_vectors(session, vectors, self.graph)  # a bad default vector stops the server before it starts
         self.vectors = vectors
+        self.vector_dir = Path(vector_dir).resolve()
         self.slots = Slots(session, parallel)
 
     def read(self, body: dict, chat: bool) -> Request:
-        return read_request(self.session, body, chat, self.graph, self.vectors)
+        return read_request(self.session, body, chat, self.graph, self.vectors, self.vector_dir)
 
-    def submit(self, req: Request, tokens: list[int]) -> Job:
-        return self.slots.submit(tokens, req.patches, req.max_tokens, req.temperature, req.seed, req.top_logprobs, req.echo)
+    def submit(self, req: Request) -> list[Job]:
+        """One job per choice, all at once, so free slots take them together; with n > 1 each draws its own."""
+        return [self.slots.submit(tokens, req.patches, max(req.max_tokens, 1), req.temperature, req.top_p,
+                                  None if req.seed is None else req.seed + j, req.top_logprobs, req.echo)
+                for tokens in req.prompts for j in range(req.n)]
 
-    def collect(self, job: Job, req: Request, emit=lambda text: None) -> Generated:
-        """The job's completion, calling emit(text) as text arrives; never a stop string, nor the start of one."""
+    def collect(self, job: Job, req: Request, emit=None, gone=lambda: False) -> Generated:
+        """The job's completion, calling emit(text, steps, offsets) as text arrives, with the log-probabilities of
+        the tokens that began in it; never a stop string, nor the start of one. Raises ClientGone when gone()."""
         s = self.session
+        if req.max_tokens == 0:  # only the echoed prompt's scores: the one token decoded for them is not the client's
+            for _ in job:
+                pass
+            scored = req.top_logprobs is not None
+            return Generated("", "length", 0, [] if scored else None, self._prompt_steps(job) if scored else None)
         pieces: list[bytes] = []
-        starts: list[int] = []  # where each token's text begins
+        starts: list[int] = []  # where each token's text begins, never decreasing
+        steps: list[tuple] = []
         sent, text, stopped, n, eog = 0, "", False, 0, False
+
+        def flush(upto: int, final: bool = False):
+            """Send text up to `upto`, with the tokens that began before it (at the end, every token kept: past a stop
+            string only those that began before it, since their text is, in part, the client's)."""
+            nonlocal sent
+            k = len(starts) if final and not stopped else bisect_left(starts, upto)
+            new = [(job.generated[i], *job.logprobs[i]) for i in range(len(steps), k)] if req.top_logprobs is not None else []
+            if emit is not None and (upto > sent or new):
+                emit(text[sent:upto], new, starts[len(steps):len(steps) + len(new)])
+            steps.extend(new)
+            sent = max(sent, upto)
+
         try:
             for tok in job:
                 n += 1
+                if gone():
+                    raise ClientGone
                 if s.is_eog(tok):
                     eog = True
                     break
@@ -63,22 +111,18 @@ class Generator:
                 # hold back an ending that may yet grow into a stop string: it must never reach the client
                 held = 0 if stopped else max((k for x in req.stop for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
                 if len(text) - held > sent:
-                    emit(text[sent : len(text) - held])
-                    sent = len(text) - held
+                    flush(len(text) - held)
                 if stopped:
                     break
         finally:
-            job.cancel()  # a stop string came, or emit failed because the client left: free the slot
-        if len(text) > sent:  # what was held back, now that no stop string came
-            emit(text[sent:])
-        steps = prompt_steps = None
-        if req.top_logprobs is not None:
-            # past a stop string, only the tokens that began before it: their text is (partly) the client's
-            kept = sum(1 for at in starts if at < len(text)) if stopped else len(pieces)
-            steps = [(job.generated[i], *job.logprobs[i]) for i in range(kept)]
-            if req.echo:
-                prompt_steps = [(job.tokens[0], None, None)] + [(t, *lp) for t, lp in zip(job.tokens[1:], job.prompt_logprobs)]
-        return Generated(text, "stop" if stopped or eog else "length", n, steps, prompt_steps)
+            job.cancel()  # a stop string came, or the client left: free the slot
+        flush(len(text), final=True)  # what was held back, now that no stop string came
+        return Generated(text, "stop" if stopped or eog else "length", n, steps if req.top_logprobs is not None else None,
+                         self._prompt_steps(job) if req.echo and req.top_logprobs is not None else None)
+
+    @staticmethod
+    def _prompt_steps(job: Job) -> list[tuple]:
+        return [(job.tokens[0], None, None)] + [(t, *lp) for t, lp in zip(job.tokens[1:], job.prompt_logprobs)]
 
 
 def make_handler(gen: Generator):
@@ -89,59 +133,126 @@ def make_handler(gen: Generator):
             if not getattr(self.server, "quiet", False):
                 super().log_message(fmt, *args)
 
+        def end_headers(self):  # browser chat UIs on other origins may call it, as they may call llama-server
+            self.send_header("Access-Control-Allow-Origin", "*")
+            super().end_headers()
+
         def _json(self, status: int, payload: dict):
-            data = json.dumps(payload, ensure_ascii=False).encode()
+            data = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def _error(self, status: int, message: str):
-            self._json(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+            kind = "invalid_request_error" if status < 500 else "server_error"
+            self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+        def _route(self) -> str:
+            return urlsplit(self.path).path.rstrip("/") or "/"
 
         def do_GET(self):
-            route = self.path.rstrip("/")
+            route = self._route()
+            model = {"id": gen.model_name, "object": "model", "created": gen.created, "owned_by": "fvpatch"}
             if route == "/v1/models":
-                self._json(200, {"object": "list", "data": [{"id": gen.model_name, "object": "model", "owned_by": "fvpatch"}]})
+                self._json(200, {"object": "list", "data": [model]})
+            elif route == f"/v1/models/{gen.model_name}":
+                self._json(200, model)
             elif route == "/tokenizer_info":
                 self._json(200, tokenizer_info(gen.session))
+            elif route == "/health":
+                self._json(200, {"status": "ok"})
+            elif route in POST_ROUTES:
+                self._error(405, f"{route} takes POST")
             else:
-                self._error(404, f"no such endpoint: GET {self.path}")
+                self._error(404, f"no such endpoint: GET {route}")
 
-        def do_POST(self):
-            route = self.path.rstrip("/")
-            if route not in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
-                return self._error(404, f"no such endpoint: POST {self.path}")
-            chat = route.endswith("chat/completions")
+        do_HEAD = do_GET
+
+        def do_OPTIONS(self):  # a browser's preflight before a cross-origin POST with a JSON body
+            self.send_response(204)
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers") or "Content-Type, Authorization")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _not_allowed(self):
+            self.close_connection = True  # its body, if any, is unread
+            self._error(405, f"{self.command} is not supported; the API takes GET and POST")
+
+        do_PUT = do_DELETE = do_PATCH = _not_allowed
+
+        def _body(self) -> bytes:
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                raise Refused(411, "send the request body with a Content-Length; chunked bodies are not read")
             try:
                 length = int(self.headers.get("Content-Length") or 0)
-                if not 0 < length <= MAX_BODY:
-                    raise BadRequest(f"the request body must be JSON of 1 byte to {MAX_BODY} bytes")
-                body = json.loads(self.rfile.read(length))
+            except ValueError:
+                raise Refused(400, "Content-Length is not a number") from None
+            if not 0 <= length <= MAX_BODY:
+                raise Refused(413, f"the request body must be at most {MAX_BODY} bytes")
+            return self.rfile.read(length)
+
+        def _gone(self) -> bool:
+            """The client has closed its end: its socket reads as ended (a pipelined request would read as data)."""
+            try:
+                ready, _, _ = select.select([self.connection], [], [], 0)
+                return bool(ready) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
+        def do_POST(self):
+            try:
+                raw = self._body()
+            except Refused as e:
+                self.close_connection = True
+                return self._error(e.status, str(e))
+            route = self._route()
+            if route not in POST_ROUTES:
+                return self._error(405 if route in GET_ROUTES else 404, f"{route} takes GET" if route in GET_ROUTES else f"no such endpoint: POST {route}")
+            chat = route.endswith("chat/completions")
+            try:
+                try:
+                    body = json.loads(raw) if raw else None
+                except UnicodeDecodeError:
+                    raise BadRequest("the request body is not UTF-8 JSON") from None
+                except (ValueError, RecursionError) as e:
+                    raise BadRequest(f"the request body is not JSON ({str(e)[:80] if isinstance(e, ValueError) else 'nested too deep'})") from None
                 if not isinstance(body, dict):
                     raise BadRequest("the request body must be a JSON object")
                 if route in ("/tokenize", "/detokenize"):
                     return self._json(200, tokenizer_call(gen.session, route, body))
                 req = gen.read(body, chat)
-            except json.JSONDecodeError as e:
-                return self._error(400, f"the request body is not JSON ({e})")
             except (FvpatchError, ValueError, IndexError) as e:
                 return self._error(400, str(e).splitlines()[0])
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             base = {"id": rid, "created": int(time.time()), "model": gen.model_name}
-            if req.stream:
-                return self._stream(base, req)
-            jobs = [gen.submit(req, tokens) for tokens in req.prompts]  # all at once, so free slots take them together
             try:
-                got = [gen.collect(job, req) for job in jobs]
+                if req.stream:
+                    return self._stream(base, req)
+                self._complete(base, req)
+            except (ClientGone, BrokenPipeError, ConnectionResetError):  # the client left; its slots are freed
+                self.close_connection = True
+            except Exception as e:  # noqa: BLE001 - a bug must not drop the connection without a word
+                traceback.print_exc()
+                self.close_connection = True
+                self._error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+        def _complete(self, base: dict, req: Request):
+            jobs = gen.submit(req)
+            try:
+                got = [gen.collect(job, req, gone=self._gone) for job in jobs]
             except FvpatchError as e:  # found only while decoding
                 return self._error(400, str(e).splitlines()[0])
             finally:
                 for job in jobs:  # those not collected when an earlier one failed
                     job.cancel()
             n_prompt, n_out = sum(len(t) for t in req.prompts), sum(g.n_tokens for g in got)
-            self._json(200, base | {"object": "chat.completion" if chat else "text_completion",
+            self._json(200, base | {"object": "chat.completion" if req.chat else "text_completion",
                                     "choices": [choice_json(gen.session, req, i, g) for i, g in enumerate(got)],
                                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}})
 
@@ -151,30 +262,33 @@ def make_handler(gen: Generator):
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
+            self.close_connection = True
             kind = "chat.completion.chunk" if req.chat else "text_completion"
+            usage = {"usage": None} if req.include_usage else {}
 
-            def send(choice):
-                self.wfile.write(f"data: {json.dumps(base | {'object': kind, 'choices': [choice]}, ensure_ascii=False)}\n\n".encode())
+            def send(payload: dict):
+                self.wfile.write(f"data: {json.dumps(base | {'object': kind} | payload, ensure_ascii=False, allow_nan=False)}\n\n".encode())
                 self.wfile.flush()
 
             if req.chat:
-                send({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            piece = (lambda t: {"index": 0, "delta": {"content": t}, "finish_reason": None}) if req.chat else \
-                    (lambda t: {"index": 0, "text": t, "logprobs": None, "finish_reason": None})
+                send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]} | usage)
             try:
-                got = gen.collect(gen.submit(req, req.prompts[0]), req, lambda t: send(piece(t)))
-            except (BrokenPipeError, ConnectionResetError):  # the client left; collect has freed its slot
-                self.close_connection = True
-                return
-            except FvpatchError as e:  # the status line is sent: the error goes in the stream, as OpenAI's API does
-                self.wfile.write(f"data: {json.dumps({'error': {'message': str(e).splitlines()[0], 'type': 'invalid_request_error'}})}\n\n".encode())
+                (job,) = gen.submit(req)
+                got = gen.collect(job, req, lambda text, steps, offsets: send({"choices": [chunk_json(gen.session, req, text, steps, offsets)]} | usage), self._gone)
+            except (ClientGone, BrokenPipeError, ConnectionResetError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream, as OpenAI's API does
+                if not isinstance(e, FvpatchError):
+                    traceback.print_exc()
+                self.wfile.write(f"data: {json.dumps({'error': {'message': str(e).splitlines()[0] if str(e) else type(e).__name__, 'type': 'invalid_request_error' if isinstance(e, FvpatchError) else 'server_error'}})}\n\n".encode())
                 self.wfile.write(b"data: [DONE]\n\n")
-                self.close_connection = True
                 return
-            send({"index": 0, "delta": {}, "finish_reason": got.finish} if req.chat else {"index": 0, "text": "", "logprobs": None, "finish_reason": got.finish})
+            send({"choices": [chunk_json(gen.session, req, "", [], [], got.finish)]} | usage)
+            if req.include_usage:
+                n_prompt = len(req.prompts[0])
+                send({"choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": got.n_tokens, "total_tokens": n_prompt + got.n_tokens}})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-            self.close_connection = True
 
     return Handler
 
@@ -210,11 +324,11 @@ class VectorServer(ThreadingHTTPServer):
 
 
 def make_server(session: Session, host: str = "127.0.0.1", port: int = 8080, model_name: str | None = None,
-                quiet: bool = False, parallel: int = 1, vectors: list[dict] = ()) -> VectorServer:
+                quiet: bool = False, parallel: int = 1, vectors: list[dict] = (), vector_dir: str | Path = ".") -> VectorServer:
     """A server bound to host:port (port 0 picks a free one) that decodes up to `parallel` requests together,
-    and gives `vectors` (a request's "vectors" field) to every request that names none; call serve_forever(),
-    then shutdown() and server_close() to stop."""
-    gen = Generator(session, model_name or session.path.stem, parallel, list(vectors))
+    and gives `vectors` (a request's "vectors" field) to every request that names none; a request may name
+    shipped vectors and files inside `vector_dir`. Call serve_forever(), then shutdown() and server_close() to stop."""
+    gen = Generator(session, model_name or session.path.stem, parallel, list(vectors), vector_dir)
     server = VectorServer((host, port), make_handler(gen))
     server.generator = gen
     server.quiet = quiet

@@ -42,6 +42,9 @@ class Patch:
         if self.mode not in MODES:
             raise FvpatchError(f"patch mode must be one of {MODES}, got {self.mode!r}")
         self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
+        with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
+            if not (np.isfinite(self.scale) and np.isfinite(self.vector * np.float32(self.scale)).all()):
+                raise FvpatchError(f"the vector times its scale ({self.scale:g}) overflows float32; give a smaller scale")
 
 
 @dataclass
@@ -176,7 +179,12 @@ class Session(BatchedScoring, ModelFile):
 
     def row_logits(self, batch_index: int) -> np.ndarray:
         ptr = ll.llama_get_logits_ith(self._ctx, batch_index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        # a residual blown up by a huge vector comes out as NaN or inf, or (Gemma) as logits all equal, which would be
+        # read as token 0 and scores of NaN: garbage that looks like an answer
+        if not np.isfinite(logits).all() or logits.min() == logits.max():
+            raise FvpatchError("the model's logits are not finite, or all equal: a patched vector is too large for this model; give a smaller scale")
+        return logits
 
     # ---- public -------------------------------------------------------------------------------
 
@@ -346,9 +354,21 @@ def token_plan(patches: list[Patch], pos: int, row: int) -> dict[bytes, list]:
     return plan
 
 
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_p: float = 1.0) -> int:
+    """Greedy at temperature 0, else a draw from the softmax at that temperature, cut to its `top_p` nucleus:
+    the likeliest tokens whose probabilities first reach `top_p` in all."""
     if temperature <= 0:
         return int(np.argmax(logits))
     z = (logits - logits.max()) / temperature
     p = np.exp(z)
-    return int(rng.choice(len(p), p=p / p.sum()))
+    p /= p.sum()
+    if top_p >= 1:
+        return int(rng.choice(len(p), p=p))
+    # the nucleus is usually a few tokens: sort a shortlist, and the whole vocabulary only when it falls short
+    for k in (64, len(p)):
+        best = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
+        best = best[np.argsort(-p[best], kind="stable")]
+        cum = np.cumsum(p[best])
+        if cum[-1] >= top_p or k == len(p):
+            keep = best[: int(np.searchsorted(cum, top_p)) + 1]
+            return int(keep[rng.choice(len(keep), p=p[keep] / p[keep].sum())])

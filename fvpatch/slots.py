@@ -30,14 +30,14 @@ class Job:
     token is yielded. With `echo` too, `prompt_logprobs[i]` holds the same for prompt token i + 1, filled
     before the first token is yielded."""
 
-    def __init__(self, tokens: list[int], actions: list, every: list[Patch], max_tokens: int, temperature: float, seed: int,
-                 top_logprobs: int | None, echo: bool):
+    def __init__(self, tokens: list[int], actions: list, every: list[Patch], max_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, top_logprobs: int | None, echo: bool):
         self.tokens, self.actions, self.every = tokens, actions, every
-        self.max_tokens, self.temperature, self.top_logprobs = max_tokens, temperature, top_logprobs
+        self.max_tokens, self.temperature, self.top_p, self.top_logprobs = max_tokens, temperature, top_p, top_logprobs
         self.echo = echo and top_logprobs is not None
         self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
         self.prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = []
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # None: fresh entropy, as a request without a seed expects
         self.seq: int | None = None
         self.fed = 0  # prompt tokens decoded so far
         self.generated: list[int] = []
@@ -70,14 +70,14 @@ class Slots:
         self._thread = threading.Thread(target=self._work, name="fvpatch-slots", daemon=True)
         self._thread.start()
 
-    def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, seed: int = 0,
-               top_logprobs: int | None = None, echo: bool = False) -> Job:
+    def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = 0, top_logprobs: int | None = None, echo: bool = False) -> Job:
         """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens."""
         s, n = self.session, len(tokens)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
         actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
-        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, seed, top_logprobs, echo)
+        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, top_p, seed, top_logprobs, echo)
         with self._wake:
             if self._closed:
                 raise FvpatchError("the server is shutting down")
@@ -155,11 +155,19 @@ class Slots:
                 job.fed = end
         s.decode(entries, outputs, plan)
         for job, (base, start, end) in scored.items():  # row by row: a batch of rows over a large vocabulary is GBs
-            for pos in range(start, min(end, len(job.tokens) - 1)):
-                job.prompt_logprobs.append(scores(s.row_logits(base + pos - start), job.tokens[pos + 1], job.top_logprobs))
+            try:
+                for pos in range(start, min(end, len(job.tokens) - 1)):
+                    job.prompt_logprobs.append(scores(s.row_logits(base + pos - start), job.tokens[pos + 1], job.top_logprobs))
+            except FvpatchError as e:  # this job's vector broke its logits; the others in the batch go on
+                sample_at.pop(job, None)
+                self._finish(job, e)
         for job, row in sample_at.items():
-            logits = s.row_logits(row)
-            tok = sample(logits, job.temperature, job.rng)
+            try:
+                logits = s.row_logits(row)
+            except FvpatchError as e:
+                self._finish(job, e)
+                continue
+            tok = sample(logits, job.temperature, job.rng, job.top_p)
             if job.top_logprobs is not None:  # a few ms over a large vocabulary: only when asked
                 job.logprobs.append(scores(logits, tok, job.top_logprobs))
             job.generated.append(tok)

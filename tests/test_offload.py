@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.arch_models import ARCHS, write_tiny_model
+from train.stock_llama import free_port
 
 pytestmark = pytest.mark.offload
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +55,7 @@ def device():
     lib = _libggml()
     server = None
     if llama_cpp.llama_supports_rpc() and RPC_SERVER.exists():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         server = subprocess.Popen([RPC_SERVER, "-p", str(port), "-t", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             try:

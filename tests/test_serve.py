@@ -18,9 +18,9 @@ PROMPT = "Q: maximal\nA:"
 
 
 @pytest.fixture(scope="module")
-def server(gemma_path):
+def server(gemma_path, tmp_path_factory):
     with Session(gemma_path) as s:
-        srv = make_server(s, "127.0.0.1", 0, "gemma-3-270m", quiet=True)
+        srv = make_server(s, "127.0.0.1", 0, "gemma-3-270m", quiet=True, vector_dir=tmp_path_factory.mktemp("vectors"))
         thread = threading.Thread(target=srv.serve_forever, daemon=True)
         thread.start()
         yield srv
@@ -96,7 +96,9 @@ def test_streaming_gives_the_same_text(client):
 
 
 @pytest.mark.parametrize("vectors,message", [
-    ([{"vector": "no-such-vector"}], "neither a file nor a shipped vector"),
+    ([{"vector": "no-such-vector"}], "neither a shipped vector nor a file in the server.s vector folder"),
+    ([{"vector": "/etc/passwd"}], "neither a shipped vector nor a file in the server.s vector folder"),
+    ([{"vector": "../../../../etc/passwd"}], "neither a shipped vector nor a file"),
     ([{"vector": "antonym.ffv", "scale": "big"}], "scale must be a finite number"),
     ([{"vector": "antonym.ffv", "positions": "middle"}], "positions must be"),
     ([{"vector": "antonym.taskvec", "positions": "all"}], "only an added vector"),
@@ -122,7 +124,7 @@ def test_chat_with_a_vector_on_an_instruct_model(smollm_path, tmp_path):
         # a vector of this model: its residual after block 10 at the end of another text
         row = s.run("The weather in Paris is", saves=[Save("l_out-10")]).saved["l_out-10"]
         path = vectorfile.save(vectorfile.VectorFile("l_out-10", row, [-1], s.fingerprint(), mode="add"), tmp_path / "v.safetensors")
-        srv = make_server(s, "127.0.0.1", 0, quiet=True)
+        srv = make_server(s, "127.0.0.1", 0, quiet=True, vector_dir=tmp_path)
         threading.Thread(target=srv.serve_forever, daemon=True).start()
         try:
             c = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_address[1]}/v1", api_key="none", max_retries=0)
@@ -158,20 +160,20 @@ def test_a_position_outside_the_prompt_is_a_400(client):
         client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": "antonym.ffv", "positions": [99]}]})
 
 
-def test_a_vector_on_a_tensor_that_never_fires_is_a_400(client, gemma, tmp_path):
+def test_a_vector_on_a_tensor_that_never_fires_is_a_400(client, gemma, server):
     from fvpatch import vectorfile
 
     # a real name on another architecture (mixture-of-experts), within Gemma's layers, absent from its graph
     path = vectorfile.save(vectorfile.VectorFile("ffn_moe_out-3", np.ones((1, gemma.n_embd), np.float32), [-1], gemma.fingerprint(), mode="add"),
-                           tmp_path / "moe.safetensors")
+                           server.generator.vector_dir / "moe.safetensors")
     with pytest.raises(openai.BadRequestError, match="never appears in this model's compute graph"):
-        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": path.name}]})
     assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text
     # a per-head view: in the graph, but not one row per token
     path = vectorfile.save(vectorfile.VectorFile("Qcur_normed-3", np.ones((1, 256), np.float32), [-1], gemma.fingerprint(), mode="add"),
-                           tmp_path / "heads.safetensors")
+                           server.generator.vector_dir / "heads.safetensors")
     with pytest.raises(openai.BadRequestError, match="is not one row per token"):
-        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": path.name}]})
 
 
 def test_logprobs_are_the_sessions_own(client, gemma):
@@ -198,7 +200,6 @@ def test_logprobs_stop_where_the_text_stops(client):
 
 @pytest.mark.parametrize("fields,message", [
     ({"logprobs": 21}, "logprobs must be an integer from 0 to 20"),
-    ({"logprobs": 2, "stream": True}, "does not stream log-probabilities"),
     ({"top_logprobs": 2}, "top_logprobs is a chat field"),
 ])
 def test_bad_logprobs_are_a_400(client, fields, message):
@@ -223,13 +224,13 @@ def test_a_default_vector_serves_clients_that_name_none(gemma_path, client):
             srv.server_close()
 
 
-def test_a_vector_of_another_width_is_a_400(client, gemma, tmp_path):
+def test_a_vector_of_another_width_is_a_400(client, gemma, server):
     from fvpatch import vectorfile
 
     path = vectorfile.save(vectorfile.VectorFile("l_out-3", np.ones((1, gemma.n_embd + 1), np.float32), [-1], gemma.fingerprint(), mode="add"),
-                           tmp_path / "wide.safetensors")
+                           server.generator.vector_dir / "wide.safetensors")
     with pytest.raises(openai.BadRequestError, match=f"width {gemma.n_embd + 1} does not fit tensor 'l_out-3' of width {gemma.n_embd}"):
-        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": str(path)}]})
+        client.completions.create(model="m", prompt=PROMPT, max_tokens=2, extra_body={"vectors": [{"vector": path.name}]})
 
 
 def test_several_prompts_as_text_or_tokens_are_one_choice_each(client, gemma):
@@ -282,8 +283,8 @@ def test_the_tokenizer_endpoints_speak_vllms_format(server, gemma):
     ({"prompt": [PROMPT] * 65}, "a list of 1 to 64 of either"),
     ({"prompt": [PROMPT, ""]}, "prompt 1 is empty"),
     ({"prompt": [2, 10**7]}, "token id 10000000 is outside the vocabulary"),
-    ({"prompt": [PROMPT, PROMPT], "stream": True}, "a streamed request takes one prompt and no echo"),
-    ({"prompt": PROMPT, "echo": True, "stream": True}, "a streamed request takes one prompt and no echo"),
+    ({"prompt": [PROMPT, PROMPT], "stream": True}, "a streamed request takes one prompt, n of 1 and no echo"),
+    ({"prompt": PROMPT, "echo": True, "stream": True}, "a streamed request takes one prompt, n of 1 and no echo"),
     ({"prompt": PROMPT, "echo": "yes"}, "echo must be true or false"),
     ({"prompt": [2] * 5000}, "a prompt of 5000 tokens leaves no room in the context of 2048"),
     ({"prompt": PROMPT, "add_bos": "no"}, "add_bos must be true or false"),
@@ -316,6 +317,135 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     with socket.create_connection(("127.0.0.1", server.server_address[1])) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         assert sock.recv(100).startswith(b"HTTP/1.1 200")
+    slots = server.generator.slots
+    for _ in range(100):  # 10 s: not cancelled, the 2000 tokens would keep the slot for about 30 s
+        if not slots._active and not slots._waiting:
+            break
+        time.sleep(0.1)
+    assert not slots._active
+    assert client.completions.create(model="m", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
+def exchange(server, *requests: bytes) -> list[bytes]:
+    """Raw HTTP requests on one keep-alive connection, each answer's bytes (status line to end of body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    out = []
+    for method, path, body, headers in requests:
+        conn.request(method, path, body, headers or {})
+        r = conn.getresponse()
+        out.append((r.status, dict(r.getheaders()), r.read()))
+    conn.close()
+    return out
+
+
+def test_http_edges_get_json_answers_and_keep_the_connection_usable(server):
+    ok = json.dumps({"prompt": PROMPT, "max_tokens": 1})
+    answers = exchange(server,
+                       ("POST", "/v1/completion", ok, None),  # a typo: 404, and its body must not be read as the next request
+                       ("POST", "/v1/completions", ok, None),
+                       ("GET", "/v1/completions", None, None),
+                       ("POST", "/v1/models", ok, None),
+                       ("POST", "/v1/completions", "[" * 100_000 + "]" * 100_000, None),
+                       ("POST", "/v1/completions", b'{"prompt": "\xff"}', None),
+                       ("GET", "/v1/models?api-version=1", None, None),
+                       ("GET", "/v1/models/gemma-3-270m", None, None),
+                       ("GET", "/health", None, None),
+                       ("OPTIONS", "/v1/completions", None, {"Access-Control-Request-Headers": "content-type"}),
+                       ("PUT", "/v1/completions", None, None))
+    status = [a[0] for a in answers]
+    assert status == [404, 200, 405, 405, 400, 400, 200, 200, 200, 204, 405]
+    assert b"not JSON" in answers[4][2] and b"not UTF-8" in answers[5][2]
+    assert json.loads(answers[7][2])["created"] > 0 and json.loads(answers[8][2]) == {"status": "ok"}
+    assert all(a[1]["Access-Control-Allow-Origin"] == "*" for a in answers)
+    assert json.loads(answers[10][2])["error"]["message"].startswith("PUT is not supported")
+    # a chunked body is refused, and the connection closed: its chunks would read as the next request
+    (status, headers, body), = exchange(server, ("POST", "/v1/completions", iter([ok.encode()]), {"Transfer-Encoding": "chunked"}))
+    assert status == 411 and headers["Connection"] == "close"
+
+
+def test_sampling_fields(server):
+    ask = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0}
+    texts = lambda r: [c["text"] for c in r[1]["choices"]]  # noqa: E731
+    assert len({texts(call(server, "/v1/completions", ask))[0] for _ in range(3)}) > 1  # no seed: a fresh draw each time
+    seeded = call(server, "/v1/completions", ask | {"seed": 7, "n": 3})
+    assert [c["index"] for c in seeded[1]["choices"]] == [0, 1, 2] and len(set(texts(seeded))) > 1
+    assert texts(call(server, "/v1/completions", ask | {"seed": 7, "n": 3})) == texts(seeded)
+    assert seeded[1]["usage"]["prompt_tokens"] == len(server.generator.session.tokenize(ask["prompt"]))
+    greedy = texts(call(server, "/v1/completions", ask | {"temperature": 0}))
+    assert texts(call(server, "/v1/completions", ask | {"top_p": 0.01})) == greedy  # the nucleus is the top token
+    assert call(server, "/v1/completions", ask | {"presence_penalty": 0, "logit_bias": {}, "best_of": 1})[0] == 200
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"presence_penalty": 0.5}, "does not support presence_penalty"),
+    ({"logit_bias": {"1": 5}}, "does not support logit_bias"),
+    ({"best_of": 2}, "does not support best_of"),
+    ({"suffix": "x"}, "does not support suffix"),
+    ({"top_p": 0}, "top_p must be a number above 0"),
+    ({"seed": 10**30}, "seed must be an integer from 0 to"),
+    ({"n": 65}, "n must be an integer from 1 to 64"),
+    ({"n": 2, "stream": True}, "n of 1"),
+    ({"stop": 0}, "stop must be a string or a list"),
+    ({"stream_options": {"include_usage": True}}, "stream_options goes with"),
+    ({"max_tokens": 0}, "max_tokens must be an integer from 1 to"),
+    ({"vectors": [{"vector": "antonym.ffv", "scale": 1e300}]}, "overflows float32"),
+    ({"vectors": [{"vector": "antonym.ffv", "scale": 1e20}]}, "logits are not finite, or all equal"),
+])
+def test_fields_it_cannot_honour_are_a_400(server, fields, message):
+    status, body = call(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2} | fields)
+    assert status == 400 and message in body["error"]["message"]
+
+
+def test_max_tokens_defaults_and_zero(server, gemma):
+    status, body = call(server, "/v1/completions", {"prompt": [gemma.bos] + [9259] * (gemma.n_ctx - 6)})  # room for 5
+    assert status == 200 and body["usage"]["completion_tokens"] <= 5
+    assert call(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": None})[1]["usage"]["completion_tokens"] == 16
+    status, body = call(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1})
+    choice = body["choices"][0]
+    assert status == 200 and choice["text"] == PROMPT and body["usage"]["completion_tokens"] == 0
+    # text on a model that starts it with BOS: the echo leaves the BOS out, and scores the first token after it
+    assert "".join(choice["logprobs"]["tokens"]) == PROMPT and choice["logprobs"]["token_logprobs"][0] is not None
+    assert len(choice["logprobs"]["tokens"]) == len(gemma.tokenize(PROMPT)) - 1
+    assert call(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True})[1]["choices"][0]["text"] == PROMPT
+
+
+def stream(server, body: dict) -> list[dict]:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/v1/completions",
+                                                       json.dumps(body | {"stream": True}).encode())) as r:
+        lines = r.read().decode().splitlines()
+    assert lines[-2] == "data: [DONE]"
+    return [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("stop", [[], ["al\n"]])
+def test_streamed_logprobs_are_the_whole_answers(server, stop):
+    ask = {"prompt": PROMPT, "max_tokens": 6, "logprobs": 2, "stop": stop, "vectors": [{"vector": "antonym.ffv"}]}
+    whole = call(server, "/v1/completions", ask)[1]["choices"][0]
+    chunks = [c["choices"][0] for c in stream(server, ask)]
+    assert "".join(c["text"] for c in chunks) == whole["text"] and chunks[-1]["finish_reason"] == whole["finish_reason"]
+    parts = [c["logprobs"] for c in chunks if c["logprobs"]]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [x for p in parts for x in p[key]] == whole["logprobs"][key]
+
+
+def test_a_stream_can_end_with_its_usage(server):
+    chunks = stream(server, {"prompt": PROMPT, "max_tokens": 3, "stream_options": {"include_usage": True}})
+    assert all("usage" in c for c in chunks) and all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_a_client_that_leaves_before_its_answer_frees_its_slot(server, client):
+    import socket
+    import time
+
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 2000}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1])) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.3)
     slots = server.generator.slots
     for _ in range(100):  # 10 s: not cancelled, the 2000 tokens would keep the slot for about 30 s
         if not slots._active and not slots._waiting:

@@ -116,6 +116,26 @@ def test_a_failed_decode_fails_its_requests_and_the_slots_go_on(exact):
         slots.close()
 
 
+def test_a_vector_that_breaks_its_logits_fails_only_its_own_request(exact):
+    """A huge vector turns one request's residual to inf/NaN: that request fails in one line, and the requests in
+    the same batches, and those after it, still generate exactly what they generate alone (the broken cache rows
+    do not reach other sequences)."""
+    reqs = requests(exact)[:4]
+    expected = [alone(exact, r) for r in reqs]
+    huge = Patch("l_out-1", np.full(exact.n_embd, 1e30, np.float32), -1, "add", all_tokens=True)
+    with pytest.raises(FvpatchError, match="logits are not finite"):
+        exact.run(exact.tokenize(PROMPTS[3]), patches=[huge], max_tokens=2)
+    slots = Slots(exact, 3)
+    try:
+        jobs = [slots.submit(**reqs[0]), slots.submit(exact.tokenize(PROMPTS[3]), [huge], 5), *[slots.submit(**r) for r in reqs[1:]]]
+        with pytest.raises(FvpatchError, match="logits are not finite"):
+            list(jobs[1])
+        assert [list(j) for j in jobs[:1] + jobs[2:]] == expected
+        assert [list(slots.submit(**r)) for r in reqs] == expected
+    finally:
+        slots.close()
+
+
 @pytest.mark.parametrize("n_slots", [0, 10_000])
 def test_slots_must_fit_the_context(exact, n_slots):
     with pytest.raises(FvpatchError, match="parallel slots must be 1 to"):
@@ -178,7 +198,7 @@ def test_a_mixed_load_on_four_slots_answers_as_one_slot_does(tiny_gguf, tmp_path
         ] * 2
 
         def answers(parallel: int, at_once: bool) -> list:
-            srv = make_server(s, "127.0.0.1", 0, quiet=True, parallel=parallel)
+            srv = make_server(s, "127.0.0.1", 0, quiet=True, parallel=parallel, vector_dir=tmp_path)
             threading.Thread(target=srv.serve_forever, daemon=True).start()
             url = f"http://127.0.0.1:{srv.server_address[1]}/v1/completions"
 

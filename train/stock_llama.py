@@ -15,15 +15,20 @@ from fvpatch.errors import FvpatchError
 TOOLS = Path(os.environ.get("FVPATCH_LLAMA_TOOLS", Path(__file__).resolve().parent.parent / ".llama-tools" / "bin"))
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on now (the OS picks it; another process could still take it first)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """`llama-server -m MODEL [--control-vector FILE] EXTRA...` on a free local port, one thread, `parallel` slots."""
 
     def __init__(self, model: Path, control_vector: Path | None = None, extra: list[str] = (), n_ctx: int = 512, parallel: int = 1):
         if not (TOOLS / "llama-server").exists():
             raise FvpatchError(f"no llama-server in {TOOLS}: run `make llama-tools` (or set FVPATCH_LLAMA_TOOLS)")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         args = [TOOLS / "llama-server", "-m", model, "--port", str(port), "-t", "1", "-np", str(parallel), "-c", str(n_ctx), "--no-webui", *extra]
         if control_vector is not None:
             args += ["--control-vector", control_vector]
