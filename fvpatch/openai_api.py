@@ -130,8 +130,9 @@ def _prompts(session: Session, body: dict, chat: bool) -> tuple[list[list[int]],
     if chat:
         messages = body.get("messages")
         if not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
-            raise BadRequest("messages must be a non-empty list of {\"role\": ..., \"content\": \"...\"}")
+                isinstance(m, dict) and isinstance(m.get("role"), str) and _text(m.get("content")) is not None for m in messages)):
+            raise BadRequest("messages must be a non-empty list of {\"role\": ..., \"content\": \"...\"} (content as text, or a list of text parts)")
+        messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
         return [session.tokenize(session.chat_prompt(messages), special=True)], [0]
     prompt = body.get("prompt")
     ids = lambda x: isinstance(x, list) and all(type(t) is int for t in x)  # noqa: E731
@@ -156,6 +157,15 @@ def _prompts(session: Session, body: dict, chat: bool) -> tuple[list[list[int]],
         out.append([session.bos] + tokens if bos else tokens)
         sent_from.append(int(bos))
     return out, sent_from
+
+
+def _text(content) -> str | None:
+    """A message's content as text: a string, or OpenAI's list of parts when all are text parts; else None."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 def parse_vectors(session: Session, specs, graph: dict[str, int | None], folder: Path | None = None) -> list[Patch]:

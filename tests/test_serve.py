@@ -141,6 +141,12 @@ def test_chat_with_a_vector_on_an_instruct_model(smollm_path, tmp_path):
             assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob for t in scored.choices[0].logprobs.content)
             with pytest.raises(openai.BadRequestError, match="top_logprobs needs"):
                 c.chat.completions.create(model="m", messages=msgs, max_tokens=2, top_logprobs=2)
+            streamed = list(c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, stream=True, logprobs=True, top_logprobs=2))
+            assert [t.model_dump() for ch in streamed if ch.choices[0].logprobs for t in ch.choices[0].logprobs.content] == \
+                [t.model_dump() for t in scored.choices[0].logprobs.content]
+            parts = [{"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}]
+            assert c.chat.completions.create(model="m", messages=parts, max_tokens=6, temperature=0).choices[0].message.content == \
+                plain.choices[0].message.content
         finally:
             srv.shutdown()
             srv.server_close()
