@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import check_outputs
+from fvpatch.atomic import check_outputs, together
 from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.models import check_fingerprint, resolve_model
 from fvpatch.session import Patch, Save, Session
@@ -95,9 +95,9 @@ def model_options(f):
 
 
 def generation_options(f):
-    f = click.option("--prompt", "-p", required=True, help="The prompt text.")(f)
+    f = prompt_option(f)
     f = click.option("--max-tokens", "-n", type=click.IntRange(0, INT32_MAX), default=12, show_default=True, help="Tokens to generate.")(f)
-    f = click.option("--temperature", type=FiniteFloat(min=0), default=0.0, show_default=True, help="0 means greedy, which reproduces exactly.")(f)
+    f = click.option("--temperature", type=FiniteFloat(min=0, max=2), default=0.0, show_default=True, help="0 means greedy, which reproduces exactly; at most 2, as the server takes.")(f)
     f = click.option("--seed", type=SEED, default=0, show_default=True, help="Sampling seed when --temperature > 0.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")(f)
     return f
@@ -105,12 +105,12 @@ def generation_options(f):
 
 class FiniteFloat(click.ParamType):
     """A float that is a number: click's float takes 'nan' and 'inf', which would patch garbage and exit 0.
-    `min` bounds it below (`above=True`: strictly, as a learning rate must be)."""
+    `min` bounds it below (`above=True`: strictly, as a learning rate must be), `max` above."""
 
     name = "float"
 
-    def __init__(self, min: float | None = None, above: bool = False):
-        self.min, self.above = min, above
+    def __init__(self, min: float | None = None, above: bool = False, max: float | None = None):
+        self.min, self.above, self.max = min, above, max
 
     def convert(self, value, param, ctx):
         x = click.FLOAT.convert(value, param, ctx)
@@ -118,7 +118,24 @@ class FiniteFloat(click.ParamType):
             self.fail(f"{value!r} is not a finite number", param, ctx)
         if self.min is not None and (x <= self.min if self.above else x < self.min):
             self.fail(f"{value!r} is not {'above' if self.above else 'at least'} {self.min:g}", param, ctx)
+        if self.max is not None and x > self.max:
+            self.fail(f"{value!r} is not at most {self.max:g}", param, ctx)
         return x
+
+
+class PromptText(click.ParamType):
+    """Prompt text, not empty: an empty prompt is at most the BOS token, with nothing of the user's to read or patch."""
+
+    name = "text"
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            self.fail("is empty; give the prompt text", param, ctx)
+        return value
+
+
+PROMPT = PromptText()
+prompt_option = click.option("--prompt", "-p", type=PROMPT, required=True, help="The prompt text.")
 
 
 def open_session(model, n_ctx, n_gpu_layers) -> Session:
@@ -175,15 +192,31 @@ def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_j
         r = s.run(prompt, saves=[Save(t, positions) for t, _ in saves], max_tokens=max_tokens, temperature=temperature, seed=seed)
         fp = s.fingerprint()
         written = []
-        for tensor, path in saves:
-            vf = vectorfile.VectorFile(
-                tensor, r.saved[tensor], r.saved_positions[tensor], fp, "replace", 1.0,
-                {"fvpatch.prompt": prompt, "fvpatch.n_prompt": str(n_prompt)},
-            )
-            vectorfile.save(vf, path, overwrite=force)
-            written.append({"file": path, "tensor": tensor, "positions": r.saved_positions[tensor]})
+        with together():
+            for tensor, path in saves:
+                vf = vectorfile.VectorFile(
+                    tensor, r.saved[tensor], r.saved_positions[tensor], fp, "replace", 1.0,
+                    {"fvpatch.prompt": prompt, "fvpatch.n_prompt": str(n_prompt)},
+                )
+                vectorfile.save(vf, path, overwrite=force)
+                written.append({"file": path, "tensor": tensor, "positions": r.saved_positions[tensor]})
         emit(as_json, {"prompt": prompt, "completion": r.text, "saved": written},
              [f"{prompt}{r.text}"] + [f"saved {w['tensor']} at tokens {w['positions']} -> {w['file']}" for w in written])
+
+
+def load_vector(spec: str, model: dict | None = None) -> vectorfile.VectorFile:
+    """A vector file or shipped name (the one made for `model`, a fingerprint, first), or one relation of a bank (a
+    bank file or folder) as BANK#RELATION."""
+    path, _, relation = spec.partition("#")
+    if not relation or Path(spec).exists():
+        return vectorfile.load(vector_path(spec, model))
+    from fvpatch.bank import load_bank
+
+    bank = load_bank(vector_path(path, model))
+    if relation not in bank.names:
+        raise FvpatchError(f"{path}: the bank has no relation {relation!r} (it has {', '.join(bank.names)})")
+    row = bank.vectors[bank.names.index(relation)]
+    return vectorfile.VectorFile(bank.tensor, row, [-1], bank.model, mode="add", meta={"fvpatch.task": relation})
 
 
 def fits(path, vector_model: dict, model: dict, force: bool):
@@ -199,14 +232,14 @@ def fits(path, vector_model: dict, model: dict, force: bool):
 @main.command()
 @model_options
 @generation_options
-@click.option("--patch", "patches", nargs=2, multiple=True, metavar="TENSOR FILE", help="Patch the vector in FILE into graph tensor TENSOR. Repeatable.")
-@click.option("--vector", "vectors", multiple=True, metavar="NAME|FILE", help="Patch a vector file (or a shipped vector by name) into the tensor it names.")
+@click.option("--patch", "patches", nargs=2, multiple=True, metavar="TENSOR FILE", help="Patch the vector in FILE (or BANK#RELATION) into graph tensor TENSOR. Repeatable.")
+@click.option("--vector", "vectors", multiple=True, metavar="NAME|FILE", help="Patch a vector file, a shipped vector by name, or one relation of a bank as BANK#RELATION into the tensor it names. Repeatable.")
 @click.option("--from-token-idx", type=int, default=None, help="Which saved row of the file to use (default: its only row).")
-@click.option("--to-token-idx", type=int, default=-1, show_default=True, help="Prompt position to patch.")
+@click.option("--to-token-idx", type=int, default=None, help="Prompt position to patch (default: the last). Given, it also patches a file whose fvpatch.apply_at is all at this token only.")
 @click.option("--mode", type=click.Choice(vectorfile.MODES), default=None, help="replace or add (default: the file's mode).")
 @click.option("--scale", type=FiniteFloat(), default=None, help="Multiply the vector (default: the file's scale).")
 @click.option("--every-token", is_flag=True, help="Also patch every generated token, as function vectors are applied.")
-@click.option("--all-tokens", is_flag=True, help="Patch every prompt and generated token, as llama.cpp applies a control vector (the default for a file whose fvpatch.apply_at is all).")
+@click.option("--all-tokens", is_flag=True, help="Patch every prompt and generated token, as llama.cpp applies a control vector (the default for a file whose fvpatch.apply_at is all, unless --to-token-idx is given).")
 @click.option("--compare", is_flag=True, help="Also run without the patch and print both.")
 @click.option("--force", is_flag=True, help="Apply a vector made on another model (same shape; another quantization needs no --force).")
 def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scale, every_token, all_tokens, compare, force):
@@ -215,23 +248,23 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
     \b
     Examples:
       fvpatch patch -p "France ->" --patch l_out-10 capital.safetensors --compare
-      fvpatch patch -p "Q: hot\\nA:" --vector antonym --every-token
+      fvpatch patch -p $'Q: hot\\nA:' --vector antonym.ffv --every-token
+      fvpatch patch -p $'Q: hot\\nA:' --vector gemma-3-270m/analogy.bank#antonym -n 3
       fvpatch patch -p "4 5 6 to 6" --patch l_out-8 rev.safetensors --from-token-idx 13 --to-token-idx 7
     """
     if not patches and not vectors:
         raise click.UsageError("give at least one --patch TENSOR FILE or --vector NAME")
+    if all_tokens and to_token_idx is not None:
+        raise click.UsageError("--all-tokens patches every token and --to-token-idx one: give one of them")
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
-        files = [(t, vector_path(f, fp)) for t, f in patches] + [(None, vector_path(v, fp)) for v in vectors]
         specs = []
-        for tensor, path in files:
-            vf = vectorfile.load(path)
-            fits(path, vf.model, fp, force)
-            everywhere = all_tokens or vf.meta.get("fvpatch.apply_at") == "all"
-            specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), to_token_idx, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
-        with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
-            if not all(np.isfinite(p.vector * np.float32(p.scale)).all() for p in specs):
-                raise FvpatchError("the vector times its scale overflows float32; give a smaller --scale")
+        token = -1 if to_token_idx is None else to_token_idx
+        for tensor, spec in [*patches, *((None, v) for v in vectors)]:
+            vf = load_vector(spec, fp)
+            fits(spec, vf.model, fp, force)
+            everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token_idx is None)  # an asked-for token wins
+            specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), token, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         payload = {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits),
                    "patches": [{"tensor": p.tensor, "token": "all" if p.all_tokens else p.token, "mode": p.mode, "scale": p.scale} for p in specs]}
@@ -245,7 +278,7 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
 
 @main.command()
 @model_options
-@click.option("--prompt", "-p", required=True, help="The prompt text.")
+@prompt_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def tokenize(model, n_ctx, n_gpu_layers, prompt, as_json):
     """Show the prompt's tokens with the absolute indices that --token-idx and --to-token-idx take.
@@ -284,11 +317,13 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
          [f"{n:<24} {'- (not one row per token, or a name several nodes share)' if w is None else w}" for n, w in widths.items()])
 
 
-def file_row(vf: vectorfile.VectorFile, idx: int | None) -> np.ndarray:
-    """The row of a vector file saved at token `idx` (negative: from the end of the prompt it was saved from)."""
+def file_row(vf: vectorfile.VectorFile, idx: int | None, option: str = "--from-token-idx") -> np.ndarray:
+    """The row of a vector file saved at token `idx`, given with `option` (negative: from the end of the prompt it was
+    saved from)."""
+    position = idx
     if idx is not None and idx < 0 and "fvpatch.n_prompt" in vf.meta:
-        idx += int(vf.meta["fvpatch.n_prompt"])
-    return vf.row(idx)
+        position += int(vf.meta["fvpatch.n_prompt"])
+    return vf.row(position, option, idx)
 
 
 def check_layer(layer: int | None, n_layer: int):

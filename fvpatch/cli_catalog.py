@@ -45,7 +45,7 @@ def quantize(model, kind, out, force):
     \b
     Example: the default model in 8 bits, then a shipped vector on it
       fvpatch quantize gemma-3-270m Q8_0 models/gemma-3-270m-q8_0.gguf
-      fvpatch patch -m models/gemma-3-270m-q8_0.gguf -p "Q: walk\nA:" --vector present-past.fv -n 3
+      fvpatch patch -m models/gemma-3-270m-q8_0.gguf -p $'Q: walk\\nA:' --vector present-past.fv -n 3
     """
     from fvpatch.atomic import check_outputs
     from fvpatch.models import quantize as write_quantized
@@ -69,7 +69,7 @@ def vectors_list(as_json):
     \b
     Example:
       fvpatch vectors list
-      fvpatch patch -p "Q: hot\\nA:" --vector antonym.ffv -n 3
+      fvpatch patch -p $'Q: hot\\nA:' --vector antonym.ffv -n 3
     """
     from fvpatch.bank import NAMES_KEY
     from fvpatch.shipped import VECTORS_DIR, shipped_vectors
@@ -105,8 +105,7 @@ def vectors_card(vector, out, force):
     """
     from fvpatch.card import card, write_card
 
-    path = vector_path(vector)
-    text = card([(vectorfile.load(path), path.name, None)])
+    text = card([(vectorfile.load(vector_path(vector)), vector, None)])  # the name as given runs in the card's command, from here
     if out is None:
         click.echo(text)
     else:
@@ -126,6 +125,7 @@ def vectors_pack(folder, sources, force):
       fvpatch vectors pack antonym-pack gemma-3-270m/antonym.ffv gemma-3-270m/present-past.ffv
     """
     from fvpatch import controlvector
+    from fvpatch.atomic import together
     from fvpatch.card import card, write_card
     from fvpatch.errors import FvpatchError
 
@@ -144,9 +144,10 @@ def vectors_pack(folder, sources, force):
             click.echo(f"note: no control vector for {path.name}: {e}", err=True)
         items.append((vf, path.name, path.name.removesuffix(".safetensors") + ".gguf" if path.name in cvs else None))
     text = card(items)
-    for vf, name, gguf_name in items:
-        vectorfile.save(vf, folder / name, overwrite=True)
-        if gguf_name:
-            controlvector.save(cvs[name], folder / gguf_name, overwrite=True)
-    write_card(folder / "README.md", text, overwrite=True)
+    with together():
+        for vf, name, gguf_name in items:
+            vectorfile.save(vf, folder / name, overwrite=True)
+            if gguf_name:
+                controlvector.save(cvs[name], folder / gguf_name, overwrite=True)
+        write_card(folder / "README.md", text, overwrite=True)
     click.echo(f"{folder}: {len(items)} vector(s), {sum(1 for *_, g in items if g)} control vector(s), README.md")

@@ -1,27 +1,14 @@
 """`fvpatch export` and `fvpatch import`: vectors to and from llama.cpp control-vector GGUF files."""
 
+import os
 from pathlib import Path
 
 import click
 
 from fvpatch import controlvector, vectorfile
-from fvpatch.atomic import check_outputs
-from fvpatch.cli import FiniteFloat, emit, main, vector_path
+from fvpatch.atomic import check_outputs, together
+from fvpatch.cli import FiniteFloat, emit, load_vector, main
 from fvpatch.errors import FvpatchError
-
-
-def _source(spec: str) -> tuple[vectorfile.VectorFile, str]:
-    """A vector file or shipped name, or one relation of a bank (a bank file or folder) as BANK#RELATION."""
-    path, _, relation = spec.partition("#")
-    if not relation:
-        return vectorfile.load(vector_path(path)), spec
-    from fvpatch.bank import load_bank
-
-    bank = load_bank(vector_path(path))
-    if relation not in bank.names:
-        raise FvpatchError(f"{path}: the bank has no relation {relation!r} (it has {', '.join(bank.names)})")
-    row = bank.vectors[bank.names.index(relation)]
-    return vectorfile.VectorFile(bank.tensor, row, [-1], bank.model, mode="add", meta={"fvpatch.task": relation}), spec
 
 
 @main.command("export")
@@ -47,8 +34,8 @@ def export_cmd(sources, out, fmt, scales, force):
     if scales and len(scales) != len(sources):
         raise click.UsageError(f"give one --scale per VECTOR ({len(sources)}), or none")
     check_outputs([out], force)
-    loaded = [_source(s) for s in sources]
-    items = [(vf, scales[i] if scales else vf.scale, origin) for i, (vf, origin) in enumerate(loaded)]
+    loaded = [load_vector(s) for s in sources]
+    items = [(vf, scales[i] if scales else vf.scale, sources[i]) for i, vf in enumerate(loaded)]
     cv = controlvector.from_vectors(items)
     for vf, _, origin in items:
         if vf.meta.get("fvpatch.apply_at", "last") != "all":
@@ -72,7 +59,7 @@ def _measured_drop(vf: vectorfile.VectorFile) -> str:
 @click.argument("out", type=click.Path())
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="The model the control vector is for (default: the one an fvpatch export records, else gemma-3-270m).")
 @click.option("--layer", type=click.IntRange(min=1), default=None, help="Import only this block's direction.")
-@click.option("--force", is_flag=True, help="Overwrite existing files.")
+@click.option("--force", is_flag=True, help="Overwrite existing files; stamp a file whose model_hint names another architecture for the default model anyway.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def import_cmd(source, out, model, layer, force, as_json):
     """Import a llama.cpp control vector (GGUF, from fvpatch, repeng or llama-cvector-generator) as vector files.
@@ -80,12 +67,14 @@ def import_cmd(source, out, model, layer, force, as_json):
     Each `direction.N` becomes an add-mode vector for l_out-N, applied at every token (metadata
     `fvpatch.apply_at = all`), as llama.cpp applies it. Where the writer measured it differs: repeng at
     l_out-N, llama-cvector-generator at l_out-(N-1); the file's metadata records which writer it looks
-    like. OUT is a file for one direction, else a folder that gets `l_out-N.safetensors` per direction.
+    like. OUT is a file for one direction, else a folder that gets `l_out-N.safetensors` per direction (OUT
+    ending in / is a folder even for one direction). A foreign file is stamped for --model; one whose
+    model_hint names another architecture than the default model's is refused without --model or --force.
 
     \b
     Example:
       fvpatch import antonym.gguf antonym-all.safetensors
-      fvpatch patch -p "Q: hot\\nA:" --vector antonym-all.safetensors -n 3
+      fvpatch patch -p $'Q: hot\\nA:' --vector antonym-all.safetensors -n 3
     """
     cv = controlvector.load(source)
     files = controlvector.to_vector_files(cv, Path(source).name)
@@ -94,23 +83,28 @@ def import_cmd(source, out, model, layer, force, as_json):
             raise FvpatchError(f"{source} has no direction for block {layer} (it has {', '.join(map(str, files))})")
         files = {layer: files[layer]}
     if not cv.model or model is not None:
-        _stamp(files, cv, model, source)
-    out = Path(out)
-    targets = {n: out if len(files) == 1 else out / f"l_out-{n}.safetensors" for n in files}
+        _stamp(files, cv, model, source, force)
+    folder = len(files) > 1 or out.endswith(("/", os.sep)) or Path(out).is_dir()
+    targets = {n: Path(out) / f"l_out-{n}.safetensors" if folder else Path(out) for n in files}
     check_outputs(targets.values(), force)
-    for n, vf in files.items():
-        vectorfile.save(vf, targets[n], overwrite=force)
+    with together():
+        for n, vf in files.items():
+            vectorfile.save(vf, targets[n], overwrite=force)
     emit(as_json, {"source": source, "writer": cv.writer, "files": {f"l_out-{n}": str(p) for n, p in targets.items()}},
          [f"{source} ({cv.writer}): l_out-{n} -> {p}" for n, p in targets.items()])
 
 
-def _stamp(files: dict[int, vectorfile.VectorFile], cv: controlvector.ControlVector, model: str | None, source: str):
-    """Record the model a foreign control vector is for, refusing one of another width or depth."""
+def _stamp(files: dict[int, vectorfile.VectorFile], cv: controlvector.ControlVector, model: str | None, source: str, force: bool):
+    """Record the model a foreign control vector is for, refusing one of another width or depth, and one that says it
+    is for another architecture unless the user named the model or forced it."""
     from fvpatch.modelfile import ModelFile
     from fvpatch.models import resolve_model
 
     with ModelFile(resolve_model(model), vocab_only=True) as mf:
         fp = mf.fingerprint()
+    if cv.model_hint and cv.model_hint != fp["arch"] and model is None and not force:
+        raise FvpatchError(f"{source} says it is for a {cv.model_hint!r} model, not the default {fp['file']} ({fp['arch']}); "
+                           f"give its model with --model, or pass --force to stamp it for {fp['file']} anyway")
     if cv.n_embd != int(fp["n_embd"]):
         raise FvpatchError(f"{source}: directions of width {cv.n_embd}, but {fp['file']} has width {fp['n_embd']}; give its model with --model")
     if max(cv.directions) >= int(fp["n_layer"]):

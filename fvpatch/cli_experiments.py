@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from fvpatch.atomic import check_outputs, write_json
-from fvpatch.cli import INT32_MAX, SEED, emit, main, model_options, open_session, parse_layers
+from fvpatch.cli import INT32_MAX, PROMPT, SEED, emit, main, model_options, open_session, parse_layers
 from fvpatch.errors import FvpatchError
 from fvpatch.experiments import Reversal, check_layers, prepare_reversal, reversal_answer, run_layers, transfer_sweep, verify
 
@@ -15,8 +15,8 @@ LAYER_HELP = "Layers: N, N,M,..., A-B or all."
 
 @main.command()
 @model_options
-@click.option("--prompt", "-p", "source", required=True, help="The source prompt; its last token's row is saved.")
-@click.option("--target", "-t", required=True, help="The target prompt; its last token's row is replaced.")
+@click.option("--prompt", "-p", "source", type=PROMPT, required=True, help="The source prompt; its last token's row is saved.")
+@click.option("--target", "-t", type=PROMPT, required=True, help="The target prompt; its last token's row is replaced.")
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name, saved and patched at the same layer.")
 @click.option("--layer", "--layers", "layer_spec", default="all", show_default=True, help=LAYER_HELP)
 @click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate (greedy).")

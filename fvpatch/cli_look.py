@@ -5,7 +5,7 @@ import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs
-from fvpatch.cli import emit, file_row, fits, main, model_options, open_session, parse_layers, vector_path
+from fvpatch.cli import emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers, prompt_option, vector_path
 from fvpatch.lens import Lens, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model
@@ -53,7 +53,7 @@ def lens_lines(lens: Lens, s: Session) -> list[str]:
 
 @main.command()
 @model_options
-@click.option("--prompt", "-p", required=True, help="The prompt text.")
+@prompt_option
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name of residual width (l_out, ffn_out, attn_out or attn_post_norm, ...).")
 @click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,..., A-B or all.")
 @click.option("--token-idx", type=int, multiple=True, help="Prompt positions to read (default: all). Repeatable.")
@@ -84,7 +84,7 @@ def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top,
 
 @main.command()
 @model_options
-@click.argument("vector", metavar="NAME|FILE")
+@click.argument("vector", metavar="NAME|FILE|BANK#RELATION")
 @click.option("--top", type=click.IntRange(1), default=20, show_default=True, help="Tokens to show.")
 @click.option("--token-idx", type=int, default=None, help="Which saved row of the file (default: its only row).")
 @click.option("--against", default=None, metavar="NAME|FILE", help="Show the tokens VECTOR promotes more than this vector does.")
@@ -102,10 +102,10 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
     with ModelFile(resolve_model(model), vocab_only=True) as mf:
         fp = mf.fingerprint()
         rows = []
-        for path, idx in [(vector, token_idx)] + ([(against, against_token_idx)] if against else []):
-            vf = vectorfile.load(vector_path(path, fp))
+        for path, idx, option in [(vector, token_idx, "--token-idx")] + ([(against, against_token_idx, "--against-token-idx")] if against else []):
+            vf = load_vector(path, fp)
             fits(path, vf.model, fp, force)
-            rows.append(file_row(vf, idx))
+            rows.append(file_row(vf, idx, option))
         ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
         toks = [{"token": mf.piece_text(t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
         what = "logit difference" if against else "logit"

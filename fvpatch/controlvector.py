@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import check_outputs, write_gguf
+from fvpatch.atomic import check_outputs, input_file, write_gguf
 from fvpatch.bank import NAMES_KEY
 from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of
@@ -87,7 +87,11 @@ def from_vectors(items: list[tuple[vectorfile.VectorFile, float, str]]) -> Contr
         if vf.width != first.width or vf.model.get("arch") != first.model.get("arch"):
             raise FvpatchError(f"{origin}: made on a {vf.model.get('arch')} model of width {vf.width}, "
                                f"unlike the first vector ({first.model.get('arch')}, width {first.width})")
-        directions[layer] = directions.get(layer, 0) + vf.rows[0] * np.float32(scale)
+        with np.errstate(over="ignore"):  # a finite vector times a finite scale can overflow float32: refused below in one line
+            summed = directions.get(layer, 0) + vf.rows[0] * np.float32(scale)
+        if not np.isfinite(summed).all():
+            raise FvpatchError(f"{origin}: the vector times its scale ({scale:g}) overflows float32; give a smaller --scale")
+        directions[layer] = summed
         sources.append({"vector": origin, "tensor": vf.tensor, "scale": repr(float(scale)), "task": vf.meta.get("fvpatch.task", ""),
                         "method": vf.meta.get("fvpatch.method", ""), "positions": vf.meta.get("fvpatch.apply_at", "last")})
     return ControlVector({n: np.asarray(v, np.float32) for n, v in sorted(directions.items())},
@@ -125,9 +129,7 @@ def load(path: str | Path) -> ControlVector:
     """Read a control-vector GGUF written by fvpatch, repeng or llama.cpp's cvector-generator."""
     import gguf
 
-    path = Path(path)
-    if not path.is_file():
-        raise FvpatchError(f"{path}: no such control-vector file")
+    path = input_file(path, "control-vector file")
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as e:  # gguf-py's own errors for a file that is not GGUF
@@ -141,7 +143,7 @@ def load(path: str | Path) -> ControlVector:
         if prefix != "direction" or not dot or not n.isdigit():
             raise FvpatchError(f"{path}: unexpected tensor {t.name!r} (a control vector holds only direction.N)")
         if t.tensor_type != gguf.GGMLQuantizationType.F32 or len(t.shape) != 1:
-            raise FvpatchError(f"{path}: {t.name} must be a 1-D F32 tensor, got {t.tensor_type.name} of shape {list(t.shape)}")
+            raise FvpatchError(f"{path}: {t.name} must be a 1-D F32 tensor, got {t.tensor_type.name} of shape {[int(d) for d in t.shape]}")
         directions[int(n)] = np.array(t.data, dtype=np.float32).reshape(-1)
     try:
         cv = ControlVector(directions, _string(reader, f"{ARCH}.model_hint") or "", writer=_writer(reader))

@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fvpatch.atomic import check_outputs
+from fvpatch.atomic import check_outputs, input_file, replacing
 from fvpatch.errors import FvpatchError, NotFound
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,7 @@ def resolve_model(spec: str | Path | None) -> Path:
     if p.is_file():
         return p
     if p.suffix == ".gguf" or os.sep in str(spec):
-        raise NotFound(f"model file {p} does not exist")
+        return input_file(p, "model file")  # refuses, saying what is there instead
     return known_model_path(str(spec), _stderr)
 
 
@@ -173,18 +173,22 @@ FIT_KEYS = (*SHAPE_KEYS, "vocab", "name")
 
 
 def check_fingerprint(vector_model: dict[str, str], model: dict[str, str], force: bool = False) -> str | None:
-    """Refuse a vector made on another model; return a one-line note when it was made on another quantization."""
-    if any(vector_model.get(k) != model[k] for k in SHAPE_KEYS):
+    """Refuse a vector made on another model; return a one-line note when it was made on another quantization. A
+    fingerprint key the file does not record is no evidence of another model: it needs `force`, like another
+    vocabulary (a row of the wrong width is still refused when the patch is applied)."""
+    if any(vector_model.get(k) and vector_model[k] != model[k] for k in SHAPE_KEYS):
         raise FvpatchError(
             f"vector was made on a {vector_model.get('arch')} model with n_layer={vector_model.get('n_layer')}, "
             f"n_embd={vector_model.get('n_embd')}; this model is {model['arch']} with n_layer={model['n_layer']}, n_embd={model['n_embd']}"
         )
     missing = [k for k in FIT_KEYS if not vector_model.get(k)]
-    if missing and not force:
-        raise FvpatchError(f"vector file records no model {', '.join(missing)} (written by an older fvpatch?); pass --force to apply it anyway")
-    if not missing and vector_model["vocab"] != model["vocab"] and not force:
+    if missing:
+        if not force:
+            raise FvpatchError(f"vector file records no model {', '.join(missing)} (written by an older fvpatch, or edited?); pass --force to apply it anyway")
+        return None
+    if vector_model["vocab"] != model["vocab"] and not force:
         raise FvpatchError(f"vector was made on a model with another vocabulary ({vector_model.get('name')!r}); pass --force to apply it anyway")
-    if not missing and vector_model["name"] != model["name"] and not force:
+    if vector_model["name"] != model["name"] and not force:
         raise FvpatchError(f"vector was made on {vector_model['name']!r}, not on {model['name']!r}; pass --force to apply it anyway")
     if (vector_model.get("quant"), vector_model.get("file")) != (model.get("quant"), model.get("file")):
         return (f"note: vector made on {vector_model.get('file')} ({vector_model.get('quant')}), "
@@ -208,12 +212,7 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
     params.ftype = ftype
     params.allow_requantize = True
     params.nthread = threads
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
+    with replacing(out) as tmp:
         if ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
             raise FvpatchError(f"llama.cpp could not quantize {source} to {kind}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out

@@ -359,8 +359,8 @@ def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator, top
     the likeliest tokens whose probabilities first reach `top_p` in all."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    z = (logits - logits.max()) / temperature
-    p = np.exp(z)
+    with np.errstate(over="ignore", under="ignore"):  # float64: a tiny temperature must not turn to a float32 zero
+        p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
     p /= p.sum()
     if top_p >= 1:
         return int(rng.choice(len(p), p=p))

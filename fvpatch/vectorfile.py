@@ -22,7 +22,7 @@ import numpy as np
 from safetensors.numpy import save as _st_save
 
 from fvpatch import __version__
-from fvpatch.atomic import check_outputs, write_bytes
+from fvpatch.atomic import check_outputs, input_file, write_bytes
 from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of
 
@@ -84,15 +84,17 @@ class VectorFile:
     def layer(self) -> int | None:
         return layer_of(self.tensor)
 
-    def row(self, position: int | None) -> np.ndarray:
-        """The row saved at `position` (None: the only row)."""
-        if position is None:
-            if len(self.rows) != 1:
-                raise VectorFileError(f"the file holds rows for tokens {self.positions}; choose one with --from-token-idx")
-            return self.rows[0]
-        if position not in self.positions:
-            raise VectorFileError(f"the file holds no row for token {position}; it has tokens {self.positions}")
-        return self.rows[self.positions.index(position)]
+    def row(self, position: int | None, option: str = "--from-token-idx", asked: int | None = None) -> np.ndarray:
+        """The row saved at `position` (None: the only row). A refusal names the index as it was `asked` for with
+        `option`, before a negative one was resolved against the prompt."""
+        picked = [i for i, p in enumerate(self.positions) if position in (None, p)]
+        if len(picked) == 1:
+            return self.rows[picked[0]]
+        if not picked:
+            raise VectorFileError(f"the file holds no row for {option} {position if asked is None else asked}; it has tokens {self.positions}")
+        if len({self.positions[i] for i in picked}) == 1:  # a bank: one row per relation, all at the last token
+            raise VectorFileError(f"the file holds {len(picked)} rows for token {self.positions[picked[0]]}; pick one relation with FILE#RELATION")
+        raise VectorFileError(f"the file holds rows for tokens {self.positions}; choose one with {option}")
 
     def metadata(self) -> dict[str, str]:
         out = {
@@ -116,9 +118,7 @@ def save(vf: VectorFile, path: str | Path, overwrite: bool = False) -> Path:
 
 
 def load(path: str | Path) -> VectorFile:
-    path = Path(path)
-    if not path.is_file():
-        raise VectorFileError(f"{path}: no such vector file")
+    path = input_file(path, "vector file")
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size

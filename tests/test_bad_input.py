@@ -5,6 +5,7 @@ before any weights load. The ones that used to abort the whole process (llama.cp
 std::bad_alloc on OMP_NUM_THREADS=100000) run as subprocesses, where an abort shows as a signal.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -27,12 +28,15 @@ BANK = ["antonym", "capitalize", "present-past"]
 
 @pytest.fixture(scope="module")
 def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
-    """Input files the cases name: a vector made on the tiny model and two of the wrong width, banks with a broken
+    """Input files the cases name: a vector made on the tiny model, one of two rows, one that records no model and two
+    of the wrong width, banks with a broken
     map or names, a pairs file and an analogy file that are not what they should be."""
     d = tmp_path_factory.mktemp("inputs")
     fp = tiny_session.fingerprint()
     row = tiny_session.run(PROMPT, saves=[Save("l_out-1", (-1,))]).saved["l_out-1"]
     vectorfile.save(vectorfile.VectorFile("l_out-1", row, [-1], fp, "add"), d / "v.safetensors")
+    vectorfile.save(vectorfile.VectorFile("l_out-1", np.ones((2, N_EMBD)), [0, 1], fp, "add", meta={"fvpatch.n_prompt": "7"}), d / "rows.safetensors")
+    vectorfile.save(vectorfile.VectorFile("l_out-1", row, [-1], {}, "add"), d / "nofp.safetensors")
     for mode in vectorfile.MODES:
         vectorfile.save(vectorfile.VectorFile("l_out-1", np.ones(N_EMBD + 1), [-1], fp, mode), d / f"wide-{mode}.safetensors")
     meta = CFVMap(np.eye(len(BANK)), np.zeros(len(BANK)), 1.0).to_meta()
@@ -48,7 +52,8 @@ def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
 
 
 # (arguments, what the one line must say); {m} is the tiny model, {o} the folder the command writes in, which holds
-# `exists.safetensors`, a regular file `plain` and a folder `folder`; other names are the files of `inputs`
+# `exists.safetensors`, a regular file `plain`, a folder `folder` and a named pipe `fifo`; other names are the files of
+# `inputs`
 MODEL = ["-m", "{m}"]
 GEN = ["generate", *MODEL, "-p", PROMPT]
 SAVE = ["save", *MODEL, "-p", PROMPT, "--save"]
@@ -66,6 +71,15 @@ CASES = {
     "more tokens than the context": ([*GEN, "-n", "100000"], "exceeds the context"),
     "temperature nan": ([*GEN, "--temperature", "nan"], "not a finite number"),
     "temperature -1": ([*GEN, "--temperature", "-1"], "not at least 0"),
+    "temperature 1e308": ([*GEN, "--temperature", "1e308"], "not at most 2"),
+    "generate an empty prompt": (["generate", *MODEL, "-p", ""], "'--prompt' / '-p': is empty"),
+    "save an empty prompt": (["save", *MODEL, "-p", "", "--save", "l_out-1", "{o}/new"], "is empty"),
+    "patch an empty prompt": (["patch", *MODEL, "-p", "", "--vector", "{v}"], "is empty"),
+    "lens an empty prompt": (["lens", *MODEL, "-p", ""], "is empty"),
+    "tokenize an empty prompt": (["tokenize", *MODEL, "-p", ""], "is empty"),
+    "sweep an empty source": (["sweep", *MODEL, "-p", "", "--target", "d e"], "is empty"),
+    "sweep an empty target": (["sweep", *MODEL, "-p", "a b c", "--target", ""], "'--target' / '-t': is empty"),
+    "model is a folder": (["generate", "-m", "{o}/folder", "-p", "x"], "folder is a directory, not a model file"),
     "seed -1": ([*GEN, "--seed", "-1"], "--seed"),
     "threads 0": ([*GEN, "--threads", "0"], "--threads"),
     "threads 100000": ([*GEN, "--threads", "100000"], "--threads"),
@@ -75,6 +89,9 @@ CASES = {
     "save over a file": ([*SAVE, "l_out-1", "{o}/exists.safetensors"], "exists; pass --force"),
     "save to a folder": ([*SAVE, "l_out-1", "{o}/folder", "--force"], "is a directory"),
     "save under a file": ([*SAVE, "l_out-1", "{o}/plain/v.safetensors"], "plain is a file, not a folder"),
+    "save over a FIFO": ([*SAVE, "l_out-1", "{o}/fifo", "--force"], "fifo is a named pipe (FIFO); give a file name to write"),
+    "save a name too long": ([*SAVE, "l_out-1", "{o}/" + "v" * 300], "is 300 bytes, longer than the 255"),
+    "save a folder name too long": ([*SAVE, "l_out-1", "{o}/" + "d" * 256 + "/v"], "is 256 bytes, longer than the 255"),
     "save one file twice": ([*SAVE, "l_out-1", "{o}/a", "--save", "l_out-2", "{o}/a"], "more than one output"),
     "second output exists": ([*SAVE, "l_out-1", "{o}/new", "--save", "l_out-2", "{o}/exists.safetensors"], "exists"),
     "save a layer beyond": ([*SAVE, f"l_out-{N_LAYER}", "{o}/new"], f"beyond this model's {N_LAYER} layers"),
@@ -84,7 +101,15 @@ CASES = {
     "replace with the wrong width": ([*PATCH, "--vector", "{wide_replace}"], "width 65 does not fit tensor 'l_out-1' of width 64"),
     "scale nan": ([*PATCH, "--vector", "{v}", "--scale", "nan"], "not a finite number"),
     "scale overflows": ([*PATCH, "--vector", "{v}", "--scale", "1e38"], "overflows float32"),
-    "no such row": ([*PATCH, "--vector", "{v}", "--from-token-idx", "5"], "no row for token 5"),
+    "no such row": ([*PATCH, "--vector", "{v}", "--from-token-idx", "5"], "no row for --from-token-idx 5"),
+    "no such row from the end": ([*PATCH, "--vector", "{rows}", "--from-token-idx", "-9"], "no row for --from-token-idx -9; it has tokens [0, 1]"),
+    "several rows, none chosen": ([*PATCH, "--vector", "{rows}"], "choose one with --from-token-idx"),
+    "bank rows at one position": ([*PATCH, "--vector", "{bank}", "--from-token-idx", "-1"], "holds 3 rows for token -1; pick one relation with FILE#RELATION"),
+    "bank with no such relation": ([*PATCH, "--vector", "{bank}#nope"], "the bank has no relation 'nope'"),
+    "--all-tokens and --to-token-idx": ([*PATCH, "--vector", "{v}", "--all-tokens", "--to-token-idx", "1"], "give one of them"),
+    "no fingerprint without --force": ([*PATCH, "--vector", "{nofp}"], "records no model arch, n_layer, n_embd, vocab, name"),
+    "vector is a FIFO": ([*PATCH, "--vector", "{o}/fifo"], "fifo is a named pipe (FIFO), not a vector file"),
+    "vector is a folder": ([*PATCH, "--vector", "{o}/folder"], "folder is a directory, not a vector file"),
     "missing vector": ([*PATCH, "--vector", "{o}/missing.safetensors"], "neither a file nor a shipped vector"),
     "nothing to patch": (PATCH, "give at least one"),
     "inspect a folder": (["inspect", "{o}/folder"], "is a directory"),
@@ -97,6 +122,8 @@ CASES = {
     "lens --png over a file": ([*LENS, "--png", "{o}/exists.safetensors"], "exists; pass --force"),
     "lens --png under a file": ([*LENS, "--png", "{o}/plain/lens.png"], "not a folder"),
     "decode --top 0": (["decode", *MODEL, "{v}", "--top", "0"], "--top"),
+    "decode several rows, none chosen": (["decode", *MODEL, "{rows}"], "choose one with --token-idx"),
+    "decode --against no such row": (["decode", *MODEL, "{v}", "--against", "{rows}", "--against-token-idx", "5"], "no row for --against-token-idx 5"),
     "sweep -n 0": (["sweep", *MODEL, "-p", "a b c", "--target", "d e", "-n", "0"], "--max-tokens"),
     "sweep a layer beyond": (["sweep", *MODEL, "-p", "a b c", "--target", "d e", "--layer", "0,7"], "layer 7 is beyond"),
     "reversal --n 0": (["reversal", *MODEL, "--n", "0"], "--n"),
@@ -158,6 +185,7 @@ def test_refused_in_one_line(case, tiny_gguf, inputs, tmp_path, monkeypatch):
     (out / "folder").mkdir(parents=True)
     (out / "plain").write_text("a regular file\n")
     (out / "exists.safetensors").write_bytes(b"an earlier result")
+    os.mkfifo(out / "fifo")
     before = snapshot(tmp_path)
     args, says = CASES[case]
     r = CliRunner().invoke(main, [a.format(m=tiny_gguf, o=out, **inputs) for a in args])
@@ -206,3 +234,39 @@ def test_omp_garbage(value, tiny_gguf):
 def test_threads_flag_wins_over_the_environment(tiny_gguf):
     r = fvpatch("generate", "-m", str(tiny_gguf), "-p", PROMPT, "-n", "1", "--threads", "2", env={"FVPATCH_THREADS": "abc"})
     assert r.returncode == 0, r.stderr
+
+
+def test_an_overflowing_export_scale_is_one_line_without_numpy_warnings(inputs, tmp_path):
+    """In a process of its own, where numpy prints its RuntimeWarning (pytest would catch it in-process)."""
+    r = fvpatch("export", inputs["v"], str(tmp_path / "x.gguf"), "--scale", "1e38")
+    assert r.returncode == 1 and not r.stdout and not list(tmp_path.iterdir())
+    assert r.stderr.strip().splitlines() == [f"Error: {inputs['v']}: the vector times its scale (1e+38) overflows float32; give a smaller --scale"]
+
+
+# ---- what a refusal points to works -----------------------------------------------------------------------------
+
+
+def patched(model, *args: str) -> dict:
+    r = CliRunner().invoke(main, [*(a.format(m=model) for a in PATCH), "-n", "1", "--json", *args])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def test_force_applies_a_file_that_records_no_model(tiny_gguf, inputs):
+    assert patched(tiny_gguf, "--vector", inputs["nofp"], "--force")["patches"][0]["tensor"] == "l_out-1"
+
+
+def test_a_bank_relation_is_patched_by_name(tiny_gguf, inputs):
+    assert patched(tiny_gguf, "--vector", inputs["bank"] + "#capitalize")["patches"] == [
+        {"tensor": "l_out-1", "token": -1, "mode": "add", "scale": 1.0}]
+    assert patched(tiny_gguf, "--patch", "l_out-2", inputs["bank"] + "#antonym")["patches"][0]["tensor"] == "l_out-2"
+
+
+def test_an_every_token_file_is_patched_at_the_token_asked_for(tiny_gguf, tiny_session, tmp_path):
+    """An imported control vector (fvpatch.apply_at = all) patches every token, or one with --to-token-idx."""
+    path = tmp_path / "all.safetensors"
+    vectorfile.save(vectorfile.VectorFile("l_out-1", np.ones(N_EMBD), [-1], tiny_session.fingerprint(), "add", meta={"fvpatch.apply_at": "all"}), path)
+    assert patched(tiny_gguf, "--vector", str(path))["patches"][0]["token"] == "all"
+    assert patched(tiny_gguf, "--vector", str(path), "--to-token-idx", "2")["patches"][0]["token"] == 2
+    r = CliRunner().invoke(main, [*(a.format(m=tiny_gguf) for a in PATCH), "--vector", str(path), "--to-token-idx", "99"])
+    assert refused_in_one_line(r) is None and "outside the prompt" in r.stderr

@@ -45,3 +45,12 @@ def test_the_cards_fvpatch_command_runs_as_printed(tmp_path, gemma_path):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["completion"] != result["unpatched"]
+
+
+def test_a_card_of_a_shipped_vector_names_it_as_given(tmp_path):
+    """Outside a pack there is no file beside the card: its command names the vector as the user did, which resolves anywhere."""
+    r = CliRunner().invoke(main, ["vectors", "card", "gemma-3-270m/antonym.ffv", "-o", str(tmp_path / "antonym.md")])
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "antonym.md").read_text()
+    assert "--vector gemma-3-270m/antonym.ffv --compare" in card and 'patched(model, "gemma-3-270m/antonym.ffv")' in card
+    assert vector_path("gemma-3-270m/antonym.ffv").is_file()

@@ -7,6 +7,7 @@ import pytest
 from fvpatch import controlvector, vectorfile
 from fvpatch.errors import FvpatchError
 from fvpatch.session import Patch
+from tests.tiny_model import N_EMBD
 
 PROMPT = "The quick brown fox jumps over"
 
@@ -64,13 +65,13 @@ def test_round_trip_keeps_file_contents(tiny_session, tmp_path):
         assert a.fields[key].parts[-1].tobytes() == b.fields[key].parts[-1].tobytes()
 
 
-def _foreign(path, directions, layer_count_type, hint="llama"):
+def _foreign(path, directions, layer_count_type, hint="llama", dtype=np.float32):
     """A control vector laid out as another writer lays it out, written with the gguf package."""
     w = gguf.GGUFWriter(str(path), "controlvector")
     w.add_string("controlvector.model_hint", hint)
     (w.add_uint32 if layer_count_type == "uint32" else w.add_int32)("controlvector.layer_count", len(directions))
     for n, v in directions.items():
-        w.add_tensor(f"direction.{n}", v.astype(np.float32))
+        w.add_tensor(f"direction.{n}", v.astype(dtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -109,6 +110,37 @@ def test_bad_control_vector_files(tmp_path):
         controlvector.load(_foreign(tmp_path / "zero.gguf", {0: np.ones(8)}, "int32"))
     with pytest.raises(FvpatchError, match="NaN"):
         controlvector.load(_foreign(tmp_path / "nan.gguf", {1: np.full(8, np.nan)}, "int32"))
+    with pytest.raises(FvpatchError, match=r"must be a 1-D F32 tensor, got F16 of shape \[8\]$"):
+        controlvector.load(_foreign(tmp_path / "f16.gguf", {1: np.ones(8)}, "int32", dtype=np.float16))
+
+
+def _import(*args):
+    from click.testing import CliRunner
+
+    from fvpatch.cli import main
+
+    return CliRunner().invoke(main, ["import", *map(str, args)])
+
+
+def test_import_of_another_architecture_needs_its_model(tmp_path, gemma_path):
+    """A file that says it is for a llama model is not stamped for the default Gemma unless the user says so."""
+    source = _foreign(tmp_path / "llama.gguf", {3: np.ones(640)}, "uint32", hint="llama")
+    r = _import(source, tmp_path / "v.safetensors")
+    assert r.exit_code == 1 and r.stderr.strip().splitlines() == [
+        f"Error: {source} says it is for a 'llama' model, not the default {gemma_path.name} (gemma3); "
+        f"give its model with --model, or pass --force to stamp it for {gemma_path.name} anyway"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama.gguf"]
+    for out, extra in (("forced", ["--force"]), ("named", ["--model", gemma_path])):
+        r = _import(source, tmp_path / f"{out}.safetensors", *extra)
+        assert r.exit_code == 0 and "says it is for a 'llama' model; stamped for" in r.stderr, r.output
+
+
+def test_import_to_a_folder_of_one_direction(tmp_path, tiny_gguf):
+    """OUT ending in / is a folder even when one direction is imported."""
+    source = _foreign(tmp_path / "f.gguf", {1: np.ones(N_EMBD), 2: np.ones(N_EMBD)}, "int32")
+    r = _import(source, f"{tmp_path / 'new'}/", "--layer", "2", "--model", tiny_gguf)
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in (tmp_path / "new").iterdir()] == ["l_out-2.safetensors"]
 
 
 def test_exportable_says_what_export_takes(tiny_session):

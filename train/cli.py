@@ -54,7 +54,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
     Examples:
       fvpatch train ffv --task antonym --out antonym.ffv.safetensors
       fvpatch train ffv --pairs examples/animal-young.json --out young.ffv.safetensors
-      fvpatch patch -p "Q: cat\\nA:" --vector young.ffv.safetensors -n 4
+      fvpatch patch -p $'Q: cat\\nA:' --vector young.ffv.safetensors -n 4
     """
     from fvpatch import vectorfile
     from fvpatch.prompts import template
@@ -159,7 +159,7 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
     Examples:
       fvpatch train fv --task antonym --out vectors/antonym.fv.safetensors
       fvpatch train fv --task country-capital --method taskvec --layer 9
-      fvpatch patch -p "Q: Peru\\nA:" --vector country-capital.fv.safetensors -n 4
+      fvpatch patch -p $'Q: Peru\\nA:' --vector country-capital.fv.safetensors -n 4
     """
     import json
     from pathlib import Path
