@@ -27,8 +27,10 @@ def serve(model, n_ctx, n_gpu_layers, host, port, parallel, vectors, scales, vec
     positions: "last" (the last prompt token and every generated one, as function vectors are applied),
     "all" (every token, as a llama.cpp control vector), or a list of prompt token indices. One model is
     loaded; requests take turns on it, or up to --parallel of them are decoded together, each with only
-    its own vectors. Log-probabilities (logprobs, echo) and vLLM's /tokenize, /detokenize and
-    /tokenizer_info let lm-evaluation-harness score a vector through it (examples/lm_eval).
+    its own vectors. Log-probabilities (logprobs, echo, streamed too) and vLLM's /tokenize, /detokenize and
+    /tokenizer_info let lm-evaluation-harness score a vector through it (examples/lm_eval). A request
+    names shipped vectors or files inside --vector-dir; OpenAI fields it does not implement (penalties,
+    logit_bias, best_of, suffix, tools) are a 400, never silently ignored.
 
     \b
     Example:
