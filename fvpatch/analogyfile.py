@@ -42,25 +42,29 @@ class Analogy:
 
 
 def parse_analogy(text: str) -> tuple[str, str, str]:
-    """`hot:cold::tall:?` (the trailing `?` optional) -> ("hot", "cold", "tall")."""
+    """`hot:cold::tall:?` (the trailing `?` optional) -> ("hot", "cold", "tall"). A given D would be ignored, so it
+    is refused rather than dropped."""
     halves = text.split("::")
-    if len(halves) != 2 or halves[0].count(":") != 1 or halves[1].count(":") > 1:
-        raise FvpatchError(f"expected an analogy like 'hot:cold::tall:?', got {text!r}")
-    a, b = (s.strip() for s in halves[0].split(":"))
-    c = halves[1].split(":")[0].strip()
-    if not (a and b and c):
-        raise FvpatchError(f"A, B and C of {text!r} must all be non-empty")
+    parts = [s.strip() for half in halves for s in half.split(":")]
+    if len(halves) != 2 or halves[0].count(":") != 1 or len(parts) not in (3, 4) or parts[3:] not in ([], ["?"]):
+        raise FvpatchError(f"expected an analogy A:B::C:? (or A:B::C) like 'hot:cold::tall:?', got {text!r}")
+    a, b, c = parts[:3]
+    if not all(w and w != "?" for w in (a, b, c)):
+        raise FvpatchError(f"A, B and C of {text!r} must all be given (non-empty, not '?')")
     return a, b, c
 
 
 def _analogy(row, where: str) -> Analogy:
     stem, choices, answer = (row.get(k) for k in ("stem", "choice", "answer")) if type(row) is dict else (None, None, None)
     pair = lambda v: type(v) is list and len(v) == 2 and all(type(w) is str and w.strip() for w in v)
-    if not (pair(stem) and type(choices) is list and choices and all(map(pair, choices)) and type(answer) is int and 0 <= answer < len(choices)):
+    relation = row.get("relation", "") if type(row) is dict else None
+    # one choice is always "chosen": it would score 100% multiple choice whatever the model does
+    if not (pair(stem) and type(choices) is list and len(choices) >= 2 and all(map(pair, choices)) and type(answer) is int
+            and 0 <= answer < len(choices) and type(relation) is str):
         raise FvpatchError(f'{where}: expected {{"stem": [A, B], "choice": [[C, D], ...], "answer": index}} (non-empty strings, '
-                           f'answer an index into the choices), got {row!r:.120}')
-    (a, b), relation = stem, row.get("relation", "")
-    return Analogy(a.strip(), b.strip(), [(c.strip(), d.strip()) for c, d in choices], answer, relation if type(relation) is str else "")
+                           f'at least 2 choices, answer an index into the choices, an optional "relation" a string), got {row!r:.120}')
+    a, b = stem
+    return Analogy(a.strip(), b.strip(), [(c.strip(), d.strip()) for c, d in choices], answer, relation.strip())
 
 
 def read_analogies(path: str | Path) -> list[Analogy]:
@@ -102,6 +106,8 @@ def generate(relations: list[str], split: str, n: int, seed: int = 0, exclude: d
     D of the same relation, C itself (copying), and a D of another relation: 4 choices."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
+    if len(set(relations)) < 2:
+        raise FvpatchError(f"analogies need at least 2 relations (a distractor is a D of another relation); got {', '.join(relations) or 'none'}")
     exclude = exclude or {}
     pools = {}
     for r in relations:
@@ -113,8 +119,11 @@ def generate(relations: list[str], split: str, n: int, seed: int = 0, exclude: d
             raise FvpatchError(f"task {r!r} has {len(pools[r])} usable {split} pairs; an analogy with distractors needs at least 3")
     rng = random.Random(f"analogies:{split}:{seed}")
     order = list(relations)
-    out = []
+    out, tries = [], 0
     while len(out) < n:
+        tries += 1
+        if tries > 100 * n + 1000:  # draws that keep failing: pairs that repeat their outputs, never 3 distinct distractors
+            raise FvpatchError(f"could not draw {n} analogies with 3 distinct distractors from {', '.join(relations)}: their outputs repeat too much")
         if len(out) % len(order) == 0:
             rng.shuffle(order)
         r = order[len(out) % len(order)]

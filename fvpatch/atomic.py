@@ -62,9 +62,27 @@ def check_outputs(paths, force: bool = False, exist_ok: bool = False) -> list[Pa
         folder = next((p for p in (target.parent, *target.parent.parents) if p.exists()), target.parent)
         if not folder.is_dir():
             raise FvpatchError(f"{path}: {folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise FvpatchError(f"{path}: cannot write in {folder} (permission denied)")
+        cannot = _cannot_create_in(folder)
+        if cannot:
+            raise FvpatchError(f"{path}: cannot write in {folder} ({cannot})")
     return out
+
+
+def _cannot_create_in(folder: Path) -> str | None:
+    """Why no file can be created in `folder`, or None when one can. Tried, not asked of os.access, which says yes to
+    root in /proc or on a read-only filesystem, where the write would fail only after the work."""
+    probe = _temporary_name(folder)
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as e:
+        return (e.strerror or str(e)).lower()
+    _discard(probe)
+    return None
+
+
+def _temporary_name(folder: Path) -> Path:
+    """A short unique name in `folder` for a file being written, whatever the length of the name it will get."""
+    return folder / f".fvpatch-{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
 def _check_name_lengths(path: Path):
@@ -114,7 +132,7 @@ def replacing(path: str | Path):
     naming `path`. The temporary name is short whatever `path`'s is, so any name the filesystem takes can be written."""
     path = Path(path)
     target = _target(path)
-    tmp = target.with_name(f".fvpatch-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = _temporary_name(target.parent)
     batch = _batch.get()
     handed_over = False
     try:

@@ -72,12 +72,17 @@ def _from_dir(folder: Path) -> Bank:
 def _from_file(path: Path) -> Bank:
     vf = vectorfile.load(path)
     if NAMES_KEY not in vf.meta:
-        raise FvpatchError(f"{path}: not a bank file (no {NAMES_KEY} metadata); give a folder of .ffv.safetensors or a file from save_bank")
-    names = _json_meta(path, vf.meta, NAMES_KEY, lambda v: type(v) is list and all(type(x) is str for x in v), "a JSON list of relation names")
+        raise FvpatchError(f"{path}: not a bank file (no {NAMES_KEY} metadata; `fvpatch train cfv` writes bank files)")
+    names = relation_names(vf, path)
     pairs = _json_meta(path, vf.meta, PAIRS_KEY, lambda v: type(v) is dict and all(map(_is_pairs, v.values())), "a JSON object of relation -> pairs")
     trained_on = {k: [tuple(p) for p in v] for k, v in (pairs or {}).items()}
     meta = {k: v for k, v in vf.meta.items() if k not in (NAMES_KEY, PAIRS_KEY)}
     return Bank(names, vf.rows * np.float32(vf.scale), vf.tensor, vf.model, trained_on, meta, str(path))
+
+
+def relation_names(vf: vectorfile.VectorFile, path: str | Path) -> list[str] | None:
+    """The relations of a bank file's rows, in order; None for a vector file that is not a bank."""
+    return _json_meta(Path(path), vf.meta, NAMES_KEY, lambda v: type(v) is list and all(type(x) is str for x in v), "a JSON list of relation names")
 
 
 def _is_pairs(value) -> bool:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs, write_text
+from fvpatch.bank import relation_names
+from fvpatch.cfvmap import MAP_KEYS
 from fvpatch.models import KNOWN
 from fvpatch.prompts import template
 
@@ -33,9 +35,19 @@ def _pct(meta: dict, key: str) -> str | None:
     return f"{float(meta[key]):.0%}" if key in meta else None
 
 
-def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | None = None) -> str:
-    """One vector's card body; `control_vector` names its exported GGUF where one was written beside it."""
+def command_vector(vf: vectorfile.VectorFile, file_name: str) -> str:
+    """How a card's commands name the vector: the file, or a bank's first relation as BANK#RELATION, since a bank's
+    rows are patched one at a time."""
+    relations = relation_names(vf, file_name)
+    return f"{file_name}#{relations[0]}" if relations else file_name
+
+
+def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | None = None, exported: bool = False) -> str:
+    """One vector's card body. `control_vector` names its llama.cpp GGUF: a file written beside the card, or with
+    `exported` the one the card's `fvpatch export` command makes first."""
     m, meta = vf.model, vf.meta
+    relations = relation_names(vf, file_name)
+    spec = command_vector(vf, file_name)
     task = meta.get("fvpatch.task")
     method = meta.get("fvpatch.method", "saved activation")
     known = _known(vf)
@@ -46,7 +58,7 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
     tpl = template(meta.get("fvpatch.template", "qa"))
     prompt = tpl.query("x")
     pairs = json.loads(meta["fvpatch.pairs"]) if "fvpatch.pairs" in meta else []
-    example = _held_out_input(task) or (pairs[0][0] if pairs else "…")
+    example = _held_out_input(task or (relations[0] if relations else None)) or (pairs[0][0] if pairs else "…")
     title = f"# {task}: {method}" if task else f"# {vf.tensor}: {method}"
     out = [title, ""]
     if task:
@@ -54,6 +66,11 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
         out += [f"One vector of {vf.width} numbers that makes **{m.get('name')}** do the `{task}` relation without demonstrations"
                 f"{f' ({shown}, …)' if shown else ''}: {'added to' if vf.mode == 'add' else 'put in place of'} the residual stream after block {vf.layer} (`{vf.tensor}`) {where}, "
                 f"it turns the zero-shot prompt `{prompt.replace(chr(10), '⏎')}` into the answer.", ""]
+    elif relations:
+        composes = ", and `fvpatch analogy --bank` composes them for analogies A:B::C:? with the learned map this file carries" if set(MAP_KEYS) <= set(meta) else ""
+        out += [f"{len(relations)} function vectors of **{m.get('name')}**, one per relation (the file's rows, in this order): "
+                f"{', '.join(f'`{r}`' for r in relations)}. Each is added to the residual stream after block {vf.layer} (`{vf.tensor}`) {where}; "
+                f"`--vector {file_name}#RELATION` patches one{composes}.", ""]
     else:
         out += [f"Rows of the graph tensor `{vf.tensor}` of {m.get('name')}, saved at tokens {vf.positions} of a prompt.", ""]
     out += ["| | |", "|---|---|",
@@ -86,14 +103,18 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
         out.append("")
     model_arg = f"-m {known.name} " if known else f"-m {m.get('file')} "
     q = tpl.query(example).replace("\n", "\\n")
+    # patched() takes a file or a shipped name; a bank's relation is loaded as the command line loads it
+    torch_vector = f'load_vector("{spec}")' if relations else f'"{spec}"'
     out += ["## How to use it", "", "With fvpatch (`pip install fvpatch`; the model is fetched on first use where fvpatch knows it):", "", "```",
-            f"fvpatch patch {model_arg}-p $'{q}' --vector {file_name} --compare -n 4", "```", "",
+            f"fvpatch patch {model_arg}-p $'{q}' --vector {spec} --compare -n 4", "```", "",
             "In PyTorch, on the same model in transformers (block outputs numbered as in llama.cpp):", "", "```python",
+            *(["from fvpatch.cli import load_vector"] if relations else []),
             "from train.apply import patched",
-            f"with patched(model, \"{file_name}\"):",
+            f"with patched(model, {torch_vector}):",
             f"    out = model.generate(**tokenizer(\"{q}\", return_tensors=\"pt\"), max_new_tokens=4)", "```", ""]
     if control_vector:
-        out += ["With stock llama.cpp, as a control vector (added at **every** token, see above):", "", "```",
+        out += [f"With stock llama.cpp, as a control vector (added at **every** token, see above){', exported by fvpatch first' if exported else ''}:", "", "```",
+                *([f"fvpatch export {spec} {control_vector}"] if exported else []),
                 f"llama-completion -m {m.get('file')} --control-vector {control_vector} -p $'{q}' -n 4 -no-cnv", "```", "",
                 "(`--control-vector-scaled FILE:SCALE` scales it; llama.cpp builds before `llama-completion` existed call the "
                 "program `llama-cli`.)", ""]
@@ -114,9 +135,10 @@ def _held_out_input(task: str | None) -> str | None:
         return None
 
 
-def card(items: list[tuple[vectorfile.VectorFile, str, str | None]]) -> str:
-    """A whole card for (vector, its file name, its control-vector file name or None) items."""
-    return front_matter([vf for vf, _, _ in items]) + "\n".join(section(*item) for item in items)
+def card(items: list[tuple[vectorfile.VectorFile, str, str | None]], exported: bool = False) -> str:
+    """A whole card for (vector, its file name, its control-vector file name or None) items; `exported`: the control
+    vectors are not beside the card, and it shows the `fvpatch export` command that makes each."""
+    return front_matter([vf for vf, _, _ in items]) + "\n".join(section(*item, exported=exported) for item in items)
 
 
 def write_card(path: str | Path, text: str, overwrite: bool = False) -> Path:

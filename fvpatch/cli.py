@@ -124,13 +124,17 @@ class FiniteFloat(click.ParamType):
 
 
 class PromptText(click.ParamType):
-    """Prompt text, not empty: an empty prompt is at most the BOS token, with nothing of the user's to read or patch."""
+    """Prompt text, not empty: an empty prompt is at most the BOS token, with nothing of the user's to read or patch.
+    `what` names other text that must not be empty, in the refusal."""
 
     name = "text"
 
+    def __init__(self, what: str = "the prompt text"):
+        self.what = what
+
     def convert(self, value, param, ctx):
         if value == "":
-            self.fail("is empty; give the prompt text", param, ctx)
+            self.fail(f"is empty; give {self.what}", param, ctx)
         return value
 
 

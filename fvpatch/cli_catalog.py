@@ -5,7 +5,7 @@ from pathlib import Path
 import click
 
 from fvpatch import vectorfile
-from fvpatch.cli import cli_threads, emit, main, threads_option, vector_path
+from fvpatch.cli import cli_threads, emit, load_vector, main, threads_option, vector_path
 
 
 @main.command()
@@ -103,9 +103,14 @@ def vectors_card(vector, out, force):
     Example:
       fvpatch vectors card gemma-3-270m/antonym.ffv -o antonym.md
     """
-    from fvpatch.card import card, write_card
+    from fvpatch.atomic import check_outputs
+    from fvpatch.card import card, command_vector, write_card
 
-    text = card([(vectorfile.load(vector_path(vector)), vector, None)])  # the name as given runs in the card's command, from here
+    check_outputs([out], force)
+    vf = vectorfile.load(vector_path(vector))
+    spec = command_vector(vf, vector)  # the name as given runs in the card's commands, from here
+    gguf_name = Path(spec.replace("#", "-")).name.removesuffix(".safetensors") + ".gguf"
+    text = card([(vf, vector, gguf_name if _control_vector(load_vector(spec), spec) else None)], exported=True)
     if out is None:
         click.echo(text)
     else:
@@ -115,7 +120,7 @@ def vectors_card(vector, out, force):
 @vectors.command("pack")
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.argument("sources", nargs=-1, required=True, metavar="VECTOR...")
-@click.option("--force", is_flag=True, help="Write into an existing folder, overwriting its files.")
+@click.option("--force", is_flag=True, help="Write into an existing folder, overwriting its files (refused while it holds other .safetensors or .gguf files).")
 def vectors_pack(folder, sources, force):
     """Write a folder ready to share: each vector file, its llama.cpp control vector (where it can be one)
     and a README.md card for them all, the layout a Hugging Face model repository expects.
@@ -125,7 +130,7 @@ def vectors_pack(folder, sources, force):
       fvpatch vectors pack antonym-pack gemma-3-270m/antonym.ffv gemma-3-270m/present-past.ffv
     """
     from fvpatch import controlvector
-    from fvpatch.atomic import together
+    from fvpatch.atomic import check_outputs, together
     from fvpatch.card import card, write_card
     from fvpatch.errors import FvpatchError
 
@@ -138,11 +143,17 @@ def vectors_pack(folder, sources, force):
         raise FvpatchError(f"two vectors share a file name ({', '.join(names)}); pack them separately")
     items, cvs = [], {}
     for vf, path in loaded:  # everything is checked before anything is written
-        try:
-            cvs[path.name] = controlvector.from_vectors([(vf, vf.scale, path.name)])
-        except FvpatchError as e:
-            click.echo(f"note: no control vector for {path.name}: {e}", err=True)
-        items.append((vf, path.name, path.name.removesuffix(".safetensors") + ".gguf" if path.name in cvs else None))
+        cv = _control_vector(vf, path.name)
+        if cv:
+            cvs[path.name] = cv
+        items.append((vf, path.name, path.name.removesuffix(".safetensors") + ".gguf" if cv else None))
+    written = [*(name for _, file_name, gguf_name in items for name in (file_name, gguf_name) if name), "README.md"]
+    check_outputs([folder / name for name in written], force=True)
+    # vectors of an earlier pack that the new README.md would not describe: refused, never deleted
+    stale = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".gguf") and p.name not in written) if folder.is_dir() else []
+    if stale:
+        raise FvpatchError(f"{folder} holds {', '.join(stale)}, which this pack does not write and its README.md would not describe; "
+                           f"remove them or pack into another folder")
     text = card(items)
     with together():
         for vf, name, gguf_name in items:
@@ -151,3 +162,16 @@ def vectors_pack(folder, sources, force):
                 controlvector.save(cvs[name], folder / gguf_name, overwrite=True)
         write_card(folder / "README.md", text, overwrite=True)
     click.echo(f"{folder}: {len(items)} vector(s), {sum(1 for *_, g in items if g)} control vector(s), README.md")
+
+
+def _control_vector(vf: vectorfile.VectorFile, name: str):
+    """`vf` as a llama.cpp control vector, or None, saying on stderr why it cannot be one (its card then has no
+    llama.cpp command)."""
+    from fvpatch import controlvector
+    from fvpatch.errors import FvpatchError
+
+    try:
+        return controlvector.from_vectors([(vf, vf.scale, name)])
+    except FvpatchError as e:
+        click.echo(f"note: no control vector for {name}: {e}", err=True)
+        return None

@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from fvpatch.atomic import check_outputs, write_json
-from fvpatch.cli import INT32_MAX, PROMPT, SEED, emit, main, model_options, open_session, parse_layers
+from fvpatch.cli import INT32_MAX, PROMPT, SEED, PromptText, emit, main, model_options, open_session, parse_layers
 from fvpatch.errors import FvpatchError
 from fvpatch.experiments import Reversal, check_layers, prepare_reversal, reversal_answer, run_layers, transfer_sweep, verify
 
@@ -20,7 +20,7 @@ LAYER_HELP = "Layers: N, N,M,..., A-B or all."
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name, saved and patched at the same layer.")
 @click.option("--layer", "--layers", "layer_spec", default="all", show_default=True, help=LAYER_HELP)
 @click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate (greedy).")
-@click.option("--expect", default=None, help="Mark the layers whose continuation starts with this text (e.g. ' Paris').")
+@click.option("--expect", type=PromptText("the text a continuation should start with"), default=None, help="Mark the layers whose continuation starts with this text (e.g. ' Paris'; not empty, which every continuation starts with).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def sweep(model, n_ctx, n_gpu_layers, source, target, tensor, layer_spec, max_tokens, expect, as_json):
     """Layer sweep of the seed transfer: at each layer, the source's last-token row replaces the target's

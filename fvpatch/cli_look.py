@@ -5,6 +5,7 @@ import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs
+from fvpatch.errors import FvpatchError
 from fvpatch.cli import emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers, prompt_option, vector_path
 from fvpatch.lens import Lens, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.modelfile import ModelFile
@@ -69,6 +70,8 @@ def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top,
       fvpatch lens -p "1 2 3 to 3 2 1, 5 6 7 to 7" --png lens.png
       fvpatch lens -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --token-idx -1 --top 5
     """
+    if force and not png:
+        raise click.UsageError("--force overwrites the --png file; give --png FILE or leave --force out")
     check_outputs([png], force)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         result = logit_lens(s, prompt, tensor, parse_layers(layer_spec, s.n_layer), list(token_idx) or None, top)
@@ -99,6 +102,8 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
       fvpatch decode capital.safetensors --top 20
       fvpatch decode capital.safetensors --against other.safetensors
     """
+    if against_token_idx is not None and against is None:
+        raise click.UsageError("--against-token-idx picks a row of the --against vector; give --against NAME|FILE too")
     with ModelFile(resolve_model(model), vocab_only=True) as mf:
         fp = mf.fingerprint()
         rows = []
@@ -106,6 +111,8 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
             vf = load_vector(path, fp)
             fits(path, vf.model, fp, force)
             rows.append(file_row(vf, idx, option))
+            if not rows[-1].any():  # the final norm leaves it zero: every logit 0, the order of the ties arbitrary
+                raise FvpatchError(f"{path}: the row is all zeros, which promotes no token")
         ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
         toks = [{"token": mf.piece_text(t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
         what = "logit difference" if against else "logit"

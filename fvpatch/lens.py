@@ -48,10 +48,16 @@ def logit_lens(
         raise FvpatchError(f"give the tensor's base name ({tensor.rsplit('-', 1)[0]!r}) and choose layers separately")
     if tensor in HEAD_SPACE:
         raise FvpatchError(_head_space_error(session, tensor))
-    unembed = unembed or load_unembed(session.path)
     layers = list(range(session.n_layer)) if layers is None else list(layers)
     n = len(session.tokenize(prompt) if isinstance(prompt, str) else prompt)
-    positions = list(range(n)) if positions is None else [session.resolve_position(p, n) for p in positions]
+    if positions is None:
+        positions = list(range(n))
+    else:
+        asked, positions = positions, [session.resolve_position(p, n) for p in positions]
+        for i, pos in enumerate(positions):
+            if pos in positions[:i]:  # one row saved for both would not fill the grid
+                raise FvpatchError(f"token indices {asked[positions.index(pos)]} and {asked[i]} both name position {pos}; give each position once")
+    unembed = unembed or load_unembed(session.path)
     names = [layered(tensor, L) for L in layers]
     r = session.run(prompt, saves=[Save(name, tuple(positions)) for name in names])
     width = r.saved[names[0]].shape[1]

@@ -6,6 +6,7 @@ the token scored (see `answer_token`).
 """
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +25,9 @@ class Template:
     def __post_init__(self):
         if self.text.count("{x}") != 1 or self.text.count("{y}") != 1 or self.text.index("{x}") > self.text.index("{y}"):
             raise FvpatchError(f"a template needs exactly one {{x}} followed by exactly one {{y}}, got {self.text!r}")
+        unknown = sorted(set(re.findall(r"\{(\w*)\}", self.text)) - {"x", "y"})
+        if unknown:
+            raise FvpatchError(f"template {self.text!r} has placeholders {', '.join('{' + u + '}' for u in unknown)} that nothing fills; use only {{x}} and {{y}}")
         if self.text.index("{x}") + 3 == self.text.index("{y}"):
             raise FvpatchError(f"template {self.text!r} puts nothing between {{x}} and {{y}}; the answer's start would be ambiguous")
 

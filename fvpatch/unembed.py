@@ -35,8 +35,9 @@ class Unembed:
         rows = np.atleast_2d(np.asarray(rows, dtype=np.float32))
         if rows.shape[1] != self.n_embd:
             raise FvpatchError(f"rows are {rows.shape[1]} wide; the unembedding takes the residual width {self.n_embd}")
-        rms = np.sqrt(np.mean(rows * rows, axis=1, keepdims=True) + self.eps)
-        return rows / rms * self.norm
+        # squared in float64: float32 squares overflow past 1.8e19, which a scaled or trained vector may exceed
+        rms = np.sqrt(np.mean(np.square(rows, dtype=np.float64), axis=1, keepdims=True) + self.eps)
+        return (rows / rms).astype(np.float32) * self.norm
 
     def logits(self, normed: np.ndarray) -> np.ndarray:
         """Logits of already normalized rows: (n, n_embd) -> (n, n_vocab)."""

@@ -48,6 +48,11 @@ def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
     vectorfile.save(bad, d / "bad-names.safetensors")
     (d / "latin1.json").write_bytes('[{"input": "café", "output": "x"}]'.encode("latin-1"))
     (d / "analogies.jsonl").write_text('{"stem": ["a", "b"], "choice": [["c", "d"]], "answer": 1e400}\n')
+    (d / "one-choice.jsonl").write_text('{"stem": ["hot", "cold"], "choice": [["tall", "short"]], "answer": 0}\n')
+    (d / "bogus-relation.jsonl").write_text('{"stem": ["hot", "cold"], "choice": [["tall", "short"], ["tall", "big"]], "answer": 0, "relation": "bogus"}\n')
+    (d / "five.csv").write_text("input,output\n" + "".join(f"w{i},v{i}\n" for i in range(5)))
+    vectorfile.save(vectorfile.VectorFile("l_out-1", np.zeros(N_EMBD), [-1], fp, "add"), d / "zero.safetensors")
+    save_bank(Bank(["antonym", "animal-young"], np.ones((2, N_EMBD)), "l_out-1", fp), d / "own-bank.safetensors")
     return {p.stem.replace("-", "_"): str(p) for p in d.iterdir()}
 
 
@@ -118,9 +123,14 @@ CASES = {
     "lens --layer 3,3": ([*LENS, "--layer", "3,3"], "names a layer twice"),
     "lens --layer 1,9": ([*LENS, "--layer", "1,9"], "layer 9 is beyond"),
     "lens --layer 3-1": ([*LENS, "--layer", "3-1"], "names no layer"),
+    "lens --token-idx -1 twice": ([*LENS, "--token-idx", "-1", "--token-idx", "-1", "--layer", "1"], "token indices -1 and -1 both name position"),
     "lens --top 0": ([*LENS, "--top", "0"], "--top"),
     "lens --png over a file": ([*LENS, "--png", "{o}/exists.safetensors"], "exists; pass --force"),
     "lens --png under a file": ([*LENS, "--png", "{o}/plain/lens.png"], "not a folder"),
+    "decode a zero vector": (["decode", *MODEL, "{zero}"], "zero.safetensors: the row is all zeros, which promotes no token"),
+    "decode --against-token-idx alone": (["decode", *MODEL, "{v}", "--against-token-idx", "3"], "give --against NAME|FILE too"),
+    "lens --force without --png": ([*LENS, "--force"], "--force overwrites the --png file"),
+    "sweep --expect ''": (["sweep", *MODEL, "-p", "a b c", "--target", "d e", "--expect", ""], "'--expect': is empty"),
     "decode --top 0": (["decode", *MODEL, "{v}", "--top", "0"], "--top"),
     "decode several rows, none chosen": (["decode", *MODEL, "{rows}"], "choose one with --token-idx"),
     "decode --against no such row": (["decode", *MODEL, "{v}", "--against", "{rows}", "--against-token-idx", "5"], "no row for --against-token-idx 5"),
@@ -130,8 +140,12 @@ CASES = {
     "reversal -o a folder": (["reversal", *MODEL, "--layer", "0", "-o", "{o}/folder"], "is a directory"),
     "reversal -o under a file": (["reversal", *MODEL, "--layer", "0", "-o", "{o}/plain/r.json"], "not a folder"),
     "reversal --lengths 1": (["reversal", *MODEL, "--layer", "0", "--lengths", "1"], "list lengths must lie in 2.."),
-    "analogy not an analogy": (["analogy", *MODEL, "hot:cold", "--bank", "{bank}"], "expected an analogy like"),
+    "analogy not an analogy": (["analogy", *MODEL, "hot:cold", "--bank", "{bank}"], "expected an analogy A:B::C:?"),
+    **{f"analogy {q!r}": (["analogy", *MODEL, q, "--bank", "{bank}"], "expected an analogy A:B::C:?")
+       for q in ("a:b::c:d", "a:b::c:", "hot:cold::tall:?x", "hot:cold::tall:??", "hot:cold::tall:long")},
+    "analogy of question marks": (["analogy", *MODEL, "?:?::?:?", "--bank", "{bank}"], "must all be given (non-empty, not '?')"),
     "analogy --top 0": ([*ANALOGY, "--top", "0"], "--top"),
+    "analogy --bank a plain vector": ([*ANALOGY, "--bank", "{v}"], "not a bank file (no fvpatch.bank.names metadata; `fvpatch train cfv` writes bank files)"),
     "bank map with NaN": ([*ANALOGY, "--bank", "{nan_map}"], "nan-map.safetensors: fvpatch.cfv.weight must be finite"),
     "bank names not JSON": ([*ANALOGY, "--bank", "{bad_names}"], "bad-names.safetensors: fvpatch.bank.names is not valid JSON"),
     "serve a missing vector": (["serve", *MODEL, "--port", "0", "--vector", "{o}/missing.safetensors"], "neither a file nor a shipped vector"),
@@ -161,16 +175,37 @@ CASES = {
     "fv --heatmap on -o": ([*FV, "--heatmap", "{o}/f"], "more than one output"),
     "cfv --steps 0": ([*CFV, "--steps", "0"], "--steps"),
     "cfv --lr nan": ([*CFV, "--lr", "nan"], "not a finite number"),
+    "ffv --lr 1e37": ([*FFV, "--lr", "1e37"], "is not at most 100"),
+    "ffv --init fv, 2 train pairs": ([*FFV, "--init", "fv", "--n-train", "2"], "too few demonstrations for the fv start"),
+    "ffv --targets icl, 1 train pair": ([*FFV, "--init", "zeros", "--targets", "icl", "--n-train", "1"], "give 2 or more"),
+    "fv, no valid pairs": (["train", "fv", *MODEL, "--task", "{five}", "-o", "{o}/f"], "task 'five' has no valid pairs to choose the layer on"),
+    "ffv a folder that is no model": (["train", "ffv", "-m", "{o}/folder", "--task", "antonym", "-o", "{o}/f"], "is a folder but not a Hugging Face model"),
+    "cfv --lr 1e300": ([*CFV, "--lr", "1e300"], "is not at most 100"),
+    "cfv a relation of your own pairs": (["train", "cfv", *MODEL, "--bank", "{own_bank}", "-o", "{o}/c"], "relation 'animal-young' of the bank is not a vendored task"),
     "cfv from a bad bank": (["train", "cfv", *MODEL, "--bank", "{bad_names}", "-o", "{o}/c"], "fvpatch.bank.names is not valid JSON"),
     "eval task --n -6": ([*TASK, "--n", "-6"], "--n"),
     "eval task --n 0": ([*TASK, "--n", "0"], "--n"),
     "eval task --k 1": ([*TASK, "--k", "1"], "--k"),
+    "eval task a template placeholder nothing fills": ([*TASK, "--template", "{{x}} {{y}} {{z}}"], "has placeholders {z} that nothing fills"),
+    "eval task a bank relation not in it": ([*TASK, "--vector", "{bank}#nope"], "the bank has no relation 'nope'"),
+    "eval task an empty valid split": (["eval", "task", *MODEL, "--task", "{five}", "--split", "valid", "--n", "2", "--k", "2"],
+                                       "five: the valid split is empty: its 5 distinct pairs split into 3 train, 0 valid, 2 test"),
+    "eval sweep a whole bank": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{bank}", "--n", "2"],
+                                "bank.safetensors: the file holds 3 rows for token -1; pick one relation with FILE#RELATION"),
     "eval task -o exists": ([*TASK, "-o", "{o}/exists.safetensors"], "exists; pass --force"),
     "eval task -o under a file": ([*TASK, "-o", "{o}/plain/r.json"], "not a folder"),
+    "eval task -o in /proc": ([*TASK, "-o", "/proc/x.json"], "/proc/x.json: cannot write in /proc ("),
+    "eval sweep --plot in /proc": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{v}", "-o", "{o}/new.json", "--plot", "/proc/a.png"],
+                                   "/proc/a.png: cannot write in /proc ("),
     "eval sweep --plot exists": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{v}", "--plot", "{o}/exists.safetensors"], "exists"),
     "eval analogy --n 0": (["eval", "analogy", *MODEL, "--n", "0"], "--n"),
     "eval analogy -o exists": (["eval", "analogy", *MODEL, "--bank", "{bank}", "-o", "{o}/exists.safetensors"], "exists; pass --force"),
     "eval analogy bad data": (["eval", "analogy", *MODEL, "--bank", "{bank}", "--data", "{analogies}", "--force"], "analogies.jsonl:1: expected"),
+    "eval analogy --data --n": (["eval", "analogy", *MODEL, "--bank", "{bank}", "--data", "{analogies}", "--n", "3"], "--n only shapes generated analogies"),
+    "eval analogy --data --seed": (["eval", "analogy", *MODEL, "--bank", "{bank}", "--data", "{analogies}", "--seed", "5"], "--seed only shapes generated"),
+    "eval analogy one choice": (["eval", "analogy", *MODEL, "--bank", "{bank}", "--data", "{one_choice}"], "one-choice.jsonl:1: expected"),
+    "eval analogy a relation not in the bank": (["eval", "analogy", *MODEL, "--bank", "{bank}", "--data", "{bogus_relation}"],
+                                                "relation 'bogus' is not one of the bank's (antonym, capitalize, present-past)"),
 }
 
 
@@ -260,6 +295,13 @@ def test_a_bank_relation_is_patched_by_name(tiny_gguf, inputs):
     assert patched(tiny_gguf, "--vector", inputs["bank"] + "#capitalize")["patches"] == [
         {"tensor": "l_out-1", "token": -1, "mode": "add", "scale": 1.0}]
     assert patched(tiny_gguf, "--patch", "l_out-2", inputs["bank"] + "#antonym")["patches"][0]["tensor"] == "l_out-2"
+
+
+def test_eval_takes_a_bank_relation_as_patch_does(tiny_gguf, inputs, tmp_path):
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, [*(a.format(m=tiny_gguf) for a in TASK), "--vector", inputs["bank"] + "#antonym", "--n", "2", "--k", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(out.read_text())["results"]["llama.cpp"]["n"] == 2
 
 
 def test_an_every_token_file_is_patched_at_the_token_asked_for(tiny_gguf, tiny_session, tmp_path):

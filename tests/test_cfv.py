@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from fvpatch.analogy import bank_scores, condition_weights, encode, evaluate, solve
 from fvpatch.analogyfile import Analogy, generate, parse_analogy, read_analogies, write_analogies
 from fvpatch.cfvmap import CFVMap, compose
+from fvpatch.errors import FvpatchError
 from fvpatch.bank import Bank, load_bank, save_bank
 from fvpatch.session import Patch
 from fvpatch.tasks import load_task
@@ -73,6 +74,8 @@ def test_generated_analogies_are_reproducible_and_keep_test_pairs_apart():
     for x in train:
         assert (x.a, x.b) not in test_pairs and (x.c, x.d) not in test_pairs
         assert (x.a, x.b) not in used["antonym"] and (x.c, x.d) not in used["antonym"]
+    with pytest.raises(FvpatchError, match="at least 2 relations"):  # one relation has no distractor of another: it used to loop forever
+        generate(["antonym"], "test", 2)
 
 
 def test_llamacpp_bank_scores_packed_equal_one_at_a_time(tiny_session, tiny_bank):
@@ -133,6 +136,8 @@ def test_map_fit_from_llama_cpp_scores_alone(tiny_session, tiny_bank):
     assert m.temperature == t and hist["loss"][-1] < hist["loss"][0]
     with pytest.raises(ValueError, match="answer objective runs the model"):
         fit_map(None, tiny_bank, analogies, scores, FitConfig("answer"), progress=False)
+    with pytest.raises(FvpatchError, match="the map diverged"):  # never a bank whose map is NaN
+        fit_map(None, tiny_bank, analogies, scores, FitConfig("relation", steps=3, lr=1e300), progress=False)
 
 
 def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_bank):

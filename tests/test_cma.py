@@ -149,6 +149,7 @@ def test_cli_trains_vectors_and_both_engines_score_them_alike(tiny_gguf, tmp_pat
         assert vf.tensor == "l_out-1" and vf.mode == ("add" if method == "cma" else "replace")
         assert vf.meta["fvpatch.task"] == "next-letter" and vf.meta["fvpatch.k"] == "3"
         assert vf.meta["fvpatch.dataset"] == f"{pairs}, split seed 0" and vf.meta["fvpatch.template"] == "Q: {x}\nA: {y}\n\n"
+        assert vf.meta["fvpatch.train_dtype"] == "float32"
         assert vf.model["vocab"] and vf.model["file"] == tiny_gguf.name
 
         result = tmp_path / f"{method}.json"

@@ -118,10 +118,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_qwen, tmp_path):
 
 
 def test_sweep_cli(tiny_qwen):
-    r = cli("sweep", "-m", tiny_qwen, "-p", SOURCE, "-t", TARGET, "--layer", "all", "-n", 3, "--expect", "", "--json")
+    r = cli("sweep", "-m", tiny_qwen, "-p", SOURCE, "-t", TARGET, "--layer", "all", "-n", 3, "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
-    assert list(out["completions"]) == ["0", "1", "2", "3"] and out["layers_expected"] == [0, 1, 2, 3]
+    assert list(out["completions"]) == ["0", "1", "2", "3"] and "layers_expected" not in out
+    expect = out["completions"]["2"]
+    r = cli("sweep", "-m", tiny_qwen, "-p", SOURCE, "-t", TARGET, "--layer", "all", "-n", 3, "--expect", expect, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["layers_expected"] == [int(L) for L, text in out["completions"].items() if text.startswith(expect)]
     with Session(tiny_qwen, n_ctx=512) as s:
         row = s.run(SOURCE, saves=[Save("l_out-2", (-1,))]).saved["l_out-2"][0]
         assert out["completions"]["2"] == s.run(TARGET, patches=[Patch("l_out-2", row)], max_tokens=3).text

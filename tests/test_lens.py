@@ -65,11 +65,31 @@ def test_decode_a_token_direction(tiny_unembed):
     assert diff[0] > 0 > diff[-1]
 
 
+def test_decode_a_huge_vector_as_its_direction(tiny_unembed):
+    """The final norm takes any finite size: rows of 1e38 decode as their directions do, with no overflow (float32
+    squares overflow past 1.8e19)."""
+    u = tiny_unembed
+    direction = np.random.default_rng(0).standard_normal(u.n_embd).astype(np.float32)
+    for row, huge in ((np.ones(u.n_embd, np.float32), np.full(u.n_embd, 1e38, np.float32)),
+                      (direction, direction * np.float32(1e38 / np.abs(direction).max()))):
+        with np.errstate(all="raise"):
+            ids, logits = decode_vector(u, huge, top=5)
+        want_ids, want_logits = decode_vector(u, row, top=5)
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_allclose(logits, want_logits, rtol=1e-4)
+
+
 def test_attention_head_space_is_refused_with_the_projected_name(tiny_session, tiny_unembed):
     with pytest.raises(ValueError, match="attn_out"):
         logit_lens(tiny_session, PROMPT, tensor="kqv_out", unembed=tiny_unembed)
     with pytest.raises(ValueError, match="wide, not the residual width"):
         logit_lens(tiny_session, PROMPT, tensor="ffn_up", unembed=tiny_unembed)
+
+
+def test_a_position_named_twice_is_refused(tiny_session, tiny_unembed):
+    n = len(tiny_session.tokenize(PROMPT))
+    with pytest.raises(ValueError, match=f"token indices -1 and {n - 1} both name position {n - 1}; give each position once"):
+        logit_lens(tiny_session, PROMPT, positions=[-1, n - 1], unembed=tiny_unembed)
 
 
 def invoke(*args):

@@ -48,16 +48,18 @@ def test_seed_flags_from_and_to_token_idx(tmp_path, gemma_path):
 @pytest.mark.slow
 def test_sequence_reversal_layers(gemma):
     """Seed: `1 2 3 to 3 2 1, 5 6 7 to 7 ` patched into `4 5 6 to 6 `. Measured: the first token becomes
-    the right ` 5`-digit (`5`) at layers 9 and 10 only; the rest of the continuation never reverses."""
+    the right ` 5`-digit (`5`) at layers 9 and 10 only, `2` at 11, 12 and 14-17 and `1` at 13 (the README's
+    numbers); the rest of the continuation never reverses."""
     from fvpatch import Patch, Save
 
     src, dst = "1 2 3 to 3 2 1, 5 6 7 to 7 ", "4 5 6 to 6 "
     names = [f"l_out-{L}" for L in range(gemma.n_layer)]
     saved = gemma.run(src, saves=[Save(n, (-1,)) for n in names]).saved
     unpatched = gemma.run(dst, max_tokens=1).text
-    works = [L for L, n in enumerate(names) if gemma.run(dst, patches=[Patch(n, saved[n][0])], max_tokens=1).text == "5"]
+    first = [gemma.run(dst, patches=[Patch(n, saved[n][0])], max_tokens=1).text for n in names]
     assert unpatched != "5"
-    assert works == [9, 10]
+    assert [L for L, t in enumerate(first) if t == "5"] == [9, 10]
+    assert [L for L, t in enumerate(first) if t == "2"] == [11, 12, 14, 15, 16, 17] and first[13] == "1"
 
 
 @pytest.mark.slow

@@ -89,6 +89,8 @@ def test_templates_end_right_before_the_answer():
     for bad in ("{x} {x} {y}", "{y} {x}", "{x}{y}"):
         with pytest.raises(ValueError):
             template(bad)
+    with pytest.raises(ValueError, match=r"has placeholders \{\}, \{z\} that nothing fills"):
+        template("{x} {} {y} {z}")
     with pytest.raises(ValueError, match="unknown template"):
         template("qa2")
 

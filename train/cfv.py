@@ -22,6 +22,7 @@ from tqdm import tqdm
 from fvpatch.analogy import QA
 from fvpatch.analogyfile import Analogy
 from fvpatch.cfvmap import CFVMap
+from fvpatch.errors import FvpatchError
 from fvpatch.bank import Bank
 from fvpatch.tasks import Pair
 from train.ffv import answer_nll, encode
@@ -127,6 +128,8 @@ def fit_map(lm: LoadedModel | None, bank: Bank, analogies: list[Analogy], scores
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if not (np.isfinite(losses).all() and torch.isfinite(weight).all() and torch.isfinite(bias).all()):
+        raise FvpatchError(f"the map diverged (lr {cfg.lr:g}): its loss or weights are not finite; give a smaller --lr")
     meta = {"fvpatch.cfv.config": json.dumps(asdict(cfg)), "fvpatch.cfv.n_train": str(len(analogies)),
             "fvpatch.cfv.temperature_curve": json.dumps(curve), "fvpatch.cfv.final_loss": f"{losses[-1]:.4f}" if losses else ""}
     cfv_map = CFVMap(weight.detach().numpy(), bias.detach().numpy(), temperature, meta)

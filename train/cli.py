@@ -5,6 +5,11 @@ import click
 from fvpatch.atomic import check_outputs
 from fvpatch.cli import INT32_MAX, SEED, FiniteFloat, check_layer, cli_threads, threads_option
 
+# Adam moves each coordinate by about lr a step: far beyond 1 the run only diverges, and far enough (lr times the
+# residual's scale) it overflows float32 inside the optimizer
+MAX_LR = 100.0
+
+
 @click.group()
 def train():
     """Extract or train vectors in PyTorch and write them as fvpatch vector files."""
@@ -33,7 +38,7 @@ def _torch_options(f):
 @click.option("--n-valid", type=click.IntRange(1), default=50, show_default=True, help="Valid pairs for early stopping (at most).")
 @click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M, 16 on Qwen2.5-Coder 1.5B; train.ffv.MEASURED_LAYERS).")
 @click.option("--init", type=click.Choice(["fv", "taskvec", "random", "zeros"]), default=None, help="Starting vector: the task vector or the function vector of 10-shot prompts over the training pairs, a random residual-sized one, or zeros. Default: taskvec, or zeros with --positions all (chosen on valid pairs, results/ffv/sweep.md).")
-@click.option("--lr", type=FiniteFloat(min=0, above=True), default=None, help="Adam learning rate, relative to the residual's RMS coordinate at the layer. Default: 0.05, or 0.02 with --positions all.")
+@click.option("--lr", type=FiniteFloat(min=0, above=True, max=MAX_LR), default=None, help=f"Adam learning rate, relative to the residual's RMS coordinate at the layer (at most {MAX_LR:g}). Default: 0.05, or 0.02 with --positions all.")
 @click.option("--steps", type=click.IntRange(1), default=60, show_default=True, help="Most optimizer steps (cosine decay over them; early stopping may end sooner).")
 @click.option("--l2", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the vector's squared norm (relative to the residual's).")
 @click.option("--l2-from-init", type=FiniteFloat(min=0), default=0.0, show_default=True, help="Penalty on the squared distance from the initial vector.")
@@ -66,6 +71,13 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
         raise click.UsageError("give exactly one of --task NAME or --pairs FILE")
     if targets == "icl" and (positions == "all" or every_answer_token):
         raise click.UsageError("--targets icl trains a vector for the last prompt token only (not with --positions all or --every-answer-token)")
+    defaults = ALL_TOKENS if positions == "all" else Config()
+    init, lr = init or defaults.init, lr or defaults.lr
+    # the fv and taskvec starts and ICL targets are prompts with demonstrations drawn from the other train pairs
+    need = max({"fv": 3, "taskvec": 2}.get(init, 1), 2 if targets == "icl" else 1)
+    if n_train < need:
+        raise click.BadParameter(f"{n_train} train pair(s) leave too few demonstrations for the {init} start with --targets {targets}; "
+                                 f"give {need} or more", param_hint="--n-train")
     check_outputs([out], force)
     tpl, pairs_task = template(template_name), load_task(task or pairs)
     _check_layer_first(layer, model)
@@ -76,8 +88,6 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
             click.echo(f"warning: no FFV layer has been chosen on this model's valid pairs; using layer {layer} (the default model's "
                        f"relative depth). Choose one with `python -m train.sweep_ffv --model {model}` or pass --layer", err=True)
     data = prepare(lm, pairs_task, tpl, n_train, n_valid, positions)
-    defaults = ALL_TOKENS if positions == "all" else Config()
-    init, lr = init or defaults.init, lr or defaults.lr
     cfg = Config(layer=layer, init=init, lr=lr, steps=steps, l2=l2, l2_from_init=l2_from_init, every_answer_token=every_answer_token,
                  positions=positions, seed=seed, targets=targets)
     vf, hist = train_ffv(lm, data, tpl, cfg)
@@ -93,7 +103,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 @click.option("--n-train", type=click.IntRange(1), default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on).")
 @click.option("--objective", type=click.Choice(["answer", "relation"]), default="relation", show_default=True, help="Maximize log P(D | C, CFV), or the weight of the analogy's relation.")
 @click.option("--l2", type=FiniteFloat(min=0), default=0.01, show_default=True, help="Penalty on the map's squared distance from the unlearned softmax(s/T).")
-@click.option("--lr", type=FiniteFloat(min=0, above=True), default=0.02, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=FiniteFloat(min=0, above=True, max=MAX_LR), default=0.02, show_default=True, help=f"Adam learning rate (at most {MAX_LR:g}).")
 @click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies and of the minibatch order.")
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
@@ -114,7 +124,9 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
     from fvpatch.bank import BANK_NAME, load_bank, save_bank
     from fvpatch.modelfile import ModelFile
     from fvpatch.models import check_fingerprint, resolve_model
+    from fvpatch.errors import FvpatchError
     from fvpatch.shipped import model_folder
+    from fvpatch.tasks import list_tasks
     from train.cfv import FitConfig, bank_scores, fit_map
     from train.model import load_model
 
@@ -124,12 +136,18 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
     out = Path(out or Path(bank_path if Path(bank_path).is_dir() else Path(bank_path).parent) / BANK_NAME)
     check_outputs([out], force)
     bank = load_bank(bank_path)
+    if own := [r for r in bank.names if r not in list_tasks()]:
+        raise FvpatchError(f"relation {own[0]!r} of the bank is not a vendored task: the training analogies are drawn from the vendored "
+                           f"tasks' pairs, so a bank with FFVs of your own pairs can be applied but not fitted here")
+    if not (model and Path(model).is_dir()):  # before any weights load or convert
+        with ModelFile(resolve_model(model), vocab_only=True) as mf:
+            check_fingerprint(bank.model, mf.fingerprint())
     analogies = generate(bank.names, "train", n_train, seed, exclude=bank.trained_on)
     lm = load_model(model, device, dtype, cli_threads())
     check_fingerprint(bank.model, lm.fingerprint)
     scores = bank_scores(lm, bank, [(x.a, x.b) for x in analogies], progress=True)
     cfv_map, hist = fit_map(lm, bank, analogies, scores, FitConfig(objective, l2, lr, steps, seed=seed))
-    bank.meta = {k: v for k, v in bank.meta.items() if not k.startswith("fvpatch.cfv.")} | cfv_map.to_meta()
+    bank.meta = {k: v for k, v in bank.meta.items() if not k.startswith("fvpatch.cfv.")} | cfv_map.to_meta() | {"fvpatch.cfv.train_dtype": dtype}
     save_bank(bank, out, overwrite=force)
     click.echo(f"{len(bank)} relations at {bank.tensor}; {n_train} training analogies; unlearned T = {cfv_map.temperature:g}; "
                f"{objective} loss {hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f} -> {out}")
@@ -159,12 +177,13 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
     Examples:
       fvpatch train fv --task antonym --out vectors/antonym.fv.safetensors
       fvpatch train fv --task country-capital --method taskvec --layer 9
-      fvpatch patch -p $'Q: Peru\\nA:' --vector country-capital.fv.safetensors -n 4
+      fvpatch patch -p $'Q: Peru\\nA:' --vector country-capital.taskvec.safetensors -n 4
     """
     import json
     from pathlib import Path
 
     from fvpatch import vectorfile
+    from fvpatch.errors import FvpatchError
     from fvpatch.prompts import template
     from fvpatch.tasks import load_task
     from train.cma import train_fv
@@ -175,6 +194,9 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
     if heatmap and method != "cma":
         raise click.UsageError("--heatmap draws the head map of --method cma; a task vector has none")
     t = load_task(task)
+    if not t.valid and (layer is None or method == "cma" and n_heads is None):
+        raise FvpatchError(f"task {t.name!r} has no valid pairs to choose the {'layer' if layer is None else 'number of heads'} on "
+                           f"({len(t.train)} train, {len(t.test)} test); give more pairs, or --layer{' and --heads' if method == 'cma' else ''}")
     out = Path(out or f"{t.name}.{'fv' if method == 'cma' else 'taskvec'}.safetensors")
     check_outputs([out, heatmap], force)
     tpl = template(template_name)
@@ -194,6 +216,9 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
         vf, acc = train_taskvec(lm, t, tpl, predict, k, n_prompts, layer, n_valid, seed)
         if acc:
             click.echo("valid zero-shot+TV by layer: " + " ".join(f"{L}:{a:.2f}" for L, a in acc.items()))
+    scored = grid.values() if method == "cma" else [acc] if acc else []
+    if scored and not any(a > 0 for accs in scored for a in accs.values()):
+        click.echo(f"warning: nothing scored above 0 on the valid pairs, so the choice of {vf.tensor} is arbitrary; try more --k or --n-prompts", err=True)
     vectorfile.save(vf, out, overwrite=force)  # before the picture, so that a failing picture never costs the vector
     click.echo(f"{vf.tensor} ({vf.mode}) {method} vector for {t.name} -> {out}")
     if heatmap:

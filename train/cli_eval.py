@@ -4,6 +4,7 @@ inside the commands, never at import time."""
 from contextlib import ExitStack, contextmanager
 
 import click
+from click.core import ParameterSource
 
 from fvpatch.atomic import check_outputs
 from fvpatch.cli import SEED, cli_threads, gpu_layers_option, threads_option
@@ -39,18 +40,28 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_g
     from fvpatch.analogyfile import generate, read_analogies
     from fvpatch.cfvmap import CFVMap
     from fvpatch.bank import BANK_NAME, load_bank
+    from fvpatch.errors import FvpatchError
     from fvpatch.models import check_fingerprint, resolve_model
     from fvpatch.session import Session
     from fvpatch.shipped import model_folder
 
+    ctx = click.get_current_context()
+    given = [option for option, name in (("--n", "n_test"), ("--seed", "seed")) if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if data and given:
+        raise click.UsageError(f"{' and '.join(given)} only shape{'s' if len(given) == 1 else ''} generated analogies; with --data every item of the file is scored")
     check_outputs([out], force)
+    analogies = read_analogies(data) if data else None
     with Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()) as s:
         shipped = bank_path is None
         bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
         bank = load_bank(bank_path)
         check_fingerprint(bank.model, s.fingerprint(), force)
         cfv_map = CFVMap.from_bank(bank)
-        analogies = read_analogies(data) if data else generate(bank.names, "test", n_test, seed)
+        unknown = sorted({x.relation for x in analogies or [] if x.relation} - set(bank.names))
+        if unknown:  # a relation names the bank vector the oracle adds and the one relation accuracy expects
+            raise FvpatchError(f"{data}: relation {', '.join(map(repr, unknown))} is not one of the bank's ({', '.join(bank.names)}); "
+                               f"use their names or leave \"relation\" out")
+        analogies = analogies or generate(bank.names, "test", n_test, seed)
         result = evaluate(s, bank, cfv_map, analogies, leave_out=leave_own_out)
     result["relation_accuracy"] = relation_accuracy(result["items"])
     result["setup"] = {"data": str(data) if data else f"generated test analogies, seed {seed}", "bank": f"shipped {BANK_NAME}" if shipped else str(bank_path),
@@ -90,23 +101,26 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
 
 
 def _load_vector(vector: str | None, model):
-    """--vector: a file, or a shipped vector's name, the copy made for --model first."""
-    from pathlib import Path
-
-    from fvpatch import vectorfile
-    from fvpatch.cli import vector_path
+    """--vector as `fvpatch patch` takes it (a file, a shipped vector's name, the copy made for --model first, or
+    BANK#RELATION), checked to hold the one row it patches before any model loads."""
+    from fvpatch.cli import load_vector
+    from fvpatch.errors import FvpatchError
     from fvpatch.modelfile import ModelFile
     from fvpatch.models import resolve_model
 
     if vector is None:
         return None
-    if Path(vector).exists():
-        return vectorfile.load(vector)
+    fingerprint = None
     source = resolve_model(model)
-    if not source.is_file():  # a Hugging Face model directory: no GGUF fingerprint to choose by
-        return vectorfile.load(vector_path(vector))
-    with ModelFile(source, vocab_only=True) as mf:
-        return vectorfile.load(vector_path(vector, mf.fingerprint()))
+    if source.is_file():  # a Hugging Face model directory has no GGUF fingerprint to choose a shipped copy by
+        with ModelFile(source, vocab_only=True) as mf:
+            fingerprint = mf.fingerprint()
+    vf = load_vector(vector, fingerprint)
+    try:
+        vf.row(None)
+    except FvpatchError as e:
+        raise FvpatchError(f"{vector}: {e}") from None
+    return vf
 
 
 def _task_and_template(task, template_name, vf):
@@ -114,6 +128,19 @@ def _task_and_template(task, template_name, vf):
     from fvpatch.tasks import load_task
 
     return load_task(task), template(template_name or (vf.meta.get("fvpatch.template") if vf else None) or "qa")
+
+
+def _queries(t, split: str, n_items: int):
+    """The first `n_items` pairs of the split scored, refused in one line where a small file leaves the split empty."""
+    from fvpatch.errors import FvpatchError
+
+    queries = t.split(split)[:n_items]
+    if not queries:
+        sizes = {name: len(t.split(name)) for name in ("train", "valid", "test")}
+        raise FvpatchError(f"{t.name}: the {split} split is empty: its {sum(sizes.values())} distinct pairs split into "
+                           + ", ".join(f"{n} {name}" for name, n in sizes.items())
+                           + f"; add pairs to the file or score another split (--split {'test' if split == 'valid' else 'valid'})")
+    return queries
 
 
 eval_options = [
@@ -144,7 +171,7 @@ def _write_json(out, payload):
 
 @eval_cmd.command()
 @_eval_options
-@click.option("--vector", default=None, help="Vector file (or shipped vector name) to patch at the last prompt token; without it only the baselines run.")
+@click.option("--vector", default=None, metavar="NAME|FILE|BANK#RELATION", help="Vector file, shipped vector name or one relation of a bank (BANK#RELATION) to patch at the last prompt token; without it only the baselines run.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
 @click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split).")
 @click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
@@ -166,10 +193,11 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     check_outputs([out], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
+    queries = _queries(t, split, n_items)
     results = {}
     with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time, n_gpu_layers=n_gpu_layers) as engines:
         for name, (predict, tokenize) in engines.items():
-            items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed, shared_demos=demos == "shared")
+            items = build_items(tokenize, tpl, queries, t.train, k, seed, shared_demos=demos == "shared")
             results[name] = evaluate(predict, items, vf)
     first = next(iter(results.values()))
     click.echo(f"{t.name}, {split} split: {first['n']} items, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}"
@@ -189,7 +217,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
 
 @eval_cmd.command()
 @_eval_options
-@click.option("--vector", default=None, help="A function vector file (add mode) to move across layers.")
+@click.option("--vector", default=None, metavar="NAME|FILE|BANK#RELATION", help="A function vector (add mode) to move across layers: a file, a shipped vector's name or one relation of a bank, BANK#RELATION.")
 @click.option("--method", type=click.Choice(["taskvec"]), default=None, help="Instead of --vector: compute the task vector of every layer (needs torch).")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True, help="Which split's queries to score.")
 @click.option("--n", "n_items", type=click.IntRange(1), default=50, show_default=True, help="Queries scored per layer.")
@@ -215,6 +243,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
     check_outputs([out, plot], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
+    queries = _queries(t, split, n_items)
     lm = None
     if vf is not None:
         if not vf.model.get("n_layer"):
@@ -230,10 +259,10 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
     results = {}
     with _engines(engine, model, vf.model if vf else None, lm, dtype, device, n_gpu_layers=n_gpu_layers) as engines:
         for name, (predict, tokenize) in engines.items():
-            items = build_items(tokenize, tpl, t.split(split)[:n_items], t.train, k, seed)
+            items = build_items(tokenize, tpl, queries, t.train, k, seed)
             base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
             results[name] = {"baselines": base, "by_layer": layer_sweep(predict, items, files, f"{condition}+vector")}
-    click.echo(f"{t.name}, {split} split, {n_items} items: {condition} + {'the vector' if vf else 'the task vector of each layer'} by layer")
+    click.echo(f"{t.name}, {split} split, {len(queries)} items: {condition} + {'the vector' if vf else 'the task vector of each layer'} by layer")
     for name, r in results.items():
         click.echo(f"{name}: " + " ".join(f"{L}:{a:.2f}" for L, a in r["by_layer"].items())
                    + "  | " + " ".join(f"{c} {a:.2f}" for c, a in r["baselines"].items()))
@@ -243,5 +272,5 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
         curves = {t.name: {f"{condition}+vector ({e})": r["by_layer"] for e, r in results.items()}}
         base = next(iter(results.values()))["baselines"]
         plot_layer_curves(curves, {t.name: {"zero-shot": base["zero_shot"], f"{k}-shot ICL": base["icl"]}}, plot, f"top-1 accuracy ({split})")
-    _write_json(out, {"task": t.name, "split": split, "k": k, "template": tpl.text, "vector": vector, "method": method,
+    _write_json(out, {"task": t.name, "split": split, "n": len(queries), "k": k, "template": tpl.text, "vector": vector, "method": method,
                       "condition": condition, "results": {e: {"baselines": r["baselines"], "by_layer": {str(L): a for L, a in r["by_layer"].items()}} for e, r in results.items()}})

@@ -198,6 +198,7 @@ def train_fv(lm: LoadedModel, task: Task, tpl: Template, predict: Predict, k: in
         "fvpatch.heads": json.dumps([[L, h] for L, h in heads]),
         "fvpatch.head_aie": json.dumps([round(float(hm.aie[L, h]), 5) for L, h in heads]),
         "fvpatch.seed": str(seed),
+        "fvpatch.train_dtype": str(lm.dtype).removeprefix("torch."),
     }
     if grid:
         meta["fvpatch.valid_sweep"] = json.dumps({str(n): {str(L): round(a, 4) for L, a in acc.items()} for n, acc in grid.items()})

@@ -143,6 +143,9 @@ def load_model(source: str | Path | None = None, device: str | torch.device | No
     torch.set_num_threads(threads or configured_threads() or default_threads())
     dtype, device = torch_dtype(dtype), torch_device(device)
     if source is not None and Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():
+            raise FvpatchError(f"{source} is a folder but not a Hugging Face model (no config.json); give a GGUF file, a known model name "
+                               "(`fvpatch models`) or a model folder")
         directory, tokenizer, fingerprint = Path(source), _HFTokenizer(Path(source)), None
     else:
         source = resolve_model(source)  # a GGUF path, a known model's short name, or None for the default model

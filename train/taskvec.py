@@ -50,6 +50,7 @@ def train_taskvec(lm: LoadedModel, task: Task, tpl: Template, predict: Predict, 
         "fvpatch.k": str(k),
         "fvpatch.n_prompts": str(n_sets),
         "fvpatch.seed": str(seed),
+        "fvpatch.train_dtype": str(lm.dtype).removeprefix("torch."),
     }
     files = {L: VectorFile(f"l_out-{L}", vectors[L], [-1], lm.fingerprint, mode="replace", meta=meta) for L in range(lm.n_layer)}
     acc: dict[int, float] = {}
