@@ -183,6 +183,7 @@ CASES = {
     "cfv --lr 1e300": ([*CFV, "--lr", "1e300"], "is not at most 100"),
     "cfv a relation of your own pairs": (["train", "cfv", *MODEL, "--bank", "{own_bank}", "-o", "{o}/c"], "relation 'animal-young' of the bank is not a vendored task"),
     "cfv from a bad bank": (["train", "cfv", *MODEL, "--bank", "{bad_names}", "-o", "{o}/c"], "fvpatch.bank.names is not valid JSON"),
+    "eval task --device without torch": ([*TASK, "--device", "cuda"], "--dtype and --device set the PyTorch engine"),
     "eval task --n -6": ([*TASK, "--n", "-6"], "--n"),
     "eval task --n 0": ([*TASK, "--n", "0"], "--n"),
     "eval task --k 1": ([*TASK, "--k", "1"], "--k"),

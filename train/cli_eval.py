@@ -130,6 +130,13 @@ def _task_and_template(task, template_name, vf):
     return load_task(task), template(template_name or (vf.meta.get("fvpatch.template") if vf else None) or "qa")
 
 
+def _torch_unused(unused: bool, dtype: str, device: str):
+    """--dtype and --device set PyTorch: where no PyTorch model runs, they would be silently ignored."""
+    if unused and (dtype, device) != ("float32", "auto"):
+        raise click.UsageError("--dtype and --device set the PyTorch engine, and llama.cpp alone runs here; give --engine torch or both "
+                               "(llama.cpp offloads with --n-gpu-layers)")
+
+
 def _queries(t, split: str, n_items: int):
     """The first `n_items` pairs of the split scored, refused in one line where a small file leaves the split empty."""
     from fvpatch.errors import FvpatchError
@@ -190,6 +197,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     from fvpatch.evaluate import build_items, evaluate
     from fvpatch.paired import compare
 
+    _torch_unused(engine == "llamacpp", dtype, device)
     check_outputs([out], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
@@ -240,6 +248,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
 
     if (vector is None) == (method is None):
         raise click.UsageError("give exactly one of --vector FILE or --method taskvec")
+    _torch_unused(engine == "llamacpp" and method is None, dtype, device)
     check_outputs([out, plot], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
