@@ -182,7 +182,8 @@ class Session(BatchedScoring, ModelFile):
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         # a residual blown up by a huge vector comes out as NaN or inf, or (Gemma) as logits all equal, which would be
         # read as token 0 and scores of NaN: garbage that looks like an answer
-        if not np.isfinite(logits).all() or logits.min() == logits.max():
+        lo, hi = logits.min(), logits.max()  # NaN comes out of either; two passes instead of a third for isfinite
+        if not (np.isfinite(lo) and np.isfinite(hi)) or lo == hi:
             raise FvpatchError("the model's logits are not finite, or all equal: a patched vector is too large for this model; give a smaller scale")
         return logits
 
