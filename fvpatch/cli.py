@@ -355,51 +355,12 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
     return layers
 
 
-@main.command()
-@model_options
-@click.argument("question", metavar="A:B::C:?")
-@click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
-@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Relation weights to show.")
-@click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate.")
-@click.option("--force", is_flag=True, help="Use a bank made on another model.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, force, as_json):
-    """Complete an analogy with a composite function vector: the bank's relation vectors, weighted by
-    how well each explains A:B, added while the model answers C.
-
-    \b
-    Example:
-      fvpatch analogy "hot:cold::tall:?"
-    """
-    from fvpatch.analogy import solve
-    from fvpatch.analogyfile import parse_analogy
-    from fvpatch.cfvmap import CFVMap
-    from fvpatch.bank import BANK_NAME, load_bank
-    from fvpatch.shipped import model_folder
-
-    a, b, c = parse_analogy(question)
-    with open_session(model, n_ctx, n_gpu_layers) as s:
-        fp = s.fingerprint()
-        if bank_path is None:
-            bank_path = model_folder(fp) / BANK_NAME
-            if not bank_path.exists():
-                raise click.ClickException(f"no analogy bank is shipped for {fp['name']}; make one from its FFVs with "
-                                           f"`fvpatch train cfv --model MODEL` (it writes {bank_path})")
-        bank = load_bank(bank_path)
-        fits(bank_path, bank.model, fp, force)
-        cfv_map = CFVMap.from_bank(bank)
-        sol = solve(s, bank, cfv_map, a, b, c, max_tokens)
-    weights = sol.weights[:top]
-    emit(as_json, {"question": question, "answer": sol.answer, "completion": sol.completion,
-                   "weights": [{"relation": r, "weight": round(w, 4)} for r, w in weights], "scores": sol.scores},
-         [f"{a}:{b}::{c}:{sol.answer}"] + [f"  {w:6.3f}  {r}" for r, w in weights])
-
-
 from fvpatch import cli_catalog  # noqa: E402 - registers its commands on `main`
 from fvpatch import cli_look  # noqa: E402 - registers `inspect`, `lens` and `decode` on `main`
 from fvpatch import cli_experiments  # noqa: E402 - registers `sweep` and `reversal` on `main`
 from fvpatch import cli_exchange  # noqa: E402 - registers `export` and `import` on `main`
 from fvpatch import cli_serve  # noqa: E402 - registers `serve` on `main`
+from fvpatch import cli_analogy  # noqa: E402 - registers `analogy` on `main`
 
 if __name__ == "__main__":
     # run as a script this file is __main__, and the command modules register on fvpatch.cli's `main`, not this one's
