@@ -3,11 +3,13 @@ and its tokenizer. Session builds on it to decode with save/patch callbacks."""
 
 import ctypes
 import hashlib
+import numbers
 import os
 from pathlib import Path
 
 import llama_cpp as ll
 
+from fvpatch.atomic import input_file
 from fvpatch.errors import FvpatchError
 
 _log_sink = ll.llama_log_callback(lambda level, text, user: None)
@@ -30,14 +32,16 @@ class ModelFile:
 
     def __init__(self, path: str | Path, vocab_only: bool = False, n_gpu_layers: int = 0):
         _quiet_backend()
-        self.path = Path(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise FvpatchError(f"a model is the path of a GGUF file, got {type(path).__name__}")
+        self.path = input_file(path, "model file")
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.vocab_only = vocab_only
-        self._model = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
-        if not self._model:
+        self._model_ptr = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model_ptr:
             raise FvpatchError(f"llama.cpp could not load {self.path} as a GGUF model")
-        self._vocab = ll.llama_model_get_vocab(self._model)
+        self._vocab_ptr = ll.llama_model_get_vocab(self._model_ptr)
         self.n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self.arch = self._meta("general.architecture")
         if vocab_only:  # llama.cpp reports 0 layers for a vocab-only load; the metadata states the shape
@@ -156,10 +160,32 @@ class ModelFile:
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
+    # every use of llama.cpp's pointers goes through these: after close, one line instead of a crash in C
+    @property
+    def _model(self):
+        if not getattr(self, "_model_ptr", None):
+            raise FvpatchError(f"{self.path.name} is closed")
+        return self._model_ptr
+
+    @property
+    def _vocab(self):
+        return self._model and self._vocab_ptr
+
+    def check_tokens(self, tokens, what: str = "prompt") -> list[int]:
+        """`tokens` as a list of token ids of this vocabulary, or one line saying what is wrong: llama.cpp would
+        fail the whole decode on an id out of range, and numpy would read a negative one from the end."""
+        if isinstance(tokens, (str, bytes, bytearray)) or not hasattr(tokens, "__iter__"):
+            raise FvpatchError(f"the {what} must be a list of token ids, got {type(tokens).__name__}")
+        tokens = list(tokens)
+        for t in tokens:
+            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < self.n_vocab:
+                raise FvpatchError(f"the {what} holds {t!r}, not a token id from 0 to {self.n_vocab - 1}")
+        return [int(t) for t in tokens]
+
     def close(self):
-        if getattr(self, "_model", None):
-            ll.llama_model_free(self._model)
-            self._model = None
+        if getattr(self, "_model_ptr", None):
+            ll.llama_model_free(self._model_ptr)
+            self._model_ptr = None
 
     def __enter__(self):
         return self

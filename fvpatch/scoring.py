@@ -13,6 +13,7 @@ import llama_cpp as ll
 import numpy as np
 
 from fvpatch.errors import FvpatchError
+from fvpatch.exclusive import exclusive
 from fvpatch.names import layer_of
 
 if TYPE_CHECKING:
@@ -32,11 +33,13 @@ class BatchedScoring:
         `sequence_logits` packs them."""
         if any(not answer for _, answer, _ in items):
             raise ValueError("every item needs answer tokens to score")
+        items = [(p, self.check_tokens(a, f"answer of item {i}"), ps) for i, (p, a, ps) in enumerate(items)]
         out = []
         for (_, answer, _), logits in zip(items, self.sequence_logits([(p, a[:-1], ps) for p, a, ps in items])):
             out.append(log_softmax(logits)[np.arange(len(logits)), list(answer)])
         return out
 
+    @exclusive
     def sequence_logits(self, items: list[tuple[list[int], list[int], list[Patch]]]) -> list[np.ndarray]:
         """Logits (1 + len(fed), n_vocab) at the last prompt token and at each token fed after it, for each
         (prompt tokens, tokens fed after the prompt, patches) item.
@@ -49,6 +52,8 @@ class BatchedScoring:
         one-at-a-time run by up to about one logit (measured on Gemma 3 270M and Qwen2.5 1.5B Q4_K_M):
         near-ties can flip.
         """
+        items = [(self.check_tokens(p, f"prompt of item {i}"), self.check_tokens(f, f"tokens fed in item {i}"), ps)
+                 for i, (p, f, ps) in enumerate(items)]
         packs: list[list[int]] = []
         size = 0
         for i, (prompt, fed, _) in enumerate(items):
@@ -64,7 +69,7 @@ class BatchedScoring:
             size += length
         out: list[np.ndarray] = [None] * len(items)
         for pack in packs:
-            entries, plan, rows = [], {}, {}
+            entries, plan, rows, acted = [], {}, {}, set()
             for seq, i in enumerate(pack):
                 prompt, fed, patches = items[i]
                 tokens = list(prompt) + list(fed)
@@ -76,16 +81,19 @@ class BatchedScoring:
                     at += list(range(len(prompt), len(tokens))) if p.generated or p.all_tokens else []
                     for pos in at:
                         plan.setdefault(p.tensor.encode(), []).append(("patch", p, base + pos, pos))
+                    if layer_of(p.tensor) in (None, self.n_layer - 1):  # llama.cpp keeps only output rows past the last block
+                        acted |= {base + pos for pos in at}
                 rows[i] = range(base + len(prompt) - 1, base + len(tokens))
             if plan and not self.hooks:
                 raise ValueError("this session was opened with hooks=False; patches need the eval callback")
             self._watch, self._seen = set(plan), set()
             ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
-            self._decode(entries, {bi for r in rows.values() for bi in r}, plan)
+            self._decode(entries, {bi for r in rows.values() for bi in r} | acted, plan)
             for i in pack:
                 out[i] = np.stack([self.row_logits(bi) for bi in rows[i]])
         return out
 
+    @exclusive
     def last_logits(self, prompts: list[list[int]], patches: list[Patch] = ()) -> list[np.ndarray]:
         """The logits after each prompt, the same patches on each, batched for evaluation.
 
@@ -98,6 +106,9 @@ class BatchedScoring:
         """
         if not prompts or any(not p for p in prompts):
             raise FvpatchError("every prompt needs at least one token")
+        prompts = [self.check_tokens(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        if (longest := max(map(len, prompts))) > self.n_ctx:
+            raise FvpatchError(f"a prompt of {longest} tokens does not fit the context of {self.n_ctx}; raise --n-ctx")
         if patches and not self.hooks:
             raise FvpatchError("this session was opened with hooks=False; patches need the eval callback")
         for p in patches:
@@ -140,7 +151,7 @@ class BatchedScoring:
     def _decode_rests(self, prompts: list[list[int]], pack: list[int], shared: int, patches: list[Patch], out: list):
         """One decode of the rests of `pack`'s prompts, each in its own sequence holding a copy of the prefix."""
         mem = ll.llama_get_memory(self._ctx)
-        entries, plan, last = [], {}, {}
+        entries, plan, last, acted = [], {}, {}, set()
         for seq, i in enumerate(pack, start=1):
             ll.llama_memory_seq_cp(mem, 0, seq, -1, -1)
             base = len(entries)
@@ -149,8 +160,10 @@ class BatchedScoring:
             for p in patches:
                 at = self.patch_positions(p, len(prompts[i]), [len(prompts[i]) - 1])
                 plan.setdefault(p.tensor.encode(), []).extend(("patch", p, base + pos - shared, pos) for pos in at if pos >= shared)
+                if layer_of(p.tensor) in (None, self.n_layer - 1):  # llama.cpp keeps only output rows past the last block
+                    acted |= {base + pos - shared for pos in at if pos >= shared}
         self._watch, self._seen = set(plan), set()
-        self._decode(entries, set(last.values()), plan)
+        self._decode(entries, set(last.values()) | acted, plan)
         for i, bi in last.items():
             out[i] = self.row_logits(bi)
         for seq in range(1, len(pack) + 1):

@@ -6,6 +6,8 @@ of the prompt); patches apply to the prompt pass and, when asked, at every gener
 """
 
 import ctypes
+import numbers
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 
 from fvpatch import ggml
 from fvpatch.errors import FvpatchError, OutOfRange
+from fvpatch.exclusive import exclusive
 from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
 from fvpatch.scoring import BatchedScoring
@@ -25,7 +28,17 @@ from fvpatch.vectorfile import MODES
 @dataclass(frozen=True)
 class Save:
     tensor: str
-    tokens: tuple[int, ...] = (-1,)
+    tokens: tuple[int, ...] = (-1,)  # one index may be given as an int
+
+    def __post_init__(self):
+        tokens = (self.tokens,) if isinstance(self.tokens, numbers.Integral) else tuple(self.tokens)
+        if not tokens or not all(_index(t) for t in tokens):
+            raise FvpatchError(f"a save needs one or more token indices, got {self.tokens!r}")
+        object.__setattr__(self, "tokens", tuple(int(t) for t in tokens))
+
+
+def _index(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 @dataclass(eq=False)
@@ -41,7 +54,18 @@ class Patch:
     def __post_init__(self):
         if self.mode not in MODES:
             raise FvpatchError(f"patch mode must be one of {MODES}, got {self.mode!r}")
-        self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
+        if self.mode == "replace" and self.all_tokens:
+            raise FvpatchError("a replacing patch at every token would overwrite the whole residual; add instead (mode='add')")
+        if not _index(self.token):
+            raise FvpatchError(f"a patch's token is a token index (an int), got {self.token!r}")
+        if not isinstance(self.scale, numbers.Real) or isinstance(self.scale, bool):
+            raise FvpatchError(f"a patch's scale is a number, got {self.scale!r}")
+        try:
+            self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise FvpatchError(f"a patch's vector must be numbers, got {type(self.vector).__name__}") from None
+        if not self.vector.size or not np.isfinite(self.vector).all():
+            raise FvpatchError("a patch's vector is empty or holds NaN or inf")
         with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
             if not (np.isfinite(self.scale) and np.isfinite(self.vector * np.float32(self.scale)).all()):
                 raise FvpatchError(f"the vector times its scale ({self.scale:g}) overflows float32; give a smaller scale")
@@ -56,6 +80,9 @@ class Result:
     saved: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> (rows, width), one row per position
     saved_positions: dict[str, list[int]] = field(default_factory=dict)  # tensor -> absolute positions
     prompt_logits: np.ndarray | None = None  # (n_prompt, n_vocab) when run(all_logits=True)
+
+
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: it refuses a context of more sequences
 
 
 class Session(BatchedScoring, ModelFile):
@@ -76,6 +103,8 @@ class Session(BatchedScoring, ModelFile):
         f32 reference to float rounding. `n_threads` defaults to $FVPATCH_THREADS or $OMP_NUM_THREADS when set
         (fvpatch.threads; the setting PyTorch's threads follow too), else half the cores. llama.cpp shrinks its batch
         to a context smaller than `n_ubatch`; prompts are then decoded in chunks of that batch."""
+        if not (_index(n_ubatch) and n_ubatch >= 1 and _index(n_seq) and n_seq >= 1):
+            raise FvpatchError(f"n_ubatch and n_seq must be whole numbers of at least 1, got {n_ubatch!r} and {n_seq!r}")
         super().__init__(path, n_gpu_layers=n_gpu_layers)
 
         cparams = ll.llama_context_default_params()
@@ -83,7 +112,7 @@ class Session(BatchedScoring, ModelFile):
         cparams.n_batch = n_ubatch
         cparams.n_ubatch = n_ubatch
         # llama.cpp asserts (aborting the process) unless the sequences' outputs fit a batch, which it caps at n_ctx
-        cparams.n_seq_max = self.n_seq = max(1, min(n_seq, n_ubatch, n_ctx))
+        cparams.n_seq_max = self.n_seq = max(1, min(n_seq, n_ubatch, n_ctx, MAX_SEQ))
         cparams.kv_unified = True  # sequences share the cache cells, so one sequence can still use all of n_ctx
         if exact:
             cparams.type_k = cparams.type_v = ll.GGML_TYPE_F32
@@ -95,8 +124,8 @@ class Session(BatchedScoring, ModelFile):
             self._callback = ll.ggml_backend_sched_eval_callback(self._on_eval)  # kept alive with the session
             cparams.cb_eval = self._callback
             cparams.cb_eval_user_data = None
-        self._ctx = ll.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
+        self._ctx_ptr = ll.llama_init_from_model(self._model, cparams)
+        if not self._ctx_ptr:
             raise FvpatchError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} (too large for memory?)")
         self.n_ctx = ll.llama_n_ctx(self._ctx)
         # a decode of more tokens than the batch llama.cpp really has (min(n_ctx, n_batch)) aborts the process
@@ -110,6 +139,8 @@ class Session(BatchedScoring, ModelFile):
         self._record_all: dict[str, int | None] | None = None  # name -> row width of every node, when graph_tensors asks
         self._record_rows = 0  # the tokens of graph_tensors' decode
         self._error: BaseException | None = None
+        self._lock = threading.RLock()
+        self._slots = None  # the fvpatch.slots.Slots serving from this session, whose worker alone then decodes
 
     # ---- the eval callback --------------------------------------------------------------------
 
@@ -154,6 +185,8 @@ class Session(BatchedScoring, ModelFile):
 
     def _decode(self, entries: list[tuple[int, int, int]], outputs: set[int], plan: dict[bytes, list]):
         """One llama_decode of (token, position, sequence) entries, at most one ubatch, so rows are entries."""
+        if len(entries) > self.n_ubatch:  # the batch's C arrays hold n_ubatch entries: more would write past them
+            raise FvpatchError(f"a decode takes at most {self.n_ubatch} tokens, got {len(entries)}")
         b = self._batch
         for i, (tok, pos, seq) in enumerate(entries):
             b.token[i] = tok
@@ -177,8 +210,11 @@ class Session(BatchedScoring, ModelFile):
         if self._done != planned:
             raise RuntimeError(f"only {self._done} of {planned} save/patch actions ran in this decode")
 
+    @exclusive
     def row_logits(self, batch_index: int) -> np.ndarray:
         ptr = ll.llama_get_logits_ith(self._ctx, batch_index)
+        if not ptr:
+            raise FvpatchError(f"batch row {batch_index} has no logits: the last decode did not ask for that row's")
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         # a residual blown up by a huge vector comes out as NaN or inf, or (Gemma) as logits all equal, which would be
         # read as token 0 and scores of NaN: garbage that looks like an answer
@@ -223,13 +259,16 @@ class Session(BatchedScoring, ModelFile):
             outputs.add(base + n_prompt - 1 - start)
         return plan, outputs
 
+    @exclusive
     def decode(self, entries: list[tuple[int, int, int]], outputs: set[int], plan: dict[bytes, list]):
         """One decode of (token, position, sequence) entries, at most one ubatch, on top of what the KV cache
         holds, with the callback's `plan` (`prompt_plan`, `token_plan`); `row_logits` then reads the `outputs`
         rows' logits, until the next decode."""
+        self.check_tokens([tok for tok, _, _ in entries], "decode")
         self._watch, self._seen = set(plan), set()
         self._decode(entries, outputs, plan)
 
+    @exclusive
     def forget(self, seq: int | None = None):
         """Drop one sequence from the KV cache (None: all of them)."""
         mem = ll.llama_get_memory(self._ctx)
@@ -238,6 +277,7 @@ class Session(BatchedScoring, ModelFile):
         else:
             ll.llama_memory_seq_rm(mem, seq, -1, -1)
 
+    @exclusive
     def set_control_vector(self, directions: np.ndarray | None):
         """Load (n_layer - 1, n_embd) directions for blocks 1.. through llama.cpp's own control-vector API,
         which adds them to l_out-N at every token; None removes them."""
@@ -247,11 +287,14 @@ class Session(BatchedScoring, ModelFile):
             data = np.ascontiguousarray(directions, np.float32)
             if data.shape != (self.n_layer - 1, self.n_embd):
                 raise ValueError(f"control-vector directions of shape {data.shape}; this model needs ({self.n_layer - 1}, {self.n_embd})")
+            if not np.isfinite(data).all():
+                raise FvpatchError("control-vector directions hold NaN or inf")
             ptr = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
             rc = ll.llama_set_adapter_cvec(self._ctx, ptr, data.size, self.n_embd, 1, self.n_layer - 1)
         if rc != 0:
             raise RuntimeError(f"llama.cpp refused the control vector (code {rc})")
 
+    @exclusive
     def run(
         self,
         prompt: str | list[int],
@@ -265,10 +308,14 @@ class Session(BatchedScoring, ModelFile):
     ) -> Result:
         """Decode `prompt` with saves and patches, then generate `max_tokens` tokens (greedy unless temperature > 0).
         `on_token` sees each generated token as it comes (a server streams them) and ends generation by returning True."""
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else self.check_tokens(prompt)
         n = len(tokens)
         if n == 0:
             raise FvpatchError("the prompt is empty")
+        if not _index(max_tokens) or max_tokens < 0:
+            raise FvpatchError(f"max_tokens must be a whole number of 0 or more, got {max_tokens!r}")
+        if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature >= 0):
+            raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
         if n + max_tokens > self.n_ctx:
             raise FvpatchError(f"prompt ({n} tokens) plus {max_tokens} new tokens exceeds the context of {self.n_ctx}; raise --n-ctx")
         if (saves or patches) and not self.hooks:
@@ -315,11 +362,14 @@ class Session(BatchedScoring, ModelFile):
             saved[name] = np.stack([self._saved_rows[(name, pos)] for pos in positions])
         return Result(tokens, generated, self.detokenize(generated), first_logits, saved, saved_positions, prompt_logits)
 
+    @exclusive
     def graph_tensors(self, prompt: str = "Hello, world") -> dict[str, int | None]:
         """The nodes of one decode's compute graph, in compute order: name -> row width (a vector's length), or None
         where save and patch refuse the name: a tensor that is not one row per token (per-head views, 3-D and up),
         or a name that several nodes share. The prompt has several tokens, so that a per-head view cannot pass for
         rows as it would in a 1-token decode."""
+        if not self.hooks:
+            raise FvpatchError("this session was opened with hooks=False; listing the graph's tensors needs the eval callback")
         self._record_all = {}
         tokens = self.tokenize(prompt)
         self._record_rows = len(tokens)
@@ -329,11 +379,20 @@ class Session(BatchedScoring, ModelFile):
         finally:
             self._record_all = None
 
+    @property
+    def _ctx(self):
+        if not getattr(self, "_ctx_ptr", None):
+            raise FvpatchError(f"the session on {self.path.name} is closed")
+        return self._ctx_ptr
+
     def close(self):
-        if getattr(self, "_ctx", None):
+        """Free the context and the model; Slots still serving from the session are closed first."""
+        if getattr(self, "_slots", None) is not None:
+            self._slots.close()
+        if getattr(self, "_ctx_ptr", None):
             ll.llama_batch_free(self._batch)
-            ll.llama_free(self._ctx)
-            self._ctx = None
+            ll.llama_free(self._ctx_ptr)
+            self._ctx_ptr = None
         super().close()
 
 

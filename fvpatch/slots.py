@@ -59,6 +59,8 @@ class Slots:
     def __init__(self, session: Session, n_slots: int = 4):
         if not 1 <= n_slots <= session.n_seq:
             raise FvpatchError(f"parallel slots must be 1 to {session.n_seq} (the sequences this context holds), got {n_slots}")
+        if session._slots is not None:
+            raise FvpatchError("this session already serves Slots; close them first")
         self.session = session
         self._free = list(range(n_slots))
         self._active: list[Job] = []
@@ -67,13 +69,19 @@ class Slots:
         self._wake = threading.Condition()
         self._closed = False
         session.forget()
-        self._thread = threading.Thread(target=self._work, name="fvpatch-slots", daemon=True)
-        self._thread.start()
+        self.worker = threading.Thread(target=self._work, name="fvpatch-slots", daemon=True)
+        session._slots = self  # from now on only the worker decodes (fvpatch.exclusive)
+        self.worker.start()
 
     def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = 0, top_logprobs: int | None = None, echo: bool = False) -> Job:
-        """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens."""
-        s, n = self.session, len(tokens)
+        """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens.
+        Its tokens are checked here: one bad request must not fail the batch it would join."""
+        s = self.session
+        tokens = s.check_tokens(tokens)
+        n = len(tokens)
+        if top_logprobs is not None and not 0 <= top_logprobs <= s.n_vocab:
+            raise FvpatchError(f"top_logprobs must be from 0 to {s.n_vocab}, got {top_logprobs}")
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
         actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
@@ -90,7 +98,10 @@ class Slots:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join()
+        if self.worker.is_alive():
+            self.worker.join()
+        if self.session._slots is self:
+            self.session._slots = None
 
     def _work(self):
         while True:
