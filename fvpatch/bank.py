@@ -20,7 +20,7 @@ NAMES_KEY = "fvpatch.bank.names"
 PAIRS_KEY = "fvpatch.bank.pairs"
 
 
-@dataclass
+@dataclass(eq=False)  # vectors is an array: a generated __eq__ would fail on it
 class Bank:
     names: list[str]  # one relation per row
     vectors: np.ndarray  # (k, d) float32, added at the last token of a zero-shot prompt
@@ -31,8 +31,11 @@ class Bank:
     source: str = ""  # the file or folder it was loaded from, which errors name
 
     def __post_init__(self):
-        self.vectors = np.asarray(self.vectors, dtype=np.float32)
         where = f"{self.source}: " if self.source else ""
+        try:
+            self.vectors = vectorfile.float32_array(self.vectors, "bank vectors")
+        except FvpatchError as e:
+            raise FvpatchError(f"{where}{e}") from None
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.names):
             raise FvpatchError(f"{where}a bank needs one vector per name: {len(self.names)} names, vectors of shape {self.vectors.shape}")
         if len(set(self.names)) != len(self.names):
@@ -114,9 +117,11 @@ def load_bank(path: str | Path) -> Bank:
 
 def save_bank(bank: Bank, path: str | Path, overwrite: bool = False) -> Path:
     """One vector file: a row per relation (positions all -1, the last token), names and extra metadata kept."""
-    meta = dict(bank.meta)
-    meta[NAMES_KEY] = json.dumps(bank.names, ensure_ascii=False)
-    meta[PAIRS_KEY] = json.dumps(bank.trained_on, ensure_ascii=False)
-    meta["fvpatch.method"] = "bank of function vectors"
+    try:
+        vectorfile.check_meta(bank.meta, "Bank", owned=(NAMES_KEY, PAIRS_KEY))
+    except FvpatchError as e:
+        raise type(e)(f"cannot save {path}: {e}") from None
+    meta = {"fvpatch.method": "bank of function vectors", **bank.meta, NAMES_KEY: json.dumps(bank.names, ensure_ascii=False),
+            PAIRS_KEY: json.dumps(bank.trained_on, ensure_ascii=False)}
     vf = vectorfile.VectorFile(bank.tensor, bank.vectors, [-1] * len(bank), bank.model, mode="add", meta=meta)
     return vectorfile.save(vf, path, overwrite)

@@ -29,7 +29,7 @@ FVPATCH_KEY = "fvpatch.vectors"  # what an fvpatch export was made of, so that i
 MODEL_PREFIX = "fvpatch.model."
 
 
-@dataclass
+@dataclass(eq=False)  # directions holds arrays: a generated __eq__ would fail on them
 class ControlVector:
     directions: dict[int, np.ndarray]  # block N >= 1 -> (n_embd,) float32, added to l_out-N
     model_hint: str  # the model's architecture, e.g. "qwen2"
@@ -38,17 +38,22 @@ class ControlVector:
     writer: str = "fvpatch"  # fvpatch, repeng or llama.cpp cvector-generator: how to read where it was measured
 
     def __post_init__(self):
-        if not self.directions:
-            raise FvpatchError("a control vector needs at least one direction")
+        if not isinstance(self.directions, dict) or not self.directions:
+            raise FvpatchError("a control vector needs at least one direction: a dict of block number -> vector")
+        for n in self.directions:
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+                raise FvpatchError(f"a control vector's directions are keyed by block number (an integer >= 1), got {n!r}")
+            if n < 1:
+                raise FvpatchError(f"a control vector has no direction for block 0 (llama.cpp never applies one there); got block {n}")
+        self.directions = {int(n): vectorfile.float32_array(v, f"direction.{n}") for n, v in self.directions.items()}
+        for n, v in self.directions.items():
+            if v.ndim != 1 or len(v) == 0:
+                raise FvpatchError(f"direction.{n} must be a non-empty 1-D vector (one value per embedding dimension), got shape {v.shape}")
+            if not np.isfinite(v).all():
+                raise FvpatchError(f"direction.{n} holds NaN or inf values")
         widths = {len(v) for v in self.directions.values()}
         if len(widths) != 1:
             raise FvpatchError(f"a control vector's directions must share one width, got {sorted(widths)}")
-        bad = [n for n in self.directions if n < 1]
-        if bad:
-            raise FvpatchError(f"a control vector has no direction for block 0 (llama.cpp never applies one there); got block {bad[0]}")
-        for n, v in self.directions.items():
-            if not np.isfinite(v).all():
-                raise FvpatchError(f"direction.{n} holds NaN or inf values")
 
     @property
     def n_embd(self) -> int:

@@ -13,8 +13,10 @@ exactly and `VectorFile.dtype` says what was stored; any other dtype, and any Na
 
 import json
 import math
+import numbers
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ APPLY_AT = ("last", "all")  # fvpatch.apply_at: the last prompt token (and gener
 DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # BF16: the high half of an f32
 MAX_HEADER_BYTES = 16 << 20  # headers take KBs (a bank's, 14 KB; a saved prompt adds its text): a longer one is not read
 MAX_POSITION = 2**31 - 1  # llama.cpp positions are int32
+CORE_KEYS = ("fvpatch.format", "fvpatch.creator", "fvpatch.tensor", "fvpatch.layer", "fvpatch.positions", "fvpatch.mode", "fvpatch.scale")
 
 _INT = re.compile(r"0|-?[1-9][0-9]{0,17}")
 _DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # what repr(float) writes, less nan/inf
@@ -42,7 +45,7 @@ class VectorFileError(FvpatchError):
     pass
 
 
-@dataclass
+@dataclass(eq=False)  # rows is an array: a generated __eq__ would fail on it; two VectorFiles are equal only when they are one
 class VectorFile:
     tensor: str  # graph tensor name, e.g. "l_out-9"
     rows: np.ndarray  # float32, (n_rows, width)
@@ -54,7 +57,9 @@ class VectorFile:
     dtype: str = "F32"  # how the rows were stored; load converts F16 and BF16 to float32 exactly, save writes F32
 
     def __post_init__(self):
-        self.rows = np.asarray(self.rows, dtype=np.float32)
+        if type(self.tensor) is not str or self.tensor == "__metadata__":  # safetensors keeps its metadata under that key
+            raise VectorFileError(f"tensor must be a graph tensor name such as 'l_out-9', got {_shown(self.tensor)}")
+        self.rows = float32_array(self.rows, "vector rows")
         if self.rows.ndim == 1:
             self.rows = self.rows[None, :]
         if self.rows.ndim != 2 or 0 in self.rows.shape:
@@ -64,11 +69,12 @@ class VectorFile:
         self.positions = [int(p) for p in self.positions]
         if len(self.positions) != len(self.rows):
             raise VectorFileError(f"{len(self.rows)} rows but {len(self.positions)} positions")
-        if self.mode not in MODES:
-            raise VectorFileError(f"mode must be one of {MODES}, got {_shown(self.mode)}")
-        self.scale = float(self.scale)
-        if not math.isfinite(self.scale):
-            raise VectorFileError(f"scale must be a finite number, got {self.scale}")
+        if self.model is None:  # a model loaded from a Hugging Face folder has no GGUF fingerprint: applying it needs --force
+            self.model = {}
+        if not isinstance(self.model, dict) or not all(type(k) is str for k in self.model):
+            raise VectorFileError(f"model must be a fingerprint (a dict with string keys, as Session.fingerprint() returns), got {_shown(self.model)}")
+        self.mode = check_mode(self.mode)
+        self.scale = check_scale(self.scale)
         if self.dtype not in DTYPES:
             raise VectorFileError(f"dtype must be one of {list(DTYPES)}, got {_shown(self.dtype)}")
         bad = ~np.isfinite(self.rows)
@@ -97,6 +103,7 @@ class VectorFile:
         raise VectorFileError(f"the file holds rows for tokens {self.positions}; choose one with {option}")
 
     def metadata(self) -> dict[str, str]:
+        check_meta(self.meta, "VectorFile")  # here, not at construction: callers fill meta in after (report_ffv stamps test results)
         out = {
             "fvpatch.format": FORMAT_VERSION,
             "fvpatch.creator": f"fvpatch {__version__}",
@@ -111,10 +118,59 @@ class VectorFile:
         return out
 
 
+def float32_array(value, what: str) -> np.ndarray:
+    """`value` as a float32 array: real numbers only (numpy would cast strings, and drop the imaginary part of
+    complex ones); a torch tensor of any float dtype goes through float32, as numpy has no bfloat16."""
+    torch = sys.modules.get("torch")  # not imported here: a tensor can only come from a caller that imported it
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        value = (value.float() if value.is_floating_point() else value).numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as e:  # ragged nested lists, objects numpy cannot hold
+        raise VectorFileError(f"{what} must be an array of numbers ({_shown(str(e))})") from None
+    if array.dtype.kind not in "iuf":
+        raise VectorFileError(f"{what} must be real numbers, got an array of {array.dtype}")
+    return array.astype(np.float32)
+
+
+def check_mode(mode) -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise VectorFileError(f"mode must be one of {MODES}, got {_shown(mode)}")
+    return mode
+
+
+def check_scale(scale) -> float:
+    """A finite real number as a float; a bool or a string is not one (float() would take True and '1e3')."""
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        try:
+            if math.isfinite(float(scale)):
+                return float(scale)
+        except OverflowError:  # an int beyond float's range
+            pass
+    raise VectorFileError(f"scale must be a finite number, got {_shown(scale)}")
+
+
+def check_meta(meta, owner: str, owned: tuple[str, ...] = ()) -> None:
+    """Extra metadata: string keys, none of them one that save writes from `owner`'s own fields (the CORE_KEYS,
+    fvpatch.model.*, and `owned`), which meta would otherwise silently overwrite."""
+    if not isinstance(meta, dict) or not all(type(k) is str for k in meta):
+        raise VectorFileError(f"{owner}.meta must be a dict with string keys, got {_shown(meta)}")
+    clash = sorted(k for k in meta if k in CORE_KEYS or k in owned or k.startswith("fvpatch.model."))
+    if clash:
+        raise VectorFileError(f"{owner}.meta may not set {', '.join(map(repr, clash))}: save writes those keys itself, from the {owner}'s own fields")
+
+
 def save(vf: VectorFile, path: str | Path, overwrite: bool = False) -> Path:
-    """Write atomically: a crash mid-write never leaves a truncated file, and nothing is replaced unless asked."""
+    """Write atomically: a crash mid-write never leaves a truncated file, and nothing is replaced unless asked.
+    The metadata is checked as load checks it, so that nothing is written that load would refuse."""
+    try:
+        meta = vf.metadata()
+        _checked_metadata(vf.tensor, meta)
+    except VectorFileError as e:
+        raise VectorFileError(f"cannot save {path}: {e}") from None
     (path,) = check_outputs([path], force=overwrite)
-    return write_bytes(path, _st_save({vf.tensor: vf.rows}, metadata=vf.metadata()))
+    return write_bytes(path, _st_save({vf.tensor: vf.rows}, metadata=meta))
 
 
 def load(path: str | Path) -> VectorFile:
@@ -123,12 +179,17 @@ def load(path: str | Path) -> VectorFile:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
             header, data_len = _read_header(f, size)
-            meta = _fvpatch_metadata(header)
+            meta = header.get("__metadata__")
+            if meta is None:
+                raise VectorFileError("not an fvpatch vector file (no __metadata__)")
             name, dtype, shape = _tensor_entry(header, data_len)
+            positions, scale = _checked_metadata(name, meta)
             data = f.read(data_len)
         if len(data) != data_len:
             raise VectorFileError("not a valid safetensors vector file (it changed while it was read)")
-        return _vector_file(name, _float32_rows(data, dtype, shape), dtype, meta)
+        model = {k.removeprefix("fvpatch.model."): v for k, v in meta.items() if k.startswith("fvpatch.model.")}
+        extra = {k: v for k, v in meta.items() if k not in CORE_KEYS and not k.startswith("fvpatch.model.")}
+        return VectorFile(name, _float32_rows(data, dtype, shape), positions, model, meta["fvpatch.mode"], scale, extra, dtype)
     except OSError as e:
         raise VectorFileError(f"{path}: cannot read it ({e.strerror or e})") from None
     except VectorFileError as e:
@@ -185,17 +246,6 @@ def _read_header(f, size: int) -> tuple[dict, int]:
     return header, size - 8 - n
 
 
-def _fvpatch_metadata(header: dict) -> dict[str, str]:
-    meta = header.get("__metadata__")
-    if meta is None:
-        raise VectorFileError("not an fvpatch vector file (no __metadata__)")
-    if type(meta) is not dict or not all(type(v) is str for v in meta.values()):
-        raise VectorFileError("not a valid safetensors vector file (__metadata__ must map strings to strings)")
-    if meta.get("fvpatch.format") != FORMAT_VERSION:
-        raise VectorFileError(f"not an fvpatch vector file (format {_shown(meta.get('fvpatch.format'))}, expected {FORMAT_VERSION!r})")
-    return meta
-
-
 def _tensor_entry(header: dict, data_len: int) -> tuple[str, str, list[int]]:
     """The one tensor's name, dtype and shape; its bytes must be exactly the rest of the file."""
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
@@ -224,8 +274,14 @@ def _float32_rows(data: bytes, dtype: str, shape: list[int]) -> np.ndarray:
     return raw.astype(np.float32)  # a copy: frombuffer's array is read-only
 
 
-def _vector_file(name: str, rows: np.ndarray, dtype: str, meta: dict[str, str]) -> VectorFile:
-    """Every key whose meaning fvpatch depends on is required and typed; a missing mode is not taken to be replace."""
+def _checked_metadata(name: str, meta) -> tuple[object, float]:
+    """The file's positions (checked further by VectorFile) and scale. Load checks a file's metadata with it and
+    save checks what it writes, so save never writes a file that load refuses. Every key whose meaning fvpatch
+    depends on is required and typed; a missing mode is not taken to be replace."""
+    if type(meta) is not dict or not all(type(k) is str and type(v) is str for k, v in meta.items()):
+        raise VectorFileError("not a valid safetensors vector file (__metadata__ must map strings to strings)")
+    if meta.get("fvpatch.format") != FORMAT_VERSION:
+        raise VectorFileError(f"not an fvpatch vector file (format {_shown(meta.get('fvpatch.format'))}, expected {FORMAT_VERSION!r})")
     for key in ("fvpatch.tensor", "fvpatch.positions", "fvpatch.mode", "fvpatch.scale"):
         if key not in meta:
             raise VectorFileError(f"bad fvpatch metadata: {key} is missing")
@@ -247,10 +303,7 @@ def _vector_file(name: str, rows: np.ndarray, dtype: str, meta: dict[str, str]) 
     n_prompt = _integer(meta, "fvpatch.n_prompt", 1)  # what a negative --from-token-idx counts from
     if n_prompt is not None and type(positions) is list and any(type(p) is int and p >= n_prompt for p in positions):
         raise VectorFileError(f"bad fvpatch metadata: positions {_shown(positions)} reach past the {n_prompt}-token prompt they were saved from")
-    model = {k.removeprefix("fvpatch.model."): v for k, v in meta.items() if k.startswith("fvpatch.model.")}
-    known = {"fvpatch.format", "fvpatch.creator", "fvpatch.tensor", "fvpatch.layer", "fvpatch.positions", "fvpatch.mode", "fvpatch.scale"}
-    extra = {k: v for k, v in meta.items() if k not in known and not k.startswith("fvpatch.model.")}
-    return VectorFile(name, rows, positions, model, meta["fvpatch.mode"], scale, extra, dtype)
+    return positions, scale
 
 
 def positions_top1(meta: dict[str, str]) -> dict[str, int] | None:

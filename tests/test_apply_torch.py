@@ -73,3 +73,34 @@ def test_refuses_another_model(tiny_lm, exact_session):
         pass
     with patched(tiny_lm.model, vf, force=True):
         pass
+
+
+@pytest.mark.parametrize("how, error", [
+    (dict(scale=float("nan")), "scale must be a finite number, got nan"),
+    (dict(scale=float("inf")), "scale must be a finite number"),
+    (dict(scale="2"), "scale must be a finite number, got '2'"),
+    (dict(mode="ad"), r"mode must be one of \('replace', 'add'\), got 'ad'"),
+    (dict(mode="replace", all_tokens=True), "a vector patched at every token is added"),
+])
+def test_bad_arguments_are_refused_before_any_forward(tiny_lm, exact_session, how, error):
+    """A NaN scale used to give NaN logits, and a misspelt mode to fail only at the first forward."""
+    vf = vectorfile.VectorFile("l_out-1", np.ones(exact_session.n_embd), [-1], exact_session.fingerprint(), mode="add")
+    with pytest.raises(FvpatchError, match=error), patched(tiny_lm.model, vf, **how):
+        pytest.fail("the block was entered")
+    block = tiny_lm.model.model.layers[1]
+    assert not block._forward_hooks  # nothing left registered
+
+
+def test_a_shipped_name_is_the_copy_made_for_the_loaded_model(gemma_lm):
+    from fvpatch.shipped import VECTORS_DIR
+
+    own = vectorfile.load(VECTORS_DIR / "gemma-3-270m" / "antonym.ffv.safetensors")
+    with patched(gemma_lm, "antonym.ffv") as vf:
+        assert vf.model == own.model and np.array_equal(vf.rows, own.rows)
+    with patched(gemma_lm, "gemma-3-270m/analogy.bank#antonym") as vf:  # one relation of a bank, as `fvpatch patch` takes it
+        assert vf.model["name"] == own.model["name"] and vf.tensor == "l_out-4"
+    # a bare transformers model has no GGUF fingerprint to choose by: the folder-qualified name is needed
+    with pytest.raises(FvpatchError, match="'antonym.ffv' matches several shipped vectors"), patched(gemma_lm.model, "antonym.ffv"):
+        pass
+    with patched(gemma_lm.model, "gemma-3-270m/antonym.ffv") as vf:
+        assert np.array_equal(vf.rows, own.rows)

@@ -228,3 +228,19 @@ def test_shipped_bank_is_the_shipped_ffvs_and_solves_an_analogy(gemma_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["answer"] == "short" and out["weights"][0]["relation"] == "antonym"
+
+
+def test_bank_meta_keeps_its_method_and_cannot_set_the_bank_keys(tmp_path):
+    torch = pytest.importorskip("torch")
+    vectors = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.0, 0.0, -0.5, 4.0]], dtype=torch.bfloat16)  # exact in bfloat16
+    bank = Bank(["a", "b"], vectors, "l_out-1", {}, meta={"fvpatch.method": "averaged FVs", "fvpatch.cfv.note": "x"})
+    assert bank.vectors.dtype == np.float32 and bank == bank and bank != Bank(["a", "b"], bank.vectors, "l_out-1", {})
+    back = load_bank(save_bank(bank, tmp_path / "bank.safetensors"))
+    assert back.meta == {"fvpatch.method": "averaged FVs", "fvpatch.cfv.note": "x"} and np.array_equal(back.vectors, bank.vectors)
+    assert load_bank(save_bank(Bank(["a"], np.ones((1, 4)), "l_out-1", {}), tmp_path / "plain.safetensors")).meta == {
+        "fvpatch.method": "bank of function vectors"}
+    back.meta["fvpatch.bank.names"] = '["c", "d"]'  # would have been overwritten by the names, silently
+    with pytest.raises(FvpatchError, match="Bank.meta may not set 'fvpatch.bank.names'"):
+        save_bank(back, tmp_path / "again.safetensors")
+    with pytest.raises(FvpatchError, match="bank vectors must be real numbers"):
+        Bank(["a"], [["x", "y"]], "l_out-1", {})

@@ -151,3 +151,30 @@ def test_exportable_says_what_export_takes(tiny_session):
     bank_row = _vector(tiny_session, 2)
     bank_row.meta[NAMES_KEY] = '["antonym"]'  # a bank exports one relation at a time, as BANK#RELATION
     assert not controlvector.exportable(bank_row)
+
+
+@pytest.mark.parametrize("directions, error", [
+    ({"1": np.ones(8)}, r"keyed by block number \(an integer >= 1\), got '1'"),
+    ({True: np.ones(8)}, "keyed by block number"),
+    ({1.0: np.ones(8)}, "keyed by block number"),
+    ({0: np.ones(8)}, "block 0"),
+    ({1: np.ones((2, 8))}, r"direction.1 must be a non-empty 1-D vector .* got shape \(2, 8\)"),
+    ({1: np.ones(0)}, "direction.1 must be a non-empty 1-D vector"),
+    ({1: np.ones(8), 2: np.ones(4)}, r"share one width, got \[4, 8\]"),
+    ({1: ["a"] * 8}, "direction.1 must be real numbers"),
+    ({}, "at least one direction"),
+    ([np.ones(8)], "at least one direction"),
+])
+def test_control_vectors_made_in_code_are_checked(directions, error):
+    with pytest.raises(FvpatchError, match=error) as err:
+        controlvector.ControlVector(directions, "llama")
+    assert "\n" not in str(err.value)
+
+
+def test_control_vector_directions_become_float32_vectors(tmp_path):
+    torch = pytest.importorskip("torch")
+    cv = controlvector.ControlVector({np.int64(2): torch.full((8,), 0.5, dtype=torch.bfloat16), 1: [1] * 8}, "llama")
+    assert sorted(cv.directions) == [1, 2] and all(type(n) is int and v.dtype == np.float32 for n, v in cv.directions.items())
+    assert cv.n_embd == 8 and cv == cv and cv != controlvector.ControlVector(dict(cv.directions), "llama")
+    back = controlvector.load(controlvector.save(cv, tmp_path / "cv.gguf"))
+    np.testing.assert_array_equal(back.directions[2], np.full(8, 0.5, np.float32))

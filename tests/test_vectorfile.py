@@ -351,13 +351,78 @@ def test_patch_refuses_a_product_that_overflows(tmp_path, saved, tiny_gguf):
 @pytest.mark.parametrize("rows, positions, scale, match", [
     (np.full((1, 4), np.nan), [-1], 1.0, "NaN or inf"),
     (np.ones((1, 4)), [-1], float("inf"), "scale must be a finite number"),
+    (np.ones((1, 4)), [-1], "abc", "scale must be a finite number, got 'abc'"),
+    (np.ones((1, 4)), [-1], True, "scale must be a finite number, got True"),
+    (np.ones((1, 4)), [-1], 10**400, "scale must be a finite number"),
     (np.ones((1, 4)), [1.5], 1.0, "positions must be a list"),
     (np.ones((0, 4)), [], 1.0, "non-empty"),
+    ([["a", "b"]], [-1], 1.0, "vector rows must be real numbers, got an array of <U1"),
+    ([[1.0, 2.0], [3.0]], [0, 1], 1.0, "vector rows must be an array of numbers"),
+    (np.ones((1, 4)) * 1j, [-1], 1.0, "vector rows must be real numbers, got an array of complex128"),
 ])
 def test_vector_files_made_in_code_are_checked_before_saving(tmp_path, rows, positions, scale, match):
-    with pytest.raises(VectorFileError, match=match):
+    with pytest.raises(VectorFileError, match=match) as err:
         save(VectorFile("l_out-1", rows, positions, {}, "add", scale), tmp_path / "v.safetensors")
+    assert "\n" not in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_torch_rows_of_any_float_dtype_are_taken_through_float32(tmp_path):
+    torch = pytest.importorskip("torch")
+    values = torch.tensor([[1.5, -2.0, 3.25, 0.0078125]])  # exact in bfloat16 and float16
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        vf = VectorFile("l_out-1", values.to(dtype).requires_grad_(), [-1], {}, "add")
+        assert vf.rows.dtype == np.float32 and np.array_equal(vf.rows, values.numpy())
+    assert np.array_equal(load(save(vf, tmp_path / "v.safetensors")).rows, values.numpy())
+
+
+def test_vector_files_compare_without_a_traceback():
+    a, b = (VectorFile("l_out-1", np.ones(4), [-1], {}, "add") for _ in range(2))
+    assert a == a and a != b  # one object is itself; two are not compared element by element
+
+
+# keys the VectorFile's own fields write; meta used to overwrite them (a mode add vector reloaded as replace)
+@pytest.mark.parametrize("key, value", [("fvpatch.mode", "replace"), ("fvpatch.scale", "3.0"), ("fvpatch.layer", "7"),
+                                        ("fvpatch.format", "2"), ("fvpatch.positions", "[0]"), ("fvpatch.tensor", "l_out-2"),
+                                        ("fvpatch.creator", "me"), ("fvpatch.model.n_embd", "64")])
+def test_meta_cannot_override_what_the_fields_write(tmp_path, key, value):
+    path = tmp_path / "v.safetensors"
+    with pytest.raises(VectorFileError, match=rf"^cannot save {path}: VectorFile.meta may not set '{key}': save writes those keys itself"):
+        save(VectorFile("l_out-4", np.ones(4), [-1], {}, mode="add", meta={key: value}), path)
+    late = VectorFile("l_out-4", np.ones(4), [-1], {}, mode="add")
+    late.meta[key] = value  # meta filled in after construction is checked too
+    with pytest.raises(VectorFileError, match="may not set"):
+        save(late, path)
+    with pytest.raises(VectorFileError, match="may not set"):
+        save_bank(Bank(["a"], np.ones((1, 4)), "l_out-4", {}, meta={key: value}), path)
+    for owned in ("fvpatch.bank.names", "fvpatch.bank.pairs"):
+        with pytest.raises(VectorFileError, match=rf"^cannot save {path}: Bank.meta may not set '{owned}'"):
+            save_bank(Bank(["a"], np.ones((1, 4)), "l_out-4", {}, meta={owned: "[]"}), path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("tensor, rows, positions, model, meta, match", [
+    ("l_out-4", np.ones((3, 4)), [0, 5, 9], {}, {"fvpatch.n_prompt": "3"}, "positions \\[0, 5, 9\\] reach past the 3-token prompt"),
+    ("l_out-4", np.ones(4), [-1], {}, {"fvpatch.n_prompt": "x"}, "fvpatch.n_prompt must be an integer >= 1, got 'x'"),
+    ("l_out-4", np.ones(4), [-1], {"n_embd": "abc"}, {}, "fvpatch.model.n_embd must be an integer >= 1, got 'abc'"),
+    ("l_out-4", np.ones(4), [-1], {"n_layer": 0}, {}, "fvpatch.model.n_layer must be an integer >= 1, got '0'"),
+    ("l_out-4", np.ones(4), [-1], {}, {"fvpatch.test_top1": "1.5"}, "accuracy in \\[0, 1\\]"),
+    ("l_out-4", np.ones(4), [-1], {}, {"fvpatch.apply_at": "every"}, "fvpatch.apply_at must be one of"),
+    ("l_out-4", np.ones(4), [-1], {}, {"fvpatch.positions_top1": "{}"}, "fvpatch.positions_top1 must be"),
+    ("l_out-4", np.ones(4), [-1], {}, {1: "x"}, "VectorFile.meta must be a dict with string keys"),
+])
+def test_save_refuses_what_load_would_refuse(tmp_path, tensor, rows, positions, model, meta, match):
+    """save checks its metadata with load's own checks: it never writes a file that load refuses."""
+    path = tmp_path / "v.safetensors"
+    with pytest.raises(VectorFileError, match=rf"^cannot save {path}: .*{match}"):
+        save(VectorFile(tensor, rows, positions, model, "add", meta=meta), path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_tensor_named_like_the_metadata_is_refused():
+    for name in ("__metadata__", 4, None):
+        with pytest.raises(VectorFileError, match="tensor must be a graph tensor name"):
+            VectorFile(name, np.ones(4), [-1], {}, "add")
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -372,3 +437,11 @@ def test_bank_metadata_is_typed(tmp_path, key, value, match):
     path.write_bytes(join(header, data))
     with pytest.raises(VectorFileError, match=match):
         load_bank(path)
+
+
+def test_a_vector_of_a_model_without_a_fingerprint_saves_and_needs_force(tmp_path):
+    """A model loaded from a Hugging Face folder has no GGUF fingerprint (None): its vectors used to fail to save."""
+    path = save(VectorFile("l_out-1", np.ones(4), [-1], None, "add"), tmp_path / "hf.safetensors")
+    assert load(path).model == {}
+    with pytest.raises(VectorFileError, match="model must be a fingerprint"):
+        VectorFile("l_out-1", np.ones(4), [-1], "gemma")

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 import torch
 
 from fvpatch import vectorfile
+from fvpatch.cli import load_vector
 from fvpatch.errors import FvpatchError
-from fvpatch.shipped import vector_path
 from train.hooks import decoder_layer, patch_output
+from train.model import LoadedModel
 
 
 def check_model(vf: vectorfile.VectorFile, model, force: bool = False):
@@ -38,8 +39,17 @@ def check_model(vf: vectorfile.VectorFile, model, force: bool = False):
 @contextmanager
 def patched(model, vector, token: int = -1, row: int | None = None, every_token: bool = False, all_tokens: bool | None = None,
             mode: str | None = None, scale: float | None = None, force: bool = False):
-    """Inside the block, every forward of `model` carries the vector (a path, a shipped name or a VectorFile)."""
-    vf = vector if isinstance(vector, vectorfile.VectorFile) else vectorfile.load(vector_path(str(vector)))
+    """Inside the block, every forward of `model` carries the vector (a VectorFile, a path, BANK#RELATION or a
+    shipped name). `model` is a transformers model, or train.model's LoadedModel, whose GGUF fingerprint picks the
+    shipped vector made for it where several models ship one by that name (a bare transformers model needs the
+    folder-qualified name, e.g. "gemma-3-270m/antonym.ffv")."""
+    # checked here, not at the first forward, which may be long after the vector was loaded
+    mode = None if mode is None else vectorfile.check_mode(mode)
+    scale = None if scale is None else vectorfile.check_scale(scale)
+    fingerprint = None
+    if isinstance(model, LoadedModel):
+        model, fingerprint = model.model, model.fingerprint
+    vf = vector if isinstance(vector, vectorfile.VectorFile) else load_vector(str(vector), fingerprint)
     check_model(vf, model, force)
     if vf.layer is None or not vf.tensor.startswith("l_out-"):
         raise FvpatchError(f"the PyTorch side patches block outputs (l_out-L); this vector is for {vf.tensor!r}")
@@ -47,6 +57,8 @@ def patched(model, vector, token: int = -1, row: int | None = None, every_token:
     mode = mode or vf.mode
     scale = vf.scale if scale is None else scale
     everywhere = vf.meta.get("fvpatch.apply_at") == "all" if all_tokens is None else all_tokens
+    if everywhere and mode != "add":
+        raise FvpatchError("a vector patched at every token is added to the residual; mode replace would overwrite every token")
     param = next(model.parameters())
     v = torch.from_numpy(vf.row(row)).to(param.device, param.dtype)
 
