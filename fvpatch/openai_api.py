@@ -214,9 +214,12 @@ def _request_vector(name: str, fp: dict, folder: Path) -> Path:
     """A shipped vector, or a file inside the server's vector folder: a client may not read, or learn of, any
     other file on the server's machine (with CORS open, any web page the user visits is such a client)."""
     root = folder.resolve()
-    path = (root / name).resolve()
-    if path.is_relative_to(root) and path.is_file():
-        return path
+    try:
+        path = (root / name).resolve()
+        if path.is_relative_to(root) and path.is_file():
+            return path
+    except (OSError, RuntimeError):  # a name too long for the filesystem, a loop of links: no such vector either
+        pass
     try:
         return find_vector(name, fp)
     except NotFound:

@@ -64,10 +64,11 @@ class Generator:
         return read_request(self.session, body, chat, self.graph, self.vectors, self.vector_dir)
 
     def submit(self, req: Request) -> list[Job]:
-        """One job per choice, all at once, so free slots take them together; with n > 1 each draws its own."""
+        """One job per choice, all at once, so free slots take them together; each choice draws with its own seed
+        (the request's plus the choice's index)."""
         return [self.slots.submit(tokens, req.patches, max(req.max_tokens, 1), req.temperature, req.top_p,
-                                  None if req.seed is None else req.seed + j, req.top_logprobs, req.echo)
-                for tokens in req.prompts for j in range(req.n)]
+                                  None if req.seed is None else req.seed + i * req.n + j, req.top_logprobs, req.echo)
+                for i, tokens in enumerate(req.prompts) for j in range(req.n)]
 
     def collect(self, job: Job, req: Request, emit=None, gone=lambda: False) -> Generated:
         """The job's completion, calling emit(text, steps, offsets) as text arrives, with the log-probabilities of
@@ -128,6 +129,7 @@ class Generator:
 def make_handler(gen: Generator):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        timeout = 120  # seconds a socket may stall: a body that never arrives, a client that never reads its stream
 
         def log_message(self, fmt, *args):  # one line per request on stderr, as llama-server does
             if not getattr(self.server, "quiet", False):
@@ -148,14 +150,22 @@ def make_handler(gen: Generator):
             if self.command != "HEAD":
                 self.wfile.write(data)
 
-        def _error(self, status: int, message: str):
+        def _error(self, status: int, message: str, allow: str | None = None):
             kind = "invalid_request_error" if status < 500 else "server_error"
+            self._allow = allow
             self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+        def send_response(self, code, message=None):
+            super().send_response(code, message)
+            if code == 405 and getattr(self, "_allow", None):
+                self.send_header("Allow", self._allow)
 
         def _route(self) -> str:
             return urlsplit(self.path).path.rstrip("/") or "/"
 
         def do_GET(self):
+            if not self._skip_body():
+                return
             route = self._route()
             model = {"id": gen.model_name, "object": "model", "created": gen.created, "owned_by": "fvpatch"}
             if route == "/v1/models":
@@ -167,13 +177,15 @@ def make_handler(gen: Generator):
             elif route == "/health":
                 self._json(200, {"status": "ok"})
             elif route in POST_ROUTES:
-                self._error(405, f"{route} takes POST")
+                self._error(405, f"{route} takes POST", allow="POST, OPTIONS")
             else:
                 self._error(404, f"no such endpoint: GET {route}")
 
         do_HEAD = do_GET
 
         def do_OPTIONS(self):  # a browser's preflight before a cross-origin POST with a JSON body
+            if not self._skip_body():
+                return
             self.send_response(204)
             self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
             self.send_header("Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers") or "Content-Type, Authorization")
@@ -182,20 +194,41 @@ def make_handler(gen: Generator):
 
         def _not_allowed(self):
             self.close_connection = True  # its body, if any, is unread
-            self._error(405, f"{self.command} is not supported; the API takes GET and POST")
+            self._error(405, f"{self.command} is not supported; the API takes GET and POST", allow="GET, POST, OPTIONS")
 
         do_PUT = do_DELETE = do_PATCH = _not_allowed
 
-        def _body(self) -> bytes:
+        def _body(self, required: bool = True) -> bytes:
+            """The request's body, read whole, so that what follows on the connection is the next request."""
             if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
                 raise Refused(411, "send the request body with a Content-Length; chunked bodies are not read")
+            if self.headers.get("Content-Length") is None:
+                if required:  # the body, if one follows, would be read as the next request
+                    raise Refused(411, "a POST needs a Content-Length")
+                return b""
             try:
-                length = int(self.headers.get("Content-Length") or 0)
+                length = int(self.headers["Content-Length"])
             except ValueError:
                 raise Refused(400, "Content-Length is not a number") from None
             if not 0 <= length <= MAX_BODY:
                 raise Refused(413, f"the request body must be at most {MAX_BODY} bytes")
-            return self.rfile.read(length)
+            try:
+                raw = self.rfile.read(length)
+            except TimeoutError:
+                raise Refused(408, f"the request body did not arrive within {self.timeout} s") from None
+            if len(raw) < length:
+                raise Refused(400, f"the request body ended after {len(raw)} of its {length} bytes")
+            return raw
+
+        def _skip_body(self) -> bool:
+            """Read and drop a body sent where none is used (GET, HEAD, OPTIONS); False once refused."""
+            try:
+                self._body(required=False)
+                return True
+            except Refused as e:
+                self.close_connection = True
+                self._error(e.status, str(e))
+                return False
 
         def _gone(self) -> bool:
             """The client has closed its end: its socket reads as ended (a pipelined request would read as data)."""
@@ -212,8 +245,10 @@ def make_handler(gen: Generator):
                 self.close_connection = True
                 return self._error(e.status, str(e))
             route = self._route()
+            if route in GET_ROUTES or route == f"/v1/models/{gen.model_name}":
+                return self._error(405, f"{route} takes GET", allow="GET, HEAD, OPTIONS")
             if route not in POST_ROUTES:
-                return self._error(405 if route in GET_ROUTES else 404, f"{route} takes GET" if route in GET_ROUTES else f"no such endpoint: POST {route}")
+                return self._error(404, f"no such endpoint: POST {route}")
             chat = route.endswith("chat/completions")
             try:
                 try:
@@ -229,6 +264,9 @@ def make_handler(gen: Generator):
                 req = gen.read(body, chat)
             except (FvpatchError, ValueError, IndexError) as e:
                 return self._error(400, str(e).splitlines()[0])
+            except Exception as e:  # noqa: BLE001 - a bug must not drop the connection without a word
+                traceback.print_exc()
+                return self._error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             base = {"id": rid, "created": int(time.time()), "model": gen.model_name}
             try:
@@ -317,6 +355,7 @@ def tokenizer_call(session: Session, route: str, body: dict) -> dict:
 
 class VectorServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # socketserver's 5 resets clients that connect together while the threads are busy
 
     def server_close(self):
         super().server_close()

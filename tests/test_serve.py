@@ -99,6 +99,7 @@ def test_streaming_gives_the_same_text(client):
     ([{"vector": "no-such-vector"}], "neither a shipped vector nor a file in the server.s vector folder"),
     ([{"vector": "/etc/passwd"}], "neither a shipped vector nor a file in the server.s vector folder"),
     ([{"vector": "../../../../etc/passwd"}], "neither a shipped vector nor a file"),
+    ([{"vector": "a" * 300}], "neither a shipped vector nor a file"),  # too long a name for the filesystem: was a dropped connection
     ([{"vector": "antonym.ffv", "scale": "big"}], "scale must be a finite number"),
     ([{"vector": "antonym.ffv", "positions": "middle"}], "positions must be"),
     ([{"vector": "antonym.taskvec", "positions": "all"}], "only an added vector"),
@@ -341,17 +342,33 @@ def test_http_edges_get_json_answers_and_keep_the_connection_usable(server):
                        ("GET", "/v1/models?api-version=1", None, None),
                        ("GET", "/v1/models/gemma-3-270m", None, None),
                        ("GET", "/health", None, None),
-                       ("OPTIONS", "/v1/completions", None, {"Access-Control-Request-Headers": "content-type"}),
+                       ("OPTIONS", "/v1/completions", "hello", {"Access-Control-Request-Headers": "content-type"}),
+                       ("GET", "/health", "a body nobody reads", None),  # read and dropped, so the next request parses
                        ("PUT", "/v1/completions", None, None))
     status = [a[0] for a in answers]
-    assert status == [404, 200, 405, 405, 400, 400, 200, 200, 200, 204, 405]
+    assert status == [404, 200, 405, 405, 400, 400, 200, 200, 200, 204, 200, 405]
+    assert answers[2][1]["Allow"] == "POST, OPTIONS" and answers[3][1]["Allow"] == "GET, HEAD, OPTIONS"
     assert b"not JSON" in answers[4][2] and b"not UTF-8" in answers[5][2]
     assert json.loads(answers[7][2])["created"] > 0 and json.loads(answers[8][2]) == {"status": "ok"}
     assert all(a[1]["Access-Control-Allow-Origin"] == "*" for a in answers)
-    assert json.loads(answers[10][2])["error"]["message"].startswith("PUT is not supported")
+    assert json.loads(answers[11][2])["error"]["message"].startswith("PUT is not supported")
     # a chunked body is refused, and the connection closed: its chunks would read as the next request
     (status, headers, body), = exchange(server, ("POST", "/v1/completions", iter([ok.encode()]), {"Transfer-Encoding": "chunked"}))
     assert status == 411 and headers["Connection"] == "close"
+
+
+@pytest.mark.parametrize("head,says", [
+    (b"POST /v1/completions HTTP/1.1\r\n\r\n", b"411"),  # no Content-Length: a body would be read as the next request
+    (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 40\r\n\r\n{}", b"ended after 2 of its 40 bytes"),
+])
+def test_a_body_that_cannot_be_read_whole_is_refused_and_the_connection_closed(server, head, says):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30) as sock:
+        sock.sendall(head)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b"".join(iter(lambda: sock.recv(4096), b""))  # to the end: the server closes
+    assert says in answer and b"Connection: close" in answer
 
 
 def test_sampling_fields(server):
