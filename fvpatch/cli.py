@@ -211,9 +211,9 @@ def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_j
 def load_vector(spec: str, model: dict | None = None) -> vectorfile.VectorFile:
     """A vector file or shipped name (the one made for `model`, a fingerprint, first), or one relation of a bank (a
     bank file or folder) as BANK#RELATION."""
-    path, _, relation = spec.partition("#")
-    if not relation or Path(spec).exists():
+    if "#" not in spec or Path(spec).exists():
         return vectorfile.load(vector_path(spec, model))
+    path, _, relation = spec.rpartition("#")  # a folder of the path may hold a #; a relation never does
     from fvpatch.bank import load_bank
 
     bank = load_bank(vector_path(path, model))
@@ -268,7 +268,7 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
             vf = load_vector(spec, fp)
             fits(spec, vf.model, fp, force)
             everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token_idx is None)  # an asked-for token wins
-            specs.append(Patch(tensor or vf.tensor, file_row(vf, from_token_idx), token, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
+            specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token_idx), token, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         payload = {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits),
                    "patches": [{"tensor": p.tensor, "token": "all" if p.all_tokens else p.token, "mode": p.mode, "scale": p.scale} for p in specs]}
@@ -321,13 +321,16 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
          [f"{n:<24} {'- (not one row per token, or a name several nodes share)' if w is None else w}" for n, w in widths.items()])
 
 
-def file_row(vf: vectorfile.VectorFile, idx: int | None, option: str = "--from-token-idx") -> np.ndarray:
-    """The row of a vector file saved at token `idx`, given with `option` (negative: from the end of the prompt it was
-    saved from)."""
+def file_row(name: str, vf: vectorfile.VectorFile, idx: int | None, option: str = "--from-token-idx") -> np.ndarray:
+    """The row of vector file `name` saved at token `idx`, given with `option` (negative: from the end of the prompt
+    it was saved from); a refusal names the file."""
     position = idx
     if idx is not None and idx < 0 and "fvpatch.n_prompt" in vf.meta:
         position += int(vf.meta["fvpatch.n_prompt"])
-    return vf.row(position, option, idx)
+    try:
+        return vf.row(position, option, idx)
+    except vectorfile.VectorFileError as e:
+        raise vectorfile.VectorFileError(f"{name}: {e}") from None
 
 
 def check_layer(layer: int | None, n_layer: int):

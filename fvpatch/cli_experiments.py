@@ -67,7 +67,7 @@ def reversal(model, n_ctx, n_gpu_layers, layer_spec, n_lists, seed, lengths, ten
 
     \b
     Example:
-      fvpatch reversal --layer 8-20 --n 40 --seed 0 -o reversal.json
+      fvpatch reversal --model qwen2.5-coder-1.5b --layer 8-20 --n 40 --seed 0 -o reversal.json
     """
     try:
         length_tuple = tuple(sorted({int(x) for x in lengths.split(",")}))

@@ -110,7 +110,7 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
         for path, idx, option in [(vector, token_idx, "--token-idx")] + ([(against, against_token_idx, "--against-token-idx")] if against else []):
             vf = load_vector(path, fp)
             fits(path, vf.model, fp, force)
-            rows.append(file_row(vf, idx, option))
+            rows.append(file_row(path, vf, idx, option))
             if not rows[-1].any():  # the final norm leaves it zero: every logit 0, the order of the ties arbitrary
                 raise FvpatchError(f"{path}: the row is all zeros, which promotes no token")
         ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)

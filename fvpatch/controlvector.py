@@ -95,7 +95,8 @@ def from_vectors(items: list[tuple[vectorfile.VectorFile, float, str]]) -> Contr
         with np.errstate(over="ignore"):  # a finite vector times a finite scale can overflow float32: refused below in one line
             summed = directions.get(layer, 0) + vf.rows[0] * np.float32(scale)
         if not np.isfinite(summed).all():
-            raise FvpatchError(f"{origin}: the vector times its scale ({scale:g}) overflows float32; give a smaller --scale")
+            raise FvpatchError(f"{origin}: the vector times its scale ({scale:g}){', added to the others at layer ' + str(layer) if layer in directions else ''} "
+                               "overflows float32; give a smaller --scale")
         directions[layer] = summed
         sources.append({"vector": origin, "tensor": vf.tensor, "scale": repr(float(scale)), "task": vf.meta.get("fvpatch.task", ""),
                         "method": vf.meta.get("fvpatch.method", ""), "positions": vf.meta.get("fvpatch.apply_at", "last")})

@@ -76,7 +76,8 @@ class RowTensor:
         if values.shape != (self.width,):
             raise FvpatchError(f"vector of width {values.shape[-1]} does not fit tensor {self.name!r} of width {self.width}")
         if add:
-            values = self.read(row) + values
+            with np.errstate(over="ignore"):  # a sum past float32 turns to inf: the logits check then names it, in one line
+                values = self.read(row) + values
         raw = np.ascontiguousarray(_from_f32(values, self.type))
         libggml.ggml_backend_tensor_set(self.ptr, raw.ctypes.data, row * self.row_stride, self.row_bytes)
 

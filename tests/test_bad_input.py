@@ -53,6 +53,7 @@ def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
     (d / "five.csv").write_text("input,output\n" + "".join(f"w{i},v{i}\n" for i in range(5)))
     vectorfile.save(vectorfile.VectorFile("l_out-1", np.zeros(N_EMBD), [-1], fp, "add"), d / "zero.safetensors")
     save_bank(Bank(["antonym", "animal-young"], np.ones((2, N_EMBD)), "l_out-1", fp), d / "own-bank.safetensors")
+    vectorfile.save(vectorfile.VectorFile("l_out-1", np.full(N_EMBD, 3e38), [-1], fp, "add"), d / "huge.safetensors")
     return {p.stem.replace("-", "_"): str(p) for p in d.iterdir()}
 
 
@@ -183,6 +184,8 @@ CASES = {
     "cfv --lr 1e300": ([*CFV, "--lr", "1e300"], "is not at most 100"),
     "cfv a relation of your own pairs": (["train", "cfv", *MODEL, "--bank", "{own_bank}", "-o", "{o}/c"], "relation 'animal-young' of the bank is not a vendored task"),
     "cfv from a bad bank": (["train", "cfv", *MODEL, "--bank", "{bad_names}", "-o", "{o}/c"], "fvpatch.bank.names is not valid JSON"),
+    "eval task a vector that records no model": ([*TASK, "--vector", "{nofp}"], "records no model"),
+    "two huge vectors added": ([*PATCH, "--vector", "{huge}", "--vector", "{huge}"], "logits are not finite"),
     "eval task --device without torch": ([*TASK, "--device", "cuda"], "--dtype and --device set the PyTorch engine"),
     "eval task --n -6": ([*TASK, "--n", "-6"], "--n"),
     "eval task --n 0": ([*TASK, "--n", "0"], "--n"),

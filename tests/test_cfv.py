@@ -244,3 +244,13 @@ def test_bank_meta_keeps_its_method_and_cannot_set_the_bank_keys(tmp_path):
         save_bank(back, tmp_path / "again.safetensors")
     with pytest.raises(FvpatchError, match="bank vectors must be real numbers"):
         Bank(["a"], [["x", "y"]], "l_out-1", {})
+
+
+def test_a_bank_relation_in_a_folder_whose_name_holds_a_hash(tmp_path, tiny_bank):
+    from fvpatch.cli import load_vector
+
+    folder = tmp_path / "d#1"
+    folder.mkdir()
+    path = save_bank(tiny_bank, folder / "bank.safetensors")
+    vf = load_vector(f"{path}#{tiny_bank.names[1]}")
+    np.testing.assert_array_equal(vf.rows[0], tiny_bank.vectors[1])

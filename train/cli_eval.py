@@ -75,9 +75,10 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_g
 
 
 @contextmanager
-def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True, n_gpu_layers: int = 0):
-    """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (`lm`: torch's,
-    if loaded); llama.cpp's context is freed on leaving."""
+def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="float32", device="auto", batched: bool = True, n_gpu_layers: int = 0,
+             force: bool = False):
+    """name -> (predict, tokenize) for the engines asked for, each checked against the vector's model (None: no vector;
+    `force` as `fvpatch patch --force`; `lm`: torch's, if loaded); llama.cpp's context is freed on leaving."""
     from fvpatch.evaluate import llamacpp_predictor
     from fvpatch.models import check_fingerprint, resolve_model
     from fvpatch.session import Session
@@ -86,16 +87,16 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
         out = {}
         if engine in ("llamacpp", "both"):
             s = stack.enter_context(Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()))
-            if vector_model:
-                check_fingerprint(vector_model, s.fingerprint())
+            if vector_model is not None:
+                check_fingerprint(vector_model, s.fingerprint(), force)
             out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
         if engine in ("torch", "both"):
             from train.evaluate import torch_predictor
             from train.model import load_model
 
             lm = lm or load_model(model, device, dtype, cli_threads())
-            if vector_model and lm.fingerprint:
-                check_fingerprint(vector_model, lm.fingerprint)
+            if vector_model is not None and lm.fingerprint:
+                check_fingerprint(vector_model, lm.fingerprint, force)
             out["torch"] = (torch_predictor(lm), lm.tokenize)
         yield out
 
@@ -158,7 +159,7 @@ eval_options = [
     click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the demonstrations drawn."),
     click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."),
     click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here."),
-    click.option("--force", is_flag=True, help="Overwrite the files it writes."),
+    click.option("--force", is_flag=True, help="Overwrite the files it writes; apply a vector that records no model, or one made on another model of the same shape."),
     gpu_layers_option,
 ]
 
@@ -203,7 +204,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     t, tpl = _task_and_template(task, template_name, vf)
     queries = _queries(t, split, n_items)
     results = {}
-    with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time, n_gpu_layers=n_gpu_layers) as engines:
+    with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time, n_gpu_layers=n_gpu_layers, force=force) as engines:
         for name, (predict, tokenize) in engines.items():
             items = build_items(tokenize, tpl, queries, t.train, k, seed, shared_demos=demos == "shared")
             results[name] = evaluate(predict, items, vf)
@@ -266,7 +267,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
         rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
         files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
     results = {}
-    with _engines(engine, model, vf.model if vf else None, lm, dtype, device, n_gpu_layers=n_gpu_layers) as engines:
+    with _engines(engine, model, vf.model if vf else None, lm, dtype, device, n_gpu_layers=n_gpu_layers, force=force) as engines:
         for name, (predict, tokenize) in engines.items():
             items = build_items(tokenize, tpl, queries, t.train, k, seed)
             base = {c: float(v.mean()) for c, v in base_correct(predict, items).items()}
