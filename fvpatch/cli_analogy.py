@@ -2,13 +2,13 @@
 
 import click
 
-from fvpatch.cli import INT32_MAX, emit, fits, main, model_options, open_session
+from fvpatch.cli import INT32_MAX, emit, fits, main, model_options, open_session, vector_path
 
 
 @main.command()
 @model_options
 @click.argument("question", metavar="A:B::C:?")
-@click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
+@click.option("--bank", "bank_path", default=None, metavar="NAME|FILE", help="Bank file with a learned map, or a shipped bank's name (default: the one shipped for the model).")
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Relation weights to show.")
 @click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate.")
 @click.option("--force", is_flag=True, help="Use a bank made on another model.")
@@ -35,6 +35,8 @@ def analogy(model, n_ctx, n_gpu_layers, question, bank_path, top, max_tokens, fo
             if not bank_path.exists():
                 raise click.ClickException(f"no analogy bank is shipped for {fp['name']}; make one from its FFVs with "
                                            f"`fvpatch train cfv --model MODEL` (it writes {bank_path})")
+        else:
+            bank_path = vector_path(bank_path, fp)
         bank = load_bank(bank_path)
         fits(bank_path, bank.model, fp, force)
         cfv_map = CFVMap.from_bank(bank)

@@ -33,6 +33,7 @@ def export_cmd(sources, out, fmt, scales, force):
     """
     if scales and len(scales) != len(sources):
         raise click.UsageError(f"give one --scale per VECTOR ({len(sources)}), or none")
+    _not_an_input(out, [s.rpartition("#")[0] if "#" in s and not Path(s).exists() else s for s in sources])
     check_outputs([out], force)
     loaded = [load_vector(s) for s in sources]
     items = [(vf, scales[i] if scales else vf.scale, sources[i]) for i, vf in enumerate(loaded)]
@@ -86,12 +87,21 @@ def import_cmd(source, out, model, layer, force, as_json):
         _stamp(files, cv, model, source, force)
     folder = len(files) > 1 or out.endswith(("/", os.sep)) or Path(out).is_dir()
     targets = {n: Path(out) / f"l_out-{n}.safetensors" if folder else Path(out) for n in files}
+    for target in targets.values():
+        _not_an_input(target, [source])
     check_outputs(targets.values(), force)
     with together():
         for n, vf in files.items():
             vectorfile.save(vf, targets[n], overwrite=force)
     emit(as_json, {"source": source, "writer": cv.writer, "files": {f"l_out-{n}": str(p) for n, p in targets.items()}},
          [f"{source} ({cv.writer}): l_out-{n} -> {p}" for n, p in targets.items()])
+
+
+def _not_an_input(out, inputs: list):
+    """--force overwrites an output, never an input it is reading: the same path both ways would destroy it."""
+    for path in inputs:
+        if Path(path).exists() and Path(out).exists() and Path(path).resolve() == Path(out).resolve():
+            raise FvpatchError(f"{out} is also an input; write the result to another file")
 
 
 def _stamp(files: dict[int, vectorfile.VectorFile], cv: controlvector.ControlVector, model: str | None, source: str, force: bool):

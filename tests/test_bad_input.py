@@ -184,6 +184,8 @@ CASES = {
     "cfv --lr 1e300": ([*CFV, "--lr", "1e300"], "is not at most 100"),
     "cfv a relation of your own pairs": (["train", "cfv", *MODEL, "--bank", "{own_bank}", "-o", "{o}/c"], "relation 'animal-young' of the bank is not a vendored task"),
     "cfv from a bad bank": (["train", "cfv", *MODEL, "--bank", "{bad_names}", "-o", "{o}/c"], "fvpatch.bank.names is not valid JSON"),
+    "export over its input": (["export", "{v}", "{v}", "--force"], "is also an input"),
+    "analogy --bank no such name": ([*ANALOGY, "--bank", "no-such-bank"], "neither a file nor a shipped vector"),
     "eval task a vector that records no model": ([*TASK, "--vector", "{nofp}"], "records no model"),
     "two huge vectors added": ([*PATCH, "--vector", "{huge}", "--vector", "{huge}"], "logits are not finite"),
     "eval task --device without torch": ([*TASK, "--device", "cuda"], "--dtype and --device set the PyTorch engine"),
