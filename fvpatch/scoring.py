@@ -2,12 +2,11 @@
 decoded once and its KV cache copied to each prompt's sequence.
 
 A mixin of `Session`: it drives the session's own decode (`_decode`), which runs the save/patch callback,
-so a packed sequence is patched exactly where a one-prompt `run` would patch it.
+so a packed sequence is patched exactly where a one-prompt `run` would patch it. Also the two functions of logits
+that every scorer and sampler shares: `log_softmax` and `sample`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import llama_cpp as ll
 import numpy as np
@@ -15,9 +14,7 @@ import numpy as np
 from fvpatch.errors import FvpatchError
 from fvpatch.exclusive import exclusive
 from fvpatch.names import layer_of
-
-if TYPE_CHECKING:
-    from fvpatch.session import Patch
+from fvpatch.specs import Patch
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -168,3 +165,23 @@ class BatchedScoring:
             out[i] = self.row_logits(bi)
         for seq in range(1, len(pack) + 1):
             ll.llama_memory_seq_rm(mem, seq, -1, -1)
+
+
+def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_p: float = 1.0) -> int:
+    """Greedy at temperature 0, else a draw from the softmax at that temperature, cut to its `top_p` nucleus:
+    the likeliest tokens whose probabilities first reach `top_p` in all."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    with np.errstate(over="ignore", under="ignore"):  # float64: a tiny temperature must not turn to a float32 zero
+        p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+    p /= p.sum()
+    if top_p >= 1:
+        return int(rng.choice(len(p), p=p))
+    # the nucleus is usually a few tokens: sort a shortlist, and the whole vocabulary only when it falls short
+    for k in (64, len(p)):
+        best = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
+        best = best[np.argsort(-p[best], kind="stable")]
+        cum = np.cumsum(p[best])
+        if cum[-1] >= top_p or k == len(p):
+            keep = best[: int(np.searchsorted(cum, top_p)) + 1]
+            return int(keep[rng.choice(len(keep), p=p[keep] / p[keep].sum())])

@@ -8,7 +8,6 @@ of the prompt); patches apply to the prompt pass and, when asked, at every gener
 import ctypes
 import numbers
 import threading
-from dataclasses import dataclass, field
 from typing import Callable
 from pathlib import Path
 
@@ -20,66 +19,9 @@ from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.exclusive import exclusive
 from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
-from fvpatch.scoring import BatchedScoring
+from fvpatch.scoring import BatchedScoring, sample
 from fvpatch.threads import configured_threads, default_threads
-from fvpatch.vectorfile import MODES
-
-
-@dataclass(frozen=True)
-class Save:
-    tensor: str
-    tokens: tuple[int, ...] = (-1,)  # one index may be given as an int
-
-    def __post_init__(self):
-        tokens = (self.tokens,) if isinstance(self.tokens, numbers.Integral) else tuple(self.tokens)
-        if not tokens or not all(_index(t) for t in tokens):
-            raise FvpatchError(f"a save needs one or more token indices, got {self.tokens!r}")
-        object.__setattr__(self, "tokens", tuple(int(t) for t in tokens))
-
-
-def _index(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-@dataclass(eq=False)
-class Patch:
-    tensor: str
-    vector: np.ndarray
-    token: int = -1
-    mode: str = "replace"
-    scale: float = 1.0
-    generated: bool = False  # also at every generated token, as function vectors are applied
-    all_tokens: bool = False  # at every prompt and generated token, as llama.cpp applies a control vector
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise FvpatchError(f"patch mode must be one of {MODES}, got {self.mode!r}")
-        if self.mode == "replace" and self.all_tokens:
-            raise FvpatchError("a replacing patch at every token would overwrite the whole residual; add instead (mode='add')")
-        if not _index(self.token):
-            raise FvpatchError(f"a patch's token is a token index (an int), got {self.token!r}")
-        if not isinstance(self.scale, numbers.Real) or isinstance(self.scale, bool):
-            raise FvpatchError(f"a patch's scale is a number, got {self.scale!r}")
-        try:
-            self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise FvpatchError(f"a patch's vector must be numbers, got {type(self.vector).__name__}") from None
-        if not self.vector.size or not np.isfinite(self.vector).all():
-            raise FvpatchError("a patch's vector is empty or holds NaN or inf")
-        with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
-            if not (np.isfinite(self.scale) and np.isfinite(self.vector * np.float32(self.scale)).all()):
-                raise FvpatchError(f"the vector times its scale ({self.scale:g}) overflows float32; give a smaller scale")
-
-
-@dataclass
-class Result:
-    prompt_tokens: list[int]
-    generated: list[int]
-    text: str  # the generated continuation
-    logits: np.ndarray  # (n_vocab,) predicting the first generated token
-    saved: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> (rows, width), one row per position
-    saved_positions: dict[str, list[int]] = field(default_factory=dict)  # tensor -> absolute positions
-    prompt_logits: np.ndarray | None = None  # (n_prompt, n_vocab) when run(all_logits=True)
+from fvpatch.specs import Patch, Result, Save, is_index  # noqa: F401 - Patch, Save, Result: the API names them `from fvpatch.session`
 
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: it refuses a context of more sequences
@@ -103,7 +45,7 @@ class Session(BatchedScoring, ModelFile):
         f32 reference to float rounding. `n_threads` defaults to $FVPATCH_THREADS or $OMP_NUM_THREADS when set
         (fvpatch.threads; the setting PyTorch's threads follow too), else half the cores. llama.cpp shrinks its batch
         to a context smaller than `n_ubatch`; prompts are then decoded in chunks of that batch."""
-        if not (_index(n_ubatch) and n_ubatch >= 1 and _index(n_seq) and n_seq >= 1):
+        if not (is_index(n_ubatch) and n_ubatch >= 1 and is_index(n_seq) and n_seq >= 1):
             raise FvpatchError(f"n_ubatch and n_seq must be whole numbers of at least 1, got {n_ubatch!r} and {n_seq!r}")
         super().__init__(path, n_gpu_layers=n_gpu_layers)
 
@@ -312,7 +254,7 @@ class Session(BatchedScoring, ModelFile):
         n = len(tokens)
         if n == 0:
             raise FvpatchError("the prompt is empty")
-        if not _index(max_tokens) or max_tokens < 0:
+        if not is_index(max_tokens) or max_tokens < 0:
             raise FvpatchError(f"max_tokens must be a whole number of 0 or more, got {max_tokens!r}")
         if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature >= 0):
             raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
@@ -412,23 +354,3 @@ def token_plan(patches: list[Patch], pos: int, row: int) -> dict[bytes, list]:
     for p in patches:
         plan.setdefault(p.tensor.encode(), []).append(("patch", p, row, pos))
     return plan
-
-
-def sample(logits: np.ndarray, temperature: float, rng: np.random.Generator, top_p: float = 1.0) -> int:
-    """Greedy at temperature 0, else a draw from the softmax at that temperature, cut to its `top_p` nucleus:
-    the likeliest tokens whose probabilities first reach `top_p` in all."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    with np.errstate(over="ignore", under="ignore"):  # float64: a tiny temperature must not turn to a float32 zero
-        p = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
-    p /= p.sum()
-    if top_p >= 1:
-        return int(rng.choice(len(p), p=p))
-    # the nucleus is usually a few tokens: sort a shortlist, and the whole vocabulary only when it falls short
-    for k in (64, len(p)):
-        best = np.argpartition(-p, k - 1)[:k] if k < len(p) else np.arange(len(p))
-        best = best[np.argsort(-p[best], kind="stable")]
-        cum = np.cumsum(p[best])
-        if cum[-1] >= top_p or k == len(p):
-            keep = best[: int(np.searchsorted(cum, top_p)) + 1]
-            return int(keep[rng.choice(len(keep), p=p[keep] / p[keep].sum())])

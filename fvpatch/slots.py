@@ -17,8 +17,8 @@ from collections import deque
 import numpy as np
 
 from fvpatch.errors import FvpatchError
-from fvpatch.scoring import log_softmax
-from fvpatch.session import Patch, Session, sample, token_plan
+from fvpatch.scoring import log_softmax, sample
+from fvpatch.session import Patch, Session, token_plan
 
 _END = object()
 

@@ -1,0 +1,66 @@
+"""What a run saves and patches (`Save`, `Patch`), checked when made, and what it returns (`Result`)."""
+
+import numbers
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fvpatch.errors import FvpatchError
+from fvpatch.vectorfile import MODES
+
+
+@dataclass(frozen=True)
+class Save:
+    tensor: str
+    tokens: tuple[int, ...] = (-1,)  # one index may be given as an int
+
+    def __post_init__(self):
+        tokens = (self.tokens,) if isinstance(self.tokens, numbers.Integral) else tuple(self.tokens)
+        if not tokens or not all(is_index(t) for t in tokens):
+            raise FvpatchError(f"a save needs one or more token indices, got {self.tokens!r}")
+        object.__setattr__(self, "tokens", tuple(int(t) for t in tokens))
+
+
+def is_index(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclass(eq=False)
+class Patch:
+    tensor: str
+    vector: np.ndarray
+    token: int = -1
+    mode: str = "replace"
+    scale: float = 1.0
+    generated: bool = False  # also at every generated token, as function vectors are applied
+    all_tokens: bool = False  # at every prompt and generated token, as llama.cpp applies a control vector
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise FvpatchError(f"patch mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "replace" and self.all_tokens:
+            raise FvpatchError("a replacing patch at every token would overwrite the whole residual; add instead (mode='add')")
+        if not is_index(self.token):
+            raise FvpatchError(f"a patch's token is a token index (an int), got {self.token!r}")
+        if not isinstance(self.scale, numbers.Real) or isinstance(self.scale, bool):
+            raise FvpatchError(f"a patch's scale is a number, got {self.scale!r}")
+        try:
+            self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise FvpatchError(f"a patch's vector must be numbers, got {type(self.vector).__name__}") from None
+        if not self.vector.size or not np.isfinite(self.vector).all():
+            raise FvpatchError("a patch's vector is empty or holds NaN or inf")
+        with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
+            if not (np.isfinite(self.scale) and np.isfinite(self.vector * np.float32(self.scale)).all()):
+                raise FvpatchError(f"the vector times its scale ({self.scale:g}) overflows float32; give a smaller scale")
+
+
+@dataclass
+class Result:
+    prompt_tokens: list[int]
+    generated: list[int]
+    text: str  # the generated continuation
+    logits: np.ndarray  # (n_vocab,) predicting the first generated token
+    saved: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> (rows, width), one row per position
+    saved_positions: dict[str, list[int]] = field(default_factory=dict)  # tensor -> absolute positions
+    prompt_logits: np.ndarray | None = None  # (n_prompt, n_vocab) when run(all_logits=True)
