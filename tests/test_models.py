@@ -90,8 +90,19 @@ def test_models_lists_the_known_ones(monkeypatch, tmp_path):
     assert r.exit_code == 0, r.output
     rows = {m["name"]: m for m in json.loads(r.stdout)["models"]}
     assert set(rows) == {"gemma-3-270m", "qwen2.5-coder-1.5b", "smollm2-135m"}
-    assert rows["gemma-3-270m"]["default"] and rows["smollm2-135m"]["on_disk"] and not rows["qwen2.5-coder-1.5b"]["on_disk"]
+    assert rows["gemma-3-270m"]["default"] and not rows["qwen2.5-coder-1.5b"]["on_disk"]
     assert rows["qwen2.5-coder-1.5b"]["size"] == 1_117_320_768
+    # a file of another size is no model: a download or copy cut short, listed as broken and refused when used
+    assert not rows["smollm2-135m"]["on_disk"] and rows["smollm2-135m"]["state"] == "broken (1 of 98362432 bytes)"
+    r = invoke("generate", "-m", "smollm2-135m", "-p", "x")
+    assert r.exit_code == 1 and "delete it, and the next command fetches it anew" in r.output
+
+
+def test_an_unusable_models_folder_is_one_line_before_any_download(monkeypatch, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "afile" / "models"))
+    r = invoke("generate", "-m", "smollm2-135m", "-p", "x")
+    assert r.exit_code == 1 and "is a file, not a folder" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.slow
