@@ -16,6 +16,10 @@ def main():
     except FvpatchError as e:
         sys.stderr.write(f"Error: {e}\n")
         return 1
+    import signal
+
+    # a kill (SIGTERM) unwinds like Ctrl-C: the temporary files of half-done writes and downloads are removed on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     from fvpatch.cli import main as cli
 
     return cli()
