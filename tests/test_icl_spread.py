@@ -12,6 +12,6 @@ def test_disjoint_processes_merge_and_the_table_counts(tmp_path):
     save(out, {"task": "country-capital", "n": 10, "icl": {"0": 0.8, "1": 0.9}, "ffv": 0.9})
     rows = json.loads(out.read_text())
     assert set(rows) == {"antonym", "capitalize", "country-capital"}
-    md = markdown("m", rows, 2)
+    md = markdown("m", rows, 2, "cmd")
     assert "| antonym | 10 | 65% | 60% | 60% – 70% | 65.0% | yes | yes |" in md and "capitalize" not in md
     assert "on 2 of 2 tasks; ≥ the worst draw on 2 of 2." in md

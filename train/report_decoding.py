@@ -11,7 +11,6 @@ Writes results/<model>/decoding.{json,md} (the default model's too go under resu
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 
@@ -21,8 +20,8 @@ from fvpatch.bank import NAMES_KEY
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model, short_name
 from fvpatch.unembed import load_unembed
+from train.reporting import add_options, results_dir, run, vectors_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 RELATION_WORDS = {
     "antonym": ["opposite", "antonym", "contrary", "reverse", "inverse", "not"],
     "synonym": ["synonym", "same", "similar", "equivalent", "meaning"],
@@ -79,24 +78,25 @@ def markdown(report: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
+    add_options(ap, None)  # one pass, no model run: nothing to resume
     args = ap.parse_args()
     path = resolve_model(args.model)
     name = short_name(path)
+    out = results_dir(args) / name / "decoding.json"
     unembed = load_unembed(path)
     report = {"model": name, "command": f".venv/bin/python -m train.report_decoding --model {name}", "relations": {}}
     with ModelFile(path, vocab_only=True) as mf:
         report["n_vocab"] = mf.n_vocab
-        for f in sorted((ROOT / "vectors" / name).glob("*.safetensors")):
+        for f in sorted(vectors_dir(name).glob("*.safetensors")):
             vf = vectorfile.load(f)
             task, _, method = f.stem.rpartition(".")
             if NAMES_KEY in vf.meta or task not in RELATION_WORDS or method not in METHODS:
                 continue
             z = unembed.logits(unembed.normalize(vf.rows[0]))[0]
             report["relations"].setdefault(task, {})[method] = ranks(z, mf, RELATION_WORDS[task])
-    out = ROOT / "results" / name / "decoding.json"
     write_report(out, report, markdown(report))
     print(markdown(report))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

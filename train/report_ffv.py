@@ -4,7 +4,10 @@
     OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv --model qwen2.5-coder-1.5b --layer 8 --ffv-only
 
 Resumable: each relation's result is written as it completes (results/.../ffv/tasks/<task>.json, with its
-vector in vectors/<model>/) and skipped on the next run; delete a task's JSON to redo it.
+vector in vectors/<model>/) and skipped on the next run. A relation scored with other settings (--layer, --n-test,
+--dtype, --ffv-only) is refused, and so is replacing a shipped vector, unless --force (which redoes the tasks
+given). The report covers the tasks given and those it already covers, and is written once every one of them is
+scored with these settings: a run over some tasks adds them, never rewrites the report as if they were the whole.
 
 For each core task it trains, on the task's first 20 train pairs (early stopping on up to 50 valid pairs),
 the FFV (default config) and a random-init FFV, and scores on up to `--n-test` held-out TEST pairs, through
@@ -29,8 +32,9 @@ import numpy as np
 import torch
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_figure, write_json, write_text
+from fvpatch.atomic import check_outputs, together, write_figure, write_json, write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
+from fvpatch.modelfile import ModelFile
 from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
@@ -40,8 +44,8 @@ from train.evaluate import torch_predictor
 from train.ffv import Config, initial_vector, prepare, train_ffv
 from train.model import DTYPES, load_model
 from train.report_fv import pct
+from train.reporting import add_options, positive_int, read_json, refuse_other, results_dir, run, vectors_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 BANK_EXTRA = ("capitalize_first_letter", "lowercase_first_letter", "english-german", "english-spanish", "synonym",
               "next_item", "prev_item", "landmark-country", "person-occupation", "person-sport")
 CONDITIONS = ("zero_shot", "icl_10shot", "fv", "fv_own_layer", "init", "ffv_random", "ffv")
@@ -49,16 +53,13 @@ HEADERS = ("zero-shot", "10-shot ICL", "FV (layer L)", "FV (own layer)", "initia
 K = 10
 
 
-def results_dir(name: str) -> Path:
-    """Where a model's FFV results go: results/ffv for the default model, results/<model>/ffv for another."""
-    return ROOT / "results" / "ffv" if name == DEFAULT_MODEL else ROOT / "results" / name / "ffv"
-
-
-def model_dirs(model: str) -> tuple[Path, str, Path, Path]:
-    """(GGUF file, short name, FFV results folder, shipped vectors folder) of a model given by name or path."""
+def model_dirs(model: str, args: argparse.Namespace, writes: bool = False) -> tuple[Path, str, Path, Path]:
+    """(GGUF file, short name, FFV results folder, shipped vectors folder) of a model given by name or path. The FFV
+    results go in results/ffv for the default model, results/<model>/ffv for another (results/: `args.results`)."""
     path = resolve_model(model)
     name = short_name(path)
-    return path, name, results_dir(name), ROOT / "vectors" / name
+    root = results_dir(args)
+    return path, name, root / "ffv" if name == DEFAULT_MODEL else root / name / "ffv", vectors_dir(name, writes)
 
 
 def accuracy(predict, tokens, answers, vector=None) -> float:
@@ -186,37 +187,68 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
     ap.add_argument("--layer", type=int, default=Config.layer)
-    ap.add_argument("--n-test", type=int, default=100, help="Test pairs per task (the first of the test split).")
+    ap.add_argument("--n-test", type=positive_int, default=100, help="Test pairs per task (the first of the test split).")
     ap.add_argument("--tasks", default=",".join(CORE_TASKS + BANK_EXTRA), help="Comma-separated; core tasks get the full comparison.")
     ap.add_argument("--ffv-only", action="store_true", help="Core tasks: zero-shot, 10-shot ICL and FFV only (no FV, starting-vector or random-init rows).")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default: all cores).")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and llama.cpp (default: all cores).")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Of the PyTorch model the FFVs are trained in (they are float32).")
+    add_options(ap, "start over: redo the tasks given, replacing their results and shipped vectors")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    path, name, results, bank_dir = model_dirs(args.model)
+    path, name, results, bank_dir = model_dirs(args.model, args, writes=True)
     cfg = Config(layer=args.layer)
-    lm = load_model(path, dtype=args.dtype)
     tpl = template("qa")
-    tasks = args.tasks.split(",")
-    with Session(path, n_threads=args.threads) as session:
-        predicts = {"torch": torch_predictor(lm), "llamacpp": llamacpp_predictor(session, batched=False)}
-        for task in tasks:
-            done = results / "tasks" / f"{task}.json"
-            if done.exists() and (bank_dir / f"{task}.ffv.safetensors").exists():
-                continue
-            row = run_task(lm, predicts, tpl, task, cfg, args.n_test, task in CORE_TASKS, not args.ffv_only, results, bank_dir)
-            write_json(done, row)
-            print(f"{task}: {json.dumps(row['acc'])}", flush=True)
-    rows = [json.loads((results / "tasks" / f"{t}.json").read_text()) for t in tasks]
+    tasks = {t: load_task(t) for t in args.tasks.split(",")}  # an unknown task fails now, not after the model is loaded
+
+    def settings(task: str) -> dict:
+        """What a task's result depends on, recorded with it (--ffv-only changes only the core tasks')."""
+        return {"layer": args.layer, "n_test": args.n_test, "dtype": args.dtype} | ({"ffv_only": args.ffv_only} if task in CORE_TASKS else {})
+
+    def made_with(row: dict) -> dict:
+        """The settings of a task's result; one from before they were recorded has its layer and dtype, the test pairs it
+        scored (this run's --n-test where that gives as many) and, for a core task, comparisons unless --ffv-only."""
+        n_test = args.n_test if row["n_test"] == len(load_task(row["task"]).test[: args.n_test]) else row["n_test"]
+        return row.get("settings", {"layer": row["layer"], "n_test": n_test, "dtype": row.get("dtype", "float32")}
+                       | ({"ffv_only": "random_curve" not in row} if row["task"] in CORE_TASKS else {}))
+
+    todo = []
+    for task in tasks:
+        done = results / "tasks" / f"{task}.json"
+        if done.exists() and not args.force:
+            refuse_other(done, made_with(read_json(done)), settings(task))
+        else:
+            todo.append(task)
+    check_outputs([bank_dir / f"{t}.ffv.safetensors" for t in todo], force=args.force)
+    if todo:
+        lm = load_model(path, dtype=args.dtype)
+        with Session(path, n_threads=args.threads) as session:
+            predicts = {"torch": torch_predictor(lm), "llamacpp": llamacpp_predictor(session, batched=False)}
+            for task in todo:
+                with together():  # the shipped FFV and the result that describes it, or neither
+                    row = run_task(lm, predicts, tpl, task, cfg, args.n_test, task in CORE_TASKS, not args.ffv_only, results, bank_dir)
+                    write_json(results / "tasks" / f"{task}.json", row | {"settings": settings(task)})
+                print(f"{task}: {json.dumps(row['acc'])}", flush=True)
+    before = read_json(results / "report.json") if (results / "report.json").exists() else None
+    covered = [r["task"] for r in before["core"] + before["bank"]] if before else []
+    covered += [t for t in tasks if t not in covered]
+    rows = [read_json(results / "tasks" / f"{t}.json") for t in covered if (results / "tasks" / f"{t}.json").exists()]
+    left = sorted(set(covered) - {r["task"] for r in rows if made_with(r) == settings(r["task"])})
+    if left:
+        print(f"report not written: {len(left)} tasks still to score with these settings ({', '.join(left)})")
+        return
     core = [r for r in rows if r["task"] in CORE_TASKS]
     conds = [c for c in CONDITIONS if all(c in r["acc"]["llamacpp"] for r in core)]
+    with ModelFile(path, vocab_only=True) as mf:  # the fingerprint load_model records, without loading the model
+        fingerprint = mf.fingerprint()
     report = {
-        "model": lm.fingerprint,
+        "model": fingerprint,
         "command": "OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv" + ("" if name == DEFAULT_MODEL else f" --model {name} --layer {cfg.layer}")
-                   + (" --ffv-only" if args.ffv_only else ""),
-        "vectors": bank_dir.relative_to(ROOT).as_posix(),
+                   + (" --ffv-only" if args.ffv_only else "") + ("" if args.n_test == ap.get_default("n_test") else f" --n-test {args.n_test}")
+                   + ("" if args.dtype == ap.get_default("dtype") else f" --dtype {args.dtype}")
+                   + ("" if covered == [*CORE_TASKS, *BANK_EXTRA] else f" --tasks {','.join(covered)}"),
+        "vectors": f"vectors/{name}",
         "config": asdict(cfg),
         "k": K,
         "core": core,
@@ -226,12 +258,13 @@ def main():
         "bank_rows": [{"task": r["task"], "layer": r["layer"], "top1": r["acc"]["llamacpp"]["ffv"], "zero_shot": r["acc"]["llamacpp"]["zero_shot"],
                        "n_test": r["n_test"]} for r in rows],
     }
-    write_json(results / "report.json", report)
-    write_text(results / "report.md", markdown(report))
-    if len(core) == len(CORE_TASKS):
-        plot_curves(core, cfg.init, results / "loss_curves.png")
+    with together():
+        write_json(results / "report.json", report)
+        write_text(results / "report.md", markdown(report))
+        if len(core) == len(CORE_TASKS):
+            plot_curves(core, cfg.init, results / "loss_curves.png")
     print(markdown(report))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

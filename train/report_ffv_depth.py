@@ -11,13 +11,12 @@ the last prompt token, at every token, and at the last token and on the query's 
 `Q: walk\nA:`; one prompt per decode), as in the positions report. Also the vector's
 norm over the median norm of the residual it is added to, over the tokens of those prompts other than the first
 (a BOS or first token's residual is far larger than the rest on these models). Nothing is chosen from these numbers.
-Resumable: results/<model>/ffv_depth.json is rewritten after each (task, layer).
+Resumable: results/<model>/ffv_depth.json is rewritten after each (task, layer); a rerun with another `--n-test`
+is refused (`--force` scores every (task, layer) again, from the vectors already trained).
 """
 
 import argparse
-import json
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -30,8 +29,7 @@ from fvpatch.session import Patch, Save, Session
 from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import Config, prepare, train_ffv
 from train.model import load_model
-
-ROOT = Path(__file__).resolve().parent.parent
+from train.reporting import add_options, positive_int, results_dir, resume, run
 WAYS = ("last", "all", "query")
 
 
@@ -83,15 +81,18 @@ def main():
     ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
     ap.add_argument("--layers", default="2,4,6,8,10,12,14,16")
     ap.add_argument("--tasks", default=",".join(CORE_TASKS))
-    ap.add_argument("--n-test", type=int, default=50)
+    ap.add_argument("--n-test", type=positive_int, default=50)
+    add_options(ap, "start over: score every (task, layer) again (results made with another --n-test are refused without it)")
     args = ap.parse_args()
     source = resolve_model(args.model)
     name = short_name(source)
     layers = [int(x) for x in args.layers.split(",")]
-    out = ROOT / "results" / name / "ffv_depth.json"
-    vec_dir = ROOT / "results" / name / "ffv_depth"
-    report = json.loads(out.read_text()) if out.exists() else {"runs": {}}
-    report |= {"model": name, "n_test": args.n_test, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_depth "
+    out = results_dir(args) / name / "ffv_depth.json"
+    vec_dir = out.with_suffix("")
+    settings = {"n_test": args.n_test}
+    # a file from before settings were recorded: its n_test was set by its one run
+    report = resume(out, settings, args.force, legacy=lambda r: {"n_test": r["n_test"]}) or {"runs": {}}
+    report |= {"model": name, "n_test": args.n_test, "settings": settings, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_ffv_depth "
                f"--model {name} --layers {args.layers} --tasks {args.tasks} --n-test {args.n_test}"}
     tpl = template("qa")
     lm = load_model(source)
@@ -127,4 +128,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

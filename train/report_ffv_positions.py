@@ -13,6 +13,8 @@ one of them gets right with an exact sign test: whether "FFV >= ICL" on this tes
 
 Writes vectors/<model>/<task>.ffv-all.safetensors for every task where every-token wins, and
 results/<model>/ffv/positions_choice.{json,md}; resumable (a task's result is kept while the sweep's choice for it stands).
+A task's result made with another --n-test, --dtype or --layer is refused, and so is replacing a shipped
+every-token FFV, unless --force (which redoes every task).
 """
 
 import argparse
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.atomic import write_json, write_text
+from fvpatch.atomic import check_outputs, write_json, write_text
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.paired import compare
 from fvpatch.prompts import template
@@ -31,6 +33,7 @@ from fvpatch.tasks import CORE_TASKS, load_task
 from train.ffv import ALL_TOKENS, Config, prepare, train_ffv
 from train.model import DTYPES, load_model
 from train.report_ffv import K, model_dirs
+from train.reporting import add_options, positive_int, read_json, refuse_other, run
 from train.sweep_ffv import config, default_out, read_runs
 
 
@@ -105,26 +108,37 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="Of the sweep to read and of the vectors trained.")
     ap.add_argument("--layer", type=int, default=16, help="The shipped last-token FFVs' layer.")
-    ap.add_argument("--n-test", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--n-test", type=positive_int, default=100)
+    ap.add_argument("--threads", type=positive_int, default=None)
+    add_options(ap, "start over: redo every task, replacing the shipped every-token FFVs it chooses")
     args = ap.parse_args()
 
-    path, name, results, bank = model_dirs(args.model)
+    path, name, results, bank = model_dirs(args.model, args, writes=True)
     out = results / "positions_choice.json"
-    done = {r["task"]: r for r in (json.loads(out.read_text()) if out.exists() else [])}
+    settings = {"n_test": args.n_test, "dtype": args.dtype, "layer": args.layer}
+    done = {} if args.force else {r["task"]: r for r in (read_json(out) if out.exists() else [])}
+    for task_name, row in done.items():
+        # a row from before settings were recorded: the layer of its shipped config, the test pairs it scored (this
+        # run's --n-test where that gives as many); its dtype is not recorded and is taken to be this run's sweep's
+        n = row["paired"]["n"] if "paired" in row else len(load_task(task_name).test[: args.n_test])
+        legacy = {"n_test": args.n_test if n == len(load_task(task_name).test[: args.n_test]) else n, "dtype": args.dtype, "layer": row["last"]["layer"]}
+        refuse_other(f"{out} ({task_name})", row.get("settings", legacy), settings)
     runs = read_runs(default_out(args.model, args.dtype))
     spread = json.loads((results / "icl_spread.json").read_text()) if (results / "icl_spread.json").exists() else {}
     last = Config(layer=args.layer)
+    choices = {t: choose(runs, t, last) for t in CORE_TASKS}
+    redo = [t for t, (shipped, every) in choices.items() if t not in done or not same_choice(done[t], shipped, every)]
+    check_outputs([bank / f"{t}.ffv-all.safetensors" for t in redo if wins(*choices[t])], force=args.force)
     tpl = template("qa")
     lm = None
     with Session(path, n_threads=args.threads) as session:
         for task_name in CORE_TASKS:
-            shipped, every = choose(runs, task_name, last)
+            shipped, every = choices[task_name]
             row = done.get(task_name)
-            if row is None or not same_choice(row, shipped, every):
+            if task_name in redo:
                 report = json.loads((results / "tasks" / f"{task_name}.json").read_text())["acc"]["llamacpp"]
                 icl_draws = list(spread.get(task_name, {}).get("icl", {}).values())
-                row = {"task": task_name, "last": shipped, "every": every, "chosen": "every token" if wins(shipped, every) else "last token",
+                row = {"task": task_name, "settings": settings, "last": shipped, "every": every, "chosen": "every token" if wins(shipped, every) else "last token",
                        "icl": report["icl_10shot"], "icl_mean": sum(icl_draws) / len(icl_draws) if icl_draws else None}
                 for r in (shipped, every):
                     if r is not None:
@@ -150,4 +164,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

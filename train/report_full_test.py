@@ -27,6 +27,7 @@ import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import write_text
+from fvpatch.errors import FvpatchError
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.paired import compare
 from fvpatch.prompts import template
@@ -35,6 +36,7 @@ from fvpatch.tasks import CORE_TASKS, load_task
 from train.report_ffv import K, model_dirs
 from train.report_ffv_positions import chosen_vector
 from train.report_icl_spread import save
+from train.reporting import add_options, positive_int, run
 
 
 def hits(predict, tokens: list, answers: list, vector=None) -> list[int]:
@@ -149,18 +151,22 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--tasks", default=",".join(CORE_TASKS))
-    ap.add_argument("--chunk", type=int, default=100, help="Items scored between two writes of the results.")
+    ap.add_argument("--chunk", type=positive_int, default=100, help="Items scored between two writes of the results.")
     ap.add_argument("--last-token", action="store_true", help="Score the shipped last-token FFVs instead of the chosen ones "
                     "(was choosing every token on valid pairs right?); ICL's results are taken from the chosen FFVs' run.")
     ap.add_argument("--icl-seeds", default="", help="Also score these draws of ICL's demonstrations on every test pair, "
                     "e.g. 1,2,3,4 (seed 0 is always scored).")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=positive_int, default=None)
+    # nothing to refuse on a rerun: every result covers the whole split, and a changed vector (its sha256) restarts its task
+    add_options(ap, None)
     args = ap.parse_args()
 
-    path, name, results, bank = model_dirs(args.model)
+    path, name, results, bank = model_dirs(args.model, args)
     chosen_out = results / "full_test.json"
     out = results / "full_test-last_token.json" if args.last_token else chosen_out
     draws_out = results / "full_test-icl_draws.json"
+    if not all(s.isdigit() for s in args.icl_seeds.split(",") if s):
+        raise FvpatchError(f"--icl-seeds {args.icl_seeds}: give seeds as whole numbers, e.g. 1,2,3,4")
     seeds = [int(s) for s in args.icl_seeds.split(",") if s and int(s) != 0]  # seed 0 is scored with the FFV
     tpl = template("qa")
     with Session(path, n_threads=args.threads) as session:
@@ -190,4 +196,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

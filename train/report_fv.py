@@ -11,7 +11,11 @@ shuffled prompts; on all test pairs and on those 10-shot ICL solves (each engine
 
 Writes vectors/<model>/<task>.fv.safetensors and <task>.taskvec.safetensors, and results/fv/report.{md,json},
 head_aie.png, layer_sweep.png (another model: results/<model>/fv/). Resumable: each task's result is written
-as it completes (tasks/<task>.json beside the report) and skipped on the next run.
+as it completes (tasks/<task>.json beside the report, with its two vectors) and skipped on the next run; a task
+scored with other settings (--n-prompts, --n-valid, --n-test, --dtype) is refused, and so is replacing a shipped
+vector, unless --force (which redoes the tasks given). The report covers the tasks given and those it already
+covers, and is written once every one of them is scored with these settings: a run over some tasks adds them to the
+report, never rewrites it as if they were the whole.
 (One torch thread: on a shared 2-core machine more threads make PyTorch ~10x slower, not faster.)
 """
 
@@ -25,7 +29,8 @@ import torch
 
 from fvpatch import vectorfile
 from fvpatch.evaluate import base_correct, build_items, llamacpp_predictor, summarize, vector_correct
-from fvpatch.atomic import write_json, write_text
+from fvpatch.atomic import check_outputs, together, write_json, write_text
+from fvpatch.modelfile import ModelFile
 from fvpatch.models import DEFAULT_MODEL, resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
@@ -34,23 +39,22 @@ from train.cma import train_fv
 from train.evaluate import torch_predictor
 from train.model import DTYPES, load_model
 from train.plots import plot_head_maps, plot_layer_curves
+from train.reporting import add_options, positive_int, read_json, refuse_other, results_dir, run, vectors_dir
 from train.taskvec import train_taskvec
 
-ROOT = Path(__file__).resolve().parent.parent
 K = 10
 TABLE = (("zero_shot", "zero-shot"), ("icl", "10-shot ICL"), ("zero_shot+FV", "zero-shot + FV"), ("zero_shot+TV", "zero-shot + TV"))
 SHUFFLED = (("shuffled", "shuffled 10-shot"), ("shuffled+FV", "shuffled + FV"), ("shuffled+TV", "shuffled + TV"))
 
 
-def run_task(lm, predicts, tpl, name, args, vectors: Path) -> dict:
+def run_task(lm, predicts, tpl, name, args) -> tuple[dict, dict]:
+    """The task's result row and its vectors (kind -> VectorFile), to be written together."""
     task = load_task(name)
     t = time.perf_counter()
     fv, hm, fv_grid = train_fv(lm, task, tpl, predicts["torch"], K, args.n_prompts, n_valid=args.n_valid)
     t_fv = time.perf_counter() - t
     tv, tv_sweep = train_taskvec(lm, task, tpl, predicts["torch"], K, args.n_prompts, n_valid=args.n_valid)
     t_tv = time.perf_counter() - t - t_fv
-    for vf, kind in ((fv, "fv"), (tv, "taskvec")):
-        vectorfile.save(vf, vectors / f"{name}.{kind}.safetensors", overwrite=True)
 
     valid = build_items(lm.tokenize, tpl, task.valid[: args.n_valid], task.train, K)
     valid_base = {c: float(v.mean()) for c, v in base_correct(predicts["torch"], valid).items() if c != "shuffled"}
@@ -63,14 +67,19 @@ def run_task(lm, predicts, tpl, name, args, vectors: Path) -> dict:
         acc[engine] = summarize(correct) | {"correct": {c: v.astype(int).tolist() for c, v in correct.items()}}
     n_heads = len(json.loads(fv.meta["fvpatch.heads"]))
     return {
-        "task": name, "n_test": len(test.answers), "n_valid": len(valid.answers),
+        "task": name, "settings": settings_of(args), "n_test": len(test.answers), "n_valid": len(valid.answers),
         "fv": {"layer": fv.layer, "heads": json.loads(fv.meta["fvpatch.heads"]), "head_aie": json.loads(fv.meta["fvpatch.head_aie"]),
                "norm": float(np.linalg.norm(fv.rows)), "valid_grid": {str(n): {str(L): a for L, a in g.items()} for n, g in fv_grid.items()},
                "seconds": round(t_fv, 1)},
         "tv": {"layer": tv.layer, "norm": float(np.linalg.norm(tv.rows)), "valid_sweep": {str(L): a for L, a in tv_sweep.items()}, "seconds": round(t_tv, 1)},
         "aie": hm.aie.tolist(), "base_prob": hm.base_prob, "valid_baselines": valid_base, "acc": acc,
         "fv_sweep_chosen_heads": {str(L): a for L, a in fv_grid[n_heads].items()},
-    }
+    }, {"fv": fv, "taskvec": tv}
+
+
+def settings_of(args) -> dict:
+    """What a task's result depends on, recorded with it."""
+    return {"n_prompts": args.n_prompts, "n_valid": args.n_valid, "n_test": args.n_test, "dtype": args.dtype}
 
 
 def pct(x) -> str:
@@ -132,39 +141,67 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file or known model name (default: the default model).")
     ap.add_argument("--tasks", default=",".join(CORE_TASKS), help="Comma-separated task names.")
-    ap.add_argument("--n-prompts", type=int, default=25, help="Prompts for the head map, and demo sets for the task vector.")
-    ap.add_argument("--n-valid", type=int, default=50, help="Valid pairs for choosing heads and layers (at most).")
-    ap.add_argument("--n-test", type=int, default=100, help="Test pairs scored (at most; the first of the test split).")
+    ap.add_argument("--n-prompts", type=positive_int, default=25, help="Prompts for the head map, and demo sets for the task vector.")
+    ap.add_argument("--n-valid", type=positive_int, default=50, help="Valid pairs for choosing heads and layers (at most).")
+    ap.add_argument("--n-test", type=positive_int, default=100, help="Test pairs scored (at most; the first of the test split).")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Of the PyTorch model (bfloat16: about half the memory and, on CPUs with AVX-512 BF16, 3x faster).")
+    add_options(ap, "start over: redo the tasks given, replacing their results and shipped vectors")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     path = resolve_model(args.model)
     name = short_name(path)
-    results = ROOT / "results" / "fv" if name == DEFAULT_MODEL else ROOT / "results" / name / "fv"
-    lm = load_model(path, dtype=args.dtype)
-    tpl = template("qa")
+    root = results_dir(args)
+    results = root / "fv" if name == DEFAULT_MODEL else root / name / "fv"
+    vectors = vectors_dir(name, writes=True)
     tasks = args.tasks.split(",")
-    with Session(path, n_threads=torch.get_num_threads()) as session:
-        # one prompt per decode, as the tables of the other reports were scored
-        predicts = {"torch": torch_predictor(lm), "llama.cpp": llamacpp_predictor(session, batched=False)}
-        for task in tasks:
-            done = results / "tasks" / f"{task}.json"
-            if done.exists():
-                continue
-            t = time.perf_counter()
-            row = run_task(lm, predicts, tpl, task, args, ROOT / "vectors" / name)
-            write_json(done, row)
-            print(f"{task} ({time.perf_counter() - t:.0f} s): " + json.dumps({e: a["all"] for e, a in row["acc"].items()}), flush=True)
-    rows = [json.loads((results / "tasks" / f"{t}.json").read_text()) for t in tasks]
-    config = {k: v for k, v in vars(args).items() if k != "model"}
-    report = {"model": lm.fingerprint, "config": config | {"k": K, "template": tpl.text}, "tasks": rows,
-              "command": "OMP_NUM_THREADS=1 .venv/bin/python -m train.report_fv" + ("" if name == DEFAULT_MODEL else f" --model {name}")
-              + ("" if args.dtype == "float32" else f" --dtype {args.dtype}"),
+    for task in tasks:
+        load_task(task)  # an unknown task fails now, not after the model is loaded
+    settings = settings_of(args)
+    before = read_json(results / "report.json") if (results / "report.json").exists() else None
+    # task results from before settings were recorded: those of the report that was written from them
+    legacy = before and {k: before["config"][k] for k in settings}
+    todo = []
+    for task in tasks:
+        done = results / "tasks" / f"{task}.json"
+        if done.exists() and not args.force:
+            refuse_other(done, read_json(done).get("settings", legacy), settings)
+        else:
+            todo.append(task)
+    check_outputs([vectors / f"{t}.{kind}.safetensors" for t in todo for kind in ("fv", "taskvec")], force=args.force)
+    tpl = template("qa")
+    if todo:
+        lm = load_model(path, dtype=args.dtype)
+        with Session(path, n_threads=torch.get_num_threads()) as session:
+            # one prompt per decode, as the tables of the other reports were scored
+            predicts = {"torch": torch_predictor(lm), "llama.cpp": llamacpp_predictor(session, batched=False)}
+            for task in todo:
+                t = time.perf_counter()
+                row, made = run_task(lm, predicts, tpl, task, args)
+                with together():  # the vectors and the result that describes them, or neither
+                    for kind, vf in made.items():
+                        vectorfile.save(vf, vectors / f"{task}.{kind}.safetensors", overwrite=True)
+                    write_json(results / "tasks" / f"{task}.json", row)
+                print(f"{task} ({time.perf_counter() - t:.0f} s): " + json.dumps({e: a["all"] for e, a in row["acc"].items()}), flush=True)
+    covered = [r["task"] for r in before["tasks"]] if before else []
+    covered += [t for t in tasks if t not in covered]
+    rows = {t: read_json(results / "tasks" / f"{t}.json") for t in covered if (results / "tasks" / f"{t}.json").exists()}
+    left = [t for t in covered if t not in rows or rows[t].get("settings", legacy) != settings]
+    if left:
+        print(f"report not written: {len(left)} tasks still to score with these settings ({', '.join(left)})")
+        return
+    rows = list(rows.values())
+    command = "OMP_NUM_THREADS=1 .venv/bin/python -m train.report_fv" + ("" if name == DEFAULT_MODEL else f" --model {name}") + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in settings.items() if v != ap.get_default(k)) + ("" if covered == list(CORE_TASKS) else f" --tasks {','.join(covered)}")
+    with ModelFile(path, vocab_only=True) as mf:  # the fingerprint load_model records, without loading the model
+        fingerprint = mf.fingerprint()
+    report = {"model": fingerprint,
+              "config": settings | {"tasks": ",".join(covered), "k": K, "template": tpl.text}, "tasks": rows, "command": command,
               "head_counts": list(rows[0]["fv"]["valid_grid"])}
-    write_json(results / "report.json", report)
-    write_text(results / "report.md", markdown(report))
-    draw(report, results)
+    with together():
+        write_json(results / "report.json", report)
+        write_text(results / "report.md", markdown(report))
+        draw(report, results)
     print(markdown(report))
 
 
@@ -180,4 +217,4 @@ def draw(report: dict, results: Path):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,11 +15,12 @@ those 14 (unlearned and learned; the learned one bare, with the `is to` prompt a
 prompt). Its map is fit once, on the relation objective, from the categories' valid pairs (no test question's
 words, no pair an FFV was trained on; the temperature too, on the same pairs' relation log-weight) and shipped
 beside the 14 FFVs as vectors/<model>/google/analogy.bank.safetensors (`fvpatch analogy --bank` takes it).
-Resumable: results/<model>/google/<category>.json per category, then google.{json,md}.
+Resumable: results/<model>/google/<category>.json per category, then google.{json,md} once every category is
+scored with the same --n and --k. A category scored with another --n or --k is refused (`--force` scores the
+categories given again).
 """
 
 import argparse
-import json
 import random
 from pathlib import Path
 
@@ -31,10 +32,11 @@ from fvpatch.analogyfile import Analogy
 from fvpatch.cfvmap import CFVMap
 from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import BANK_NAME, load_bank, save_bank
+from fvpatch.errors import FvpatchError
 from fvpatch.models import check_fingerprint, resolve_model, short_name
 from fvpatch.session import Session
+from train.reporting import add_options, positive_int, read_json, refuse_other, results_dir, run, vectors_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 SHOWN = ("no_vector", "prompt_colon", "prompt_is_to", "icl", "best_ffv", "cfv_unlearned", "cfv_learned", "cfv_learned_is_to")
 
 
@@ -60,12 +62,9 @@ def done(out: Path, category: str) -> Path:
     return out / f"{category}.json"
 
 
-def scored(path: Path, n: int, k: int) -> bool:
-    """Already scored with these --n and --k (a category scored with others is scored again)."""
-    if not path.exists():
-        return False
-    r = json.loads(path.read_text())
-    return (r.get("n_asked"), r.get("k")) == (n, k)
+def made_with(rec: dict) -> dict:
+    """The settings a category's record was scored with."""
+    return {"n": rec["n_asked"], "k": rec["k"]}
 
 
 OWN = {"own_ffv": "the category's own FFV (20 pairs)", "best_own_ffv": "best of the 14 category FFVs by score on A:B",
@@ -118,30 +117,36 @@ def markdown(report: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--n", type=int, default=50, help="Test questions per category (a seeded sample).")
-    ap.add_argument("--k", type=int, default=4, help="Choices per question.")
+    ap.add_argument("--n", type=positive_int, default=50, help="Test questions per category (a seeded sample).")
+    ap.add_argument("--k", type=positive_int, default=4, help="Choices per question.")
     ap.add_argument("--categories", default=None, help="Comma-separated categories to score now (default: all); the summary is written once all are scored, "
                                                          "so two processes can share the categories.")
+    add_options(ap, "start over: score the categories given again (a category scored with another --n or --k is refused without it)")
     args = ap.parse_args()
     path = resolve_model(args.model)
     name = short_name(path)
-    out = ROOT / "results" / name / "google"
-    bank = load_bank(ROOT / "vectors" / name / BANK_NAME)
+    out = results_dir(args) / name / "google"
+    settings = {"n": args.n, "k": args.k}
+    categories = ga.load()
+    chosen = args.categories.split(",") if args.categories else list(categories)
+    unknown = set(chosen) - set(categories)
+    if unknown:
+        raise FvpatchError(f"unknown categories {sorted(unknown)}; the set has {', '.join(categories)}")
+    records = {c: read_json(done(out, c)) for c in categories if done(out, c).exists()}
+    for cat in chosen:
+        if cat in records and not args.force:
+            refuse_other(done(out, cat), made_with(records[cat]), settings)
+    bank = load_bank(vectors_dir(name) / BANK_NAME)
     cfv_map = CFVMap.from_bank(bank)
     conditions = [c for c in CONDITIONS if c != "oracle_ffv"] + list(MORE_CONDITIONS)
-    categories = ga.load()
-    own = ROOT / "vectors" / name / "google"  # train.google_ffv's per-category FFVs, when trained
+    own = vectors_dir(name) / "google"  # train.google_ffv's per-category FFVs, when trained
     own_bank = load_bank(own) if all((own / f"{c}.ffv.safetensors").exists() for c in categories) else None
     own_map = None
     with Session(path) as s:
         check_fingerprint(bank.model, s.fingerprint())
-        chosen = args.categories.split(",") if args.categories else list(categories)
-        unknown = set(chosen) - set(categories)
-        if unknown:
-            raise SystemExit(f"unknown categories {sorted(unknown)}; the set has {', '.join(categories)}")
         for cat, qs in ((c, categories[c]) for c in chosen):
             train, items = questions(qs, args.n, args.k)
-            rec = json.loads(done(out, cat).read_text()) if scored(done(out, cat), args.n, args.k) else None
+            rec = None if args.force else records.get(cat)
             if rec is None:
                 r = evaluate(s, bank, cfv_map, items, conditions, demos={cat: train[:10]})
                 rec = {"category": cat, "n_asked": args.n, "k": args.k, "train_pairs": train, **r}
@@ -157,12 +162,13 @@ def main():
                 own_map = own_map or category_map(s, own_bank, categories, own)
                 merge(rec, evaluate(s, own_bank, own_map, items, list(missing.values()), progress=False, demos={cat: train[:10]}), missing)
                 write_json(done(out, cat), rec)
+            records[cat] = rec
             print(f"{cat:<30} " + "  ".join(f"{c} {100 * rec['accuracy'][c]['mc']:.0f}" for c in rec["accuracy"]), flush=True)
-    left = [q for q in categories if not scored(done(out, q), args.n, args.k)]
+    left = [q for q in categories if q not in records or made_with(records[q]) != settings]
     if left:
-        print(f"summary not written: {len(left)} categories still to score ({', '.join(left)})")
+        print(f"summary not written: {len(left)} categories still to score with --n {args.n} --k {args.k} ({', '.join(left)})")
         return
-    cats = {q: json.loads(done(out, q).read_text()) for q in categories}
+    cats = {q: records[q] for q in categories}
     report = {"model": name, "k": args.k, "n": args.n,
               "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_google --model {name} --n {args.n} --k {args.k}",
               "categories": {c: {"n": r["n"], "accuracy": r["accuracy"]} for c, r in cats.items()}}
@@ -171,4 +177,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -23,8 +23,8 @@ from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model, short_name
 from fvpatch.unembed import load_unembed
 from train.report_google import OWN
+from train.reporting import add_options, results_dir, run
 
-ROOT = Path(__file__).resolve().parent.parent
 BINS = ("near", "middle", "far")
 
 
@@ -33,13 +33,13 @@ def word_vector(mf: ModelFile, rows: np.ndarray, word: str) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def item_sets(name: str) -> dict[str, list[dict]]:
-    """Set name -> scored analogy items (each with stem, choice, answer, and per-condition mc/exact)."""
+def item_sets(results: Path, name: str) -> dict[str, list[dict]]:
+    """Set name -> scored analogy items (each with stem, choice, answer, and per-condition mc/exact), from `results`."""
     sets = {}
-    google = sorted((ROOT / "results" / name / "google").glob("*.json"))
+    google = sorted((results / name / "google").glob("*.json"))
     if google:
         sets["Google analogy set"] = [it for f in google for it in json.loads(f.read_text())["items"]]
-    for path in (ROOT / "results" / name / "cfv.json", ROOT / "results" / "cfv" / f"{name}-q4_k_m.json"):
+    for path in (results / name / "cfv.json", results / "cfv" / f"{name}-q4_k_m.json"):
         if path.exists():
             sets["generated relation analogies"] = json.loads(path.read_text())["items"]
     return sets
@@ -95,20 +95,22 @@ def plot(report: dict, path: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
+    add_options(ap, None)  # one pass over results already scored: nothing to resume
     args = ap.parse_args()
     path = resolve_model(args.model)
     name = short_name(path)
+    results = results_dir(args)
     rows = load_unembed(path).output
     report = {"model": name, "command": f".venv/bin/python -m train.report_nearfar --model {name}", "sets": {}}
     with ModelFile(path, vocab_only=True) as mf:
-        for set_name, items in item_sets(name).items():
+        for set_name, items in item_sets(results, name).items():
             d = np.array([1 - float(word_vector(mf, rows, it["stem"][0]) @ word_vector(mf, rows, it["choice"][it["answer"]][0])) for it in items])
             report["sets"][set_name] = by_bin(items, d)
-    out = ROOT / "results" / name / "nearfar.json"
+    out = results / name / "nearfar.json"
     write_report(out, report, markdown(report))
     plot(report, out.with_suffix(".png"))
     print(markdown(report))
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,12 +14,12 @@ A vector trained for every token (`train ffv --positions all`, metadata `fvpatch
 scored the same three ways. Each vector's counts are stamped into its file as `fvpatch.positions_top1`
 (rows untouched), where `fvpatch export` reads them to warn; an every-token vector also gets its held-out
 top-1 at every token as `fvpatch.test_top1`. No torch is used. Resumable:
-results/<model>/positions.json is rewritten after each vector.
+results/<model>/positions.json is rewritten after each vector; a rerun with another `--n-test` is refused
+(`--force` scores every vector again).
 """
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -30,8 +30,8 @@ from fvpatch.models import resolve_model, short_name
 from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.session import Patch, Session
 from fvpatch.tasks import load_task
+from train.reporting import add_options, positive_int, results_dir, resume, run, vectors_dir
 
-ROOT = Path(__file__).resolve().parent.parent
 WAYS = ("last", "all (fvpatch)", "all (control vector)")
 STAMP_KEY = "fvpatch.positions_top1"
 
@@ -64,15 +64,18 @@ def markdown(report: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file or known model name whose shipped vectors are scored (default: the default model).")
-    ap.add_argument("--n-test", type=int, default=50)
+    ap.add_argument("--n-test", type=positive_int, default=50)
+    add_options(ap, "start over: score every vector again (results made with another --n-test are refused without it)")
     args = ap.parse_args()
 
     source = resolve_model(args.model)
     name = short_name(source)
-    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if controlvector.exportable(vf := vectorfile.load(p))}
-    out = ROOT / "results" / name / "positions.json"
-    report = json.loads(out.read_text()) if out.exists() else {"vectors": {}}
-    report |= {"model": name, "n_test": args.n_test,
+    out = results_dir(args) / name / "positions.json"
+    settings = {"n_test": args.n_test}
+    # a file from before settings were recorded: its n_test was set by its one run
+    report = resume(out, settings, args.force, legacy=lambda r: {"n_test": r["n_test"]}) or {"vectors": {}}
+    files = {p: vf for p in sorted(vectors_dir(name, writes=True).glob("*.safetensors")) if controlvector.exportable(vf := vectorfile.load(p))}
+    report |= {"model": name, "n_test": args.n_test, "settings": settings,
                "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_positions --model {name} --n-test {args.n_test}"}
     with Session(source) as s:
         for f, vf in files.items():
@@ -99,4 +102,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -9,18 +9,18 @@ TEST pairs of its task, zero-shot prompt plus the vector at its layer (the file'
 on the file it was made on and on each other quantization; and, for scale, each task without a vector on each
 file: zero-shot, and 10-shot ICL with demonstrations from the task's first 20 train pairs (does the
 quantization still do the task at all?).
-No torch is used. Resumable: results/<model>/quant_transfer.json is rewritten after each (vector, quantization).
+No torch is used. Resumable: results/<model>/quant_transfer.json is rewritten after each (vector, quantization);
+a rerun with another `--n-test` is refused (`--force` starts over), one with more `--quants` adds their columns.
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import NAMES_KEY
+from fvpatch.errors import FvpatchError
 from fvpatch.evaluate import build_items, llamacpp_predictor
 from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_model, short_name
 from fvpatch.prompts import template
@@ -28,9 +28,8 @@ from fvpatch.session import Session
 from fvpatch.tasks import load_task
 from train.report_ffv import accuracy
 from train.report_fv import K, pct
+from train.reporting import add_options, positive_int, results_dir, resume, run, vectors_dir
 from train.sweep_ffv import zero_shot_top1
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def markdown(report: dict) -> str:
@@ -57,22 +56,26 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file or known model name whose shipped vectors are scored (default: the default model).")
     ap.add_argument("--quants", default="Q8_0,Q4_0", help="Other quantizations to write and score on.")
-    ap.add_argument("--n-test", type=int, default=50)
+    ap.add_argument("--n-test", type=positive_int, default=50)
+    add_options(ap, "start over: score everything again (results made with another --n-test are refused without it)")
     args = ap.parse_args()
 
     source = resolve_model(args.model)
     name = short_name(source)
-    files = [p for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if NAMES_KEY not in vectorfile.load(p).meta]
+    out = results_dir(args) / name / "quant_transfer.json"
+    settings = {"n_test": args.n_test}
+    # a file from before settings were recorded: its n_test was set by its one run
+    report = resume(out, settings, args.force, legacy=lambda r: {"n_test": r["n_test"]}) or {"zero_shot": {}, "vectors": {}}
+    folder = vectors_dir(name)
+    files = [p for p in sorted(folder.glob("*.safetensors")) if NAMES_KEY not in vectorfile.load(p).meta]
     if not files:
-        raise SystemExit(f"no vectors shipped in vectors/{name}/")
+        raise FvpatchError(f"no vectors shipped in {folder}")
     models = {"made on": source}
     for q in args.quants.split(","):
         path = models_dir() / f"{name}-{q.lower()}.gguf"
         models[q] = path if path.exists() else quantize(source, path, q)
-    out = ROOT / "results" / name / "quant_transfer.json"
-    report = json.loads(out.read_text()) if out.exists() else {"zero_shot": {}, "vectors": {}}
     report.setdefault("icl", {})
-    report |= {"model": name, "n_test": args.n_test, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_quant --model {name} "
+    report |= {"model": name, "n_test": args.n_test, "settings": settings, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_quant --model {name} "
                f"--quants {args.quants} --n-test {args.n_test}"}
 
     for label, path in models.items():
@@ -104,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -31,8 +31,7 @@ from fvpatch.errors import FvpatchError
 from fvpatch.models import check_fingerprint, resolve_model, short_name
 from fvpatch.session import Session
 from fvpatch.shipped import model_folder
-
-ROOT = Path(__file__).resolve().parent.parent
+from train.reporting import checkout_results, run
 
 
 def read_relations(path: Path) -> list[dict]:
@@ -115,7 +114,7 @@ def main(argv=None) -> int:
     try:
         relations = read_relations(args.data)
         path = resolve_model(args.model)
-        out = args.out or ROOT / "results" / short_name(path) / "relsim.json"
+        out = args.out or checkout_results("--out FILE") / short_name(path) / "relsim.json"
         check_outputs([out, out.with_suffix(".md")], args.force)
         with Session(path) as session:
             bank = load_bank(args.bank or model_folder(session.fingerprint()))
@@ -132,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)  # main() turns bad input into one line itself; run() does Ctrl-C's

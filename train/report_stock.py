@@ -13,11 +13,10 @@ zero-shot prompt, the vector at every token,
 Also the items whose top-1 differs and the largest gap in the log-probability of the server's top token.
 `--swa-full` passes that flag to the server (a full-size cache for sliding-window layers, which a context
 made with llama.cpp's defaults has). No torch is used. Resumable: results/<model>/stock[-swa_full].json is
-rewritten after each vector.
+rewritten after each vector; a rerun with another `--n-test` is refused (`--force` scores every vector again).
 """
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
@@ -31,9 +30,8 @@ from fvpatch.prompts import answer_token, prompts_for, template
 from fvpatch.scoring import log_softmax
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
+from train.reporting import add_options, positive_int, results_dir, resume, run, vectors_dir
 from train.stock_llama import Server
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def score(s: Session, model: Path, tokens: list[list[int]], answers: list[int], cv: Path | None, extra: list[str]) -> dict:
@@ -70,16 +68,19 @@ def markdown(report: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF file or known model name whose shipped vectors are scored (default: the default model).")
-    ap.add_argument("--n-test", type=int, default=50)
+    ap.add_argument("--n-test", type=positive_int, default=50)
     ap.add_argument("--swa-full", action="store_true", help="Start llama-server with --swa-full.")
+    add_options(ap, "start over: score every vector again (results made with another --n-test are refused without it)")
     args = ap.parse_args()
 
     source = resolve_model(args.model)
     name = short_name(source)
-    files = {p: vf for p in sorted((ROOT / "vectors" / name).glob("*.safetensors")) if controlvector.exportable(vf := vectorfile.load(p))}
-    out = ROOT / "results" / name / ("stock-swa_full.json" if args.swa_full else "stock.json")
-    report = json.loads(out.read_text()) if out.exists() else {"vectors": {}}
-    report |= {"model": name, "n_test": args.n_test, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_stock --model {name} "
+    out = results_dir(args) / name / ("stock-swa_full.json" if args.swa_full else "stock.json")
+    settings = {"n_test": args.n_test}
+    # a file from before settings were recorded: its n_test was set by its one run
+    report = resume(out, settings, args.force, legacy=lambda r: {"n_test": r["n_test"]}) or {"vectors": {}}
+    files = {p: vf for p in sorted(vectors_dir(name).glob("*.safetensors")) if controlvector.exportable(vf := vectorfile.load(p))}
+    report |= {"model": name, "n_test": args.n_test, "settings": settings, "command": f"OMP_NUM_THREADS=1 .venv/bin/python -m train.report_stock --model {name} "
                f"--n-test {args.n_test}" + (" --swa-full" if args.swa_full else "")}
     extra = ["--swa-full"] if args.swa_full else []
     with Session(source) as s, tempfile.TemporaryDirectory() as tmp:
@@ -104,4 +105,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
