@@ -24,6 +24,7 @@ from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.shipped import find_vector
 from fvpatch.tasks import load_task
+from train.reporting import positive_int
 
 
 CONDITIONS = (*BASE_CONDITIONS, *VECTOR_CONDITIONS)
@@ -49,7 +50,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--task", default="country-capital")
-    ap.add_argument("--n", type=int, default=59)
+    ap.add_argument("--n", type=positive_int, default=59)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from fvpatch import Patch, Save, Session
 from fvpatch.models import default_model_path
+from train.reporting import positive_int
 
 PROMPT = "Q: hot\nA: cold\n\nQ: big\nA: small\n\nQ: fast\nA:"
 
@@ -31,7 +32,7 @@ def tokens_per_second(session: Session, n: int, **specs) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: $FVPATCH_THREADS, else $OMP_NUM_THREADS, else half the cores)")
     args = ap.parse_args()
     path = default_model_path()

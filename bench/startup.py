@@ -20,6 +20,7 @@ from pathlib import Path
 
 from fvpatch import Save, Session, vectorfile
 from fvpatch.models import resolve_model
+from train.reporting import positive_int
 
 PROMPT = "France ->"
 FVPATCH = str(Path(sys.executable).with_name("fvpatch"))
@@ -38,7 +39,7 @@ def wall(cmd: list[str]) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     path = str(resolve_model(args.model))

@@ -22,6 +22,7 @@ from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.shipped import find_vector
 from fvpatch.tasks import CORE_TASKS, load_task
+from train.reporting import positive_int
 
 
 def timed(s: Session, tokens: list[int], patches) -> tuple[float, int]:
@@ -34,7 +35,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--tasks", default=",".join(CORE_TASKS))
-    ap.add_argument("--n", type=int, default=30)
+    ap.add_argument("--n", type=positive_int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
 
