@@ -5,12 +5,14 @@ import ctypes
 import hashlib
 import numbers
 import os
+import threading
 from pathlib import Path
 
 import llama_cpp as ll
 
 from fvpatch.atomic import input_file
 from fvpatch.errors import FvpatchError
+from fvpatch.exclusive import locked
 
 _log_sink = ll.llama_log_callback(lambda level, text, user: None)
 _backend_ready = False
@@ -32,6 +34,7 @@ class ModelFile:
 
     def __init__(self, path: str | Path, vocab_only: bool = False, n_gpu_layers: int = 0):
         _quiet_backend()
+        self._model_lock = threading.RLock()
         if not isinstance(path, (str, os.PathLike)):
             raise FvpatchError(f"a model is the path of a GGUF file, got {type(path).__name__}")
         self.path = input_file(path, "model file")
@@ -53,6 +56,7 @@ class ModelFile:
 
     # ---- model facts -------------------------------------------------------------------------
 
+    @locked
     def _meta(self, key: str) -> str:
         buf = ctypes.create_string_buffer(256)
         n = ll.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
@@ -70,6 +74,7 @@ class ModelFile:
             "file": self.path.name,
         }
 
+    @locked
     def vocab_hash(self) -> str:
         """sha256 (16 hex digits) of the token list: two files with the same hash tokenize alike."""
         if not hasattr(self, "_vocab_hash"):
@@ -80,6 +85,7 @@ class ModelFile:
             self._vocab_hash = h.hexdigest()[:16]
         return self._vocab_hash
 
+    @locked
     def quant(self) -> str:
         """The file's quantization as gguf names it (Q4_K_M, Q8_0, F32, ...), from general.file_type."""
         import gguf
@@ -90,6 +96,7 @@ class ModelFile:
         except ValueError:
             return ftype or "unknown"
 
+    @locked
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """`special` reads control tokens such as <|im_start|> as themselves (a chat template's output), not as text."""
         raw = text.encode("utf-8")
@@ -102,11 +109,13 @@ class ModelFile:
             n = ll.llama_tokenize(self._vocab, raw, len(raw), arr, cap, add_bos, special)
         return list(arr[:n])
 
+    @locked
     def chat_template(self) -> str | None:
         """The model's own chat template (Jinja), if its GGUF carries one."""
         template = ll.llama_model_chat_template(self._model, None)
         return template.decode("utf-8", "replace") if template else None
 
+    @locked
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         """Messages ({"role", "content"}) in the model's own chat template, ready for the assistant's turn."""
         template = ll.llama_model_chat_template(self._model, None)
@@ -125,12 +134,16 @@ class ModelFile:
             size = n
         raise RuntimeError("the chat template's output kept growing")
 
+    @locked
     def is_eog(self, token: int) -> bool:
         """An end-of-generation token (end of text, end of turn)."""
         return bool(ll.llama_vocab_is_eog(self._vocab, token))
 
+    @locked
     def piece(self, token: int, special: bool = False) -> bytes:
         """One token's bytes; `special` writes a control token as its text (<eos>), where otherwise it has none."""
+        if not 0 <= token < self.n_vocab:  # llama.cpp aborts the process on an id outside its vocabulary
+            raise FvpatchError(f"token id {token} is outside the vocabulary (0 to {self.n_vocab - 1})")
         buf = ctypes.create_string_buffer(64)
         n = ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
@@ -139,16 +152,19 @@ class ModelFile:
         return buf.raw[:n]
 
     @property
+    @locked
     def bos(self) -> int | None:
         t = ll.llama_vocab_bos(self._vocab)
         return None if t < 0 else t
 
     @property
+    @locked
     def adds_bos(self) -> bool:
         """Whether the model's tokenizer starts every text with BOS (Gemma, Llama) or not (Qwen)."""
         return bool(ll.llama_vocab_get_add_bos(self._vocab)) and self.bos is not None
 
     @property
+    @locked
     def eos(self) -> int | None:
         t = ll.llama_vocab_eos(self._vocab)
         return None if t < 0 else t
@@ -184,8 +200,9 @@ class ModelFile:
 
     def close(self):
         if getattr(self, "_model_ptr", None):
-            ll.llama_model_free(self._model_ptr)
-            self._model_ptr = None
+            with self._model_lock:  # after any call in progress in another thread
+                ll.llama_model_free(self._model_ptr)
+                self._model_ptr = None
 
     def __enter__(self):
         return self

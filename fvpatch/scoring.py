@@ -58,7 +58,7 @@ class BatchedScoring:
             if not prompt:
                 raise FvpatchError(f"item {i}: the prompt has no tokens")
             if length > min(self.n_ubatch, self.n_ctx):
-                raise FvpatchError(f"item {i}: {length} tokens do not fit one batch of {self.n_ubatch}; raise --n-ctx")
+                raise FvpatchError(f"item {i}: {length} tokens do not fit one batch of {min(self.n_ubatch, self.n_ctx)} (n_ubatch, at most n_ctx)")
             if not packs or size + length > self.n_ubatch or len(packs[-1]) == self.n_seq:
                 packs.append([])
                 size = 0

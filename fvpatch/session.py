@@ -20,7 +20,7 @@ from fvpatch.exclusive import exclusive
 from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
 from fvpatch.scoring import BatchedScoring, sample
-from fvpatch.threads import configured_threads, default_threads
+from fvpatch.threads import MAX_THREADS, configured_threads, default_threads
 from fvpatch.specs import Patch, Result, Save, is_index  # noqa: F401 - Patch, Save, Result: the API names them `from fvpatch.session`
 
 
@@ -59,6 +59,8 @@ class Session(BatchedScoring, ModelFile):
         if exact:
             cparams.type_k = cparams.type_v = ll.GGML_TYPE_F32
             cparams.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if n_threads is not None and not (is_index(n_threads) and 1 <= n_threads <= MAX_THREADS):
+            raise FvpatchError(f"n_threads must be a whole number from 1 to {MAX_THREADS}, got {n_threads!r}")
         self.n_threads = n_threads or configured_threads() or default_threads()
         cparams.n_threads = cparams.n_threads_batch = self.n_threads
         self.hooks = hooks
@@ -81,7 +83,8 @@ class Session(BatchedScoring, ModelFile):
         self._record_all: dict[str, int | None] | None = None  # name -> row width of every node, when graph_tensors asks
         self._record_rows = 0  # the tokens of graph_tensors' decode
         self._error: BaseException | None = None
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # one decode at a time (fvpatch.exclusive); close takes it before the model's
+        self._in_callback = None  # the thread inside run()'s on_token, which may not use the session meanwhile
         self._slots = None  # the fvpatch.slots.Slots serving from this session, whose worker alone then decodes
 
     # ---- the eval callback --------------------------------------------------------------------
@@ -129,6 +132,7 @@ class Session(BatchedScoring, ModelFile):
         """One llama_decode of (token, position, sequence) entries, at most one ubatch, so rows are entries."""
         if len(entries) > self.n_ubatch:  # the batch's C arrays hold n_ubatch entries: more would write past them
             raise FvpatchError(f"a decode takes at most {self.n_ubatch} tokens, got {len(entries)}")
+        ctx = self._ctx  # a closed session's batch is freed memory: refuse before writing into it
         b = self._batch
         for i, (tok, pos, seq) in enumerate(entries):
             b.token[i] = tok
@@ -140,7 +144,7 @@ class Session(BatchedScoring, ModelFile):
         self._plan, self._n_entries, self._outputs = plan, len(entries), sorted(outputs)
         self._seen_this_decode = set()
         self._done = 0
-        rc = ll.llama_decode(self._ctx, b)
+        rc = ll.llama_decode(ctx, b)
         self._seen |= self._seen_this_decode
         if self._error is not None:
             err, self._error = self._error, None
@@ -154,6 +158,8 @@ class Session(BatchedScoring, ModelFile):
 
     @exclusive
     def row_logits(self, batch_index: int) -> np.ndarray:
+        if not -self.n_ubatch <= batch_index < self.n_ubatch:  # ctypes would wrap a larger one into int32
+            raise FvpatchError(f"batch row {batch_index} is outside a batch of {self.n_ubatch}")
         ptr = ll.llama_get_logits_ith(self._ctx, batch_index)
         if not ptr:
             raise FvpatchError(f"batch row {batch_index} has no logits: the last decode did not ask for that row's")
@@ -213,6 +219,8 @@ class Session(BatchedScoring, ModelFile):
     @exclusive
     def forget(self, seq: int | None = None):
         """Drop one sequence from the KV cache (None: all of them)."""
+        if seq is not None and not (is_index(seq) and 0 <= seq < self.n_seq):  # llama.cpp asserts, aborting the process
+            raise FvpatchError(f"sequence {seq!r} is not one of this session's 0 to {self.n_seq - 1}")
         mem = ll.llama_get_memory(self._ctx)
         if seq is None:
             ll.llama_memory_clear(mem, True)
@@ -291,7 +299,7 @@ class Session(BatchedScoring, ModelFile):
         for k in range(max_tokens):
             tok = sample(logits, temperature, rng)
             generated.append(tok)
-            stop = on_token(tok) if on_token else False
+            stop = self._callback_says(on_token, tok) if on_token else False
             if stop or self.is_eog(tok) or k == max_tokens - 1:
                 break
             self._decode([(tok, n + k, 0)], {0}, token_plan(every, n + k, 0))
@@ -321,6 +329,13 @@ class Session(BatchedScoring, ModelFile):
         finally:
             self._record_all = None
 
+    def _callback_says(self, on_token, tok: int) -> bool:
+        self._in_callback = threading.current_thread()
+        try:
+            return on_token(tok)
+        finally:
+            self._in_callback = None
+
     @property
     def _ctx(self):
         if not getattr(self, "_ctx_ptr", None):
@@ -332,9 +347,10 @@ class Session(BatchedScoring, ModelFile):
         if getattr(self, "_slots", None) is not None:
             self._slots.close()
         if getattr(self, "_ctx_ptr", None):
-            ll.llama_batch_free(self._batch)
-            ll.llama_free(self._ctx_ptr)
-            self._ctx_ptr = None
+            with self._lock:  # after a decode in progress in another thread
+                ll.llama_batch_free(self._batch)
+                ll.llama_free(self._ctx_ptr)
+                self._ctx_ptr = None
         super().close()
 
 

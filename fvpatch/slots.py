@@ -10,6 +10,8 @@ model a logit can move by up to about one (README, "Batched evaluation"): a near
 With one slot every request runs alone, exactly as `Session.run` runs it.
 """
 
+import math
+import numbers
 import queue
 import threading
 from collections import deque
@@ -19,6 +21,7 @@ import numpy as np
 from fvpatch.errors import FvpatchError
 from fvpatch.scoring import log_softmax, sample
 from fvpatch.session import Patch, Session, token_plan
+from fvpatch.specs import is_index
 
 _END = object()
 
@@ -80,15 +83,26 @@ class Slots:
         s = self.session
         tokens = s.check_tokens(tokens)
         n = len(tokens)
-        if top_logprobs is not None and not 0 <= top_logprobs <= s.n_vocab:
-            raise FvpatchError(f"top_logprobs must be from 0 to {s.n_vocab}, got {top_logprobs}")
+        # everything a decode or a sample could fail on, checked here: a failure inside a step fails the whole batch
+        if not (is_index(max_tokens) and max_tokens >= 1):
+            raise FvpatchError(f"max_tokens must be a whole number of 1 or more, got {max_tokens!r}")
+        if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+            raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
+        if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+            raise FvpatchError(f"top_p must be above 0 and at most 1, got {top_p!r}")
+        if top_logprobs is not None and not (is_index(top_logprobs) and 0 <= top_logprobs <= s.n_vocab):
+            raise FvpatchError(f"top_logprobs must be a whole number from 0 to {s.n_vocab}, got {top_logprobs!r}")
+        if patches and not s.hooks:
+            raise FvpatchError("this session was opened with hooks=False; patches need the eval callback")
+        for p in patches:
+            s.check_tensor_name(p.tensor)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
         actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
         job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, top_p, seed, top_logprobs, echo)
         with self._wake:
             if self._closed:
-                raise FvpatchError("the server is shutting down")
+                raise FvpatchError("the slots are closed")
             self._waiting.append(job)
             self._wake.notify()
         return job
@@ -110,7 +124,7 @@ class Slots:
                     self._wake.wait()
                 if self._closed:
                     for job in [*self._active, *self._waiting]:
-                        self._finish(job, FvpatchError("the server shut down before this request finished"))
+                        self._finish(job, FvpatchError("the slots were closed before this request finished"))
                     return
                 self._admit()
             for job in [j for j in self._active if j.cancelled]:

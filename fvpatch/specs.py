@@ -15,6 +15,8 @@ class Save:
     tokens: tuple[int, ...] = (-1,)  # one index may be given as an int
 
     def __post_init__(self):
+        if not isinstance(self.tensor, str):
+            raise FvpatchError(f"a save's tensor is a graph tensor name such as 'l_out-9', got {self.tensor!r}")
         tokens = (self.tokens,) if isinstance(self.tokens, numbers.Integral) else tuple(self.tokens)
         if not tokens or not all(is_index(t) for t in tokens):
             raise FvpatchError(f"a save needs one or more token indices, got {self.tokens!r}")
@@ -36,6 +38,8 @@ class Patch:
     all_tokens: bool = False  # at every prompt and generated token, as llama.cpp applies a control vector
 
     def __post_init__(self):
+        if not isinstance(self.tensor, str):
+            raise FvpatchError(f"a patch's tensor is a graph tensor name such as 'l_out-9', got {self.tensor!r}")
         if self.mode not in MODES:
             raise FvpatchError(f"patch mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "replace" and self.all_tokens:
@@ -44,6 +48,9 @@ class Patch:
             raise FvpatchError(f"a patch's token is a token index (an int), got {self.token!r}")
         if not isinstance(self.scale, numbers.Real) or isinstance(self.scale, bool):
             raise FvpatchError(f"a patch's scale is a number, got {self.scale!r}")
+        if abs(self.scale) > 3.4e38:  # np.isfinite takes no int this large, and float32 holds no number this large
+            raise FvpatchError(f"the vector times its scale ({self.scale!r}) overflows float32; give a smaller scale")
+        self.scale = float(self.scale)
         try:
             self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
         except (TypeError, ValueError):

@@ -17,7 +17,7 @@ import numbers
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +165,7 @@ def save(vf: VectorFile, path: str | Path, overwrite: bool = False) -> Path:
     """Write atomically: a crash mid-write never leaves a truncated file, and nothing is replaced unless asked.
     The metadata is checked as load checks it, so that nothing is written that load would refuse."""
     try:
+        vf = replace(vf)  # its fields checked again: they may have been changed since it was made
         meta = vf.metadata()
         _checked_metadata(vf.tensor, meta)
     except VectorFileError as e:

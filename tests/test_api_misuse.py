@@ -67,7 +67,7 @@ def test_slots_own_their_session_until_closed(tiny_gguf):
         with pytest.raises(FvpatchError, match="not a token id"):  # refused at submit: it would fail the whole batch
             slots.submit([1, s.n_vocab], [], 2)
         s.close()  # closes the slots first: the running job ends in one line, not a crash in the worker
-        with pytest.raises(FvpatchError, match="shut down before this request finished"):
+        with pytest.raises(FvpatchError, match="slots were closed before this request finished"):
             list(job)
 
 
@@ -89,11 +89,69 @@ def test_slots_own_their_session_until_closed(tiny_gguf):
     (lambda s: Patch("l_out-1", None), "empty or holds NaN"),
     (lambda s: Patch("l_out-1", ["a"] * s.n_embd), "must be numbers"),
     (lambda s: Patch("l_out-1", np.ones(s.n_embd), mode="replace", all_tokens=True), "add instead"),
+    (lambda s: Patch("l_out-1", np.ones(s.n_embd), scale=10**40), "overflows float32"),
+    (lambda s: Patch(5, np.ones(s.n_embd)), "tensor is a graph tensor name"),
+    (lambda s: Save(None), "tensor is a graph tensor name"),
+    (lambda s: s.detokenize([10**6]), "outside the vocabulary"),
+    (lambda s: s.piece(-5), "outside the vocabulary"),
+    (lambda s: s.forget(999), "not one of this session's"),
+    (lambda s: s.row_logits(2**40), "outside a batch"),
+    (lambda s: s.run(PROMPT, max_tokens=3, on_token=lambda t: s.forget()), "on_token may not use the session"),
+    (lambda s: s.run(PROMPT, max_tokens=3, on_token=lambda t: s.run("a", max_tokens=1)), "on_token may not use the session"),
 ])
 def test_misuse_is_one_clear_error(tiny_session, make, says):
     with pytest.raises(FvpatchError, match=says):
         make(tiny_session)
     assert tiny_session.run(PROMPT, max_tokens=1).generated  # and the session goes on
+
+
+def test_closing_from_another_thread_waits_for_the_decode(tiny_gguf):
+    """close() takes the session's lock: a run in progress in another thread finishes, or its next call is refused in
+    one line, instead of decoding with a freed context (a segfault)."""
+    script = f"""
+import threading, time
+from fvpatch.errors import FvpatchError
+from fvpatch.session import Session
+s = Session({str(tiny_gguf)!r}, n_ctx=4096)
+out = []
+def go():
+    try:
+        for _ in range(20):
+            s.run("a b c d e f g h", max_tokens=150)
+        out.append("ran")
+    except FvpatchError as e:
+        out.append("closed" if "is closed" in str(e) else str(e))
+t = threading.Thread(target=go); t.start(); time.sleep(0.5); s.close(); t.join(60)
+s2 = Session({str(tiny_gguf)!r}); s2.close()
+try:
+    s2.decode([(1, 0, 0)], set(), {{}})
+except FvpatchError:
+    pass
+import gguf  # an allocation after a decode on a closed session used to segfault: the batch was written after being freed
+print(out[0])
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() in ("closed", "ran"), (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("field,says", [
+    ({"max_tokens": 2.5}, "max_tokens must be a whole number"),
+    ({"temperature": float("nan")}, "temperature must be"),
+    ({"top_p": float("nan")}, "top_p must be"),
+    ({"top_logprobs": 2.5}, "top_logprobs must be a whole number"),
+    ({"patches": [Patch("nonexistent-99", np.ones(64), mode="add")]}, "beyond this model's"),
+])
+def test_a_bad_request_to_slots_is_refused_at_submit_and_fails_no_other(tiny_gguf, field, says):
+    with Session(tiny_gguf, n_ctx=512, exact=True) as s:
+        alone = s.run(PROMPT, max_tokens=4).generated
+        slots = Slots(s, 2)
+        try:
+            good = slots.submit(s.tokenize(PROMPT), [], 4)
+            with pytest.raises(FvpatchError, match=says):
+                slots.submit(**({"tokens": s.tokenize(PROMPT), "patches": [], "max_tokens": 3} | field))
+            assert list(good) == alone
+        finally:
+            slots.close()
 
 
 def test_a_save_of_one_index_and_models_that_are_not_files(tiny_session, tmp_path):

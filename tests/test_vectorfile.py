@@ -445,3 +445,14 @@ def test_a_vector_of_a_model_without_a_fingerprint_saves_and_needs_force(tmp_pat
     assert load(path).model == {}
     with pytest.raises(VectorFileError, match="model must be a fingerprint"):
         VectorFile("l_out-1", np.ones(4), [-1], "gemma")
+
+
+def test_save_checks_fields_changed_after_construction(tmp_path):
+    vf = VectorFile("l_out-1", np.ones(4), [-1], {}, "add")
+    vf.mode = "bogus"
+    with pytest.raises(VectorFileError, match="mode must be one of"):
+        save(vf, tmp_path / "x.safetensors")
+    vf.mode, vf.rows = "add", np.full((1, 4), np.nan)
+    with pytest.raises(VectorFileError, match="NaN"):
+        save(vf, tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())
