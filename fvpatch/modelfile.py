@@ -3,7 +3,6 @@ and its tokenizer. Session builds on it to decode with save/patch callbacks."""
 
 import ctypes
 import hashlib
-import numbers
 import os
 import threading
 from pathlib import Path
@@ -13,6 +12,7 @@ import llama_cpp as ll
 from fvpatch.atomic import input_file
 from fvpatch.errors import FvpatchError
 from fvpatch.exclusive import locked
+from fvpatch.specs import is_index
 
 _log_sink = ll.llama_log_callback(lambda level, text, user: None)
 _backend_ready = False
@@ -194,7 +194,7 @@ class ModelFile:
             raise FvpatchError(f"the {what} must be a list of token ids, got {type(tokens).__name__}")
         tokens = list(tokens)
         for t in tokens:
-            if not isinstance(t, numbers.Integral) or isinstance(t, bool) or not 0 <= t < self.n_vocab:
+            if not is_index(t) or not 0 <= t < self.n_vocab:
                 raise FvpatchError(f"the {what} holds {t!r}, not a token id from 0 to {self.n_vocab - 1}")
         return [int(t) for t in tokens]
 

@@ -6,7 +6,6 @@ of the prompt); patches apply to the prompt pass and, when asked, at every gener
 """
 
 import ctypes
-import numbers
 import threading
 from typing import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
 from fvpatch.scoring import BatchedScoring, sample
 from fvpatch.threads import MAX_THREADS, configured_threads, default_threads
-from fvpatch.specs import Patch, Result, Save, is_index  # noqa: F401 - Patch, Save, Result: the API names them `from fvpatch.session`
+from fvpatch.specs import Patch, Result, Save, check_generation, is_index  # noqa: F401 - Patch, Save, Result: the API names them `from fvpatch.session`
 
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: it refuses a context of more sequences
@@ -262,10 +261,7 @@ class Session(BatchedScoring, ModelFile):
         n = len(tokens)
         if n == 0:
             raise FvpatchError("the prompt is empty")
-        if not is_index(max_tokens) or max_tokens < 0:
-            raise FvpatchError(f"max_tokens must be a whole number of 0 or more, got {max_tokens!r}")
-        if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature >= 0):
-            raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
+        check_generation(max_tokens, temperature)
         if n + max_tokens > self.n_ctx:
             raise FvpatchError(f"prompt ({n} tokens) plus {max_tokens} new tokens exceeds the context of {self.n_ctx}; raise --n-ctx")
         if (saves or patches) and not self.hooks:

@@ -10,8 +10,6 @@ model a logit can move by up to about one (README, "Batched evaluation"): a near
 With one slot every request runs alone, exactly as `Session.run` runs it.
 """
 
-import math
-import numbers
 import queue
 import threading
 from collections import deque
@@ -21,7 +19,7 @@ import numpy as np
 from fvpatch.errors import FvpatchError
 from fvpatch.scoring import log_softmax, sample
 from fvpatch.session import Patch, Session, token_plan
-from fvpatch.specs import is_index
+from fvpatch.specs import check_generation, is_index
 
 _END = object()
 
@@ -84,12 +82,7 @@ class Slots:
         tokens = s.check_tokens(tokens)
         n = len(tokens)
         # everything a decode or a sample could fail on, checked here: a failure inside a step fails the whole batch
-        if not (is_index(max_tokens) and max_tokens >= 1):
-            raise FvpatchError(f"max_tokens must be a whole number of 1 or more, got {max_tokens!r}")
-        if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-            raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
-        if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-            raise FvpatchError(f"top_p must be above 0 and at most 1, got {top_p!r}")
+        check_generation(max_tokens, temperature, top_p, least=1)
         if top_logprobs is not None and not (is_index(top_logprobs) and 0 <= top_logprobs <= s.n_vocab):
             raise FvpatchError(f"top_logprobs must be a whole number from 0 to {s.n_vocab}, got {top_logprobs!r}")
         if patches and not s.hooks:

@@ -1,5 +1,6 @@
 """What a run saves and patches (`Save`, `Patch`), checked when made, and what it returns (`Result`)."""
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -71,3 +72,14 @@ class Result:
     saved: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> (rows, width), one row per position
     saved_positions: dict[str, list[int]] = field(default_factory=dict)  # tensor -> absolute positions
     prompt_logits: np.ndarray | None = None  # (n_prompt, n_vocab) when run(all_logits=True)
+
+
+def check_generation(max_tokens, temperature, top_p=1.0, least: int = 0):
+    """What generation takes, checked once for `Session.run` and `Slots.submit`: at least `least` new tokens, a
+    temperature (0: greedy) and a nucleus."""
+    if not (is_index(max_tokens) and max_tokens >= least):
+        raise FvpatchError(f"max_tokens must be a whole number of {least} or more, got {max_tokens!r}")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        raise FvpatchError(f"top_p must be above 0 and at most 1, got {top_p!r}")
