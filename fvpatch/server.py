@@ -139,9 +139,11 @@ def make_handler(gen: Generator):
             self.send_header("Access-Control-Allow-Origin", "*")
             super().end_headers()
 
-        def _json(self, status: int, payload: dict):
+        def _json(self, status: int, payload: dict, headers: dict[str, str] | None = None):
             data = json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()
             self.send_response(status)
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             if self.close_connection:
@@ -152,13 +154,13 @@ def make_handler(gen: Generator):
 
         def _error(self, status: int, message: str, allow: str | None = None):
             kind = "invalid_request_error" if status < 500 else "server_error"
-            self._allow = allow
-            self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+            self._json(status, {"error": {"message": message, "type": kind, "code": status}}, {"Allow": allow} if allow else None)
 
-        def send_response(self, code, message=None):
-            super().send_response(code, message)
-            if code == 405 and getattr(self, "_allow", None):
-                self.send_header("Allow", self._allow)
+        def _internal_error(self, e: Exception):
+            """A bug: its traceback on stderr, and a JSON 500 rather than a connection dropped without a word."""
+            traceback.print_exc()
+            self.close_connection = True
+            self._error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
         def _route(self) -> str:
             return urlsplit(self.path).path.rstrip("/") or "/"
@@ -264,9 +266,8 @@ def make_handler(gen: Generator):
                 req = gen.read(body, chat)
             except (FvpatchError, ValueError, IndexError) as e:
                 return self._error(400, str(e).splitlines()[0])
-            except Exception as e:  # noqa: BLE001 - a bug must not drop the connection without a word
-                traceback.print_exc()
-                return self._error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            except Exception as e:  # noqa: BLE001
+                return self._internal_error(e)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
             base = {"id": rid, "created": int(time.time()), "model": gen.model_name}
             try:
@@ -275,10 +276,8 @@ def make_handler(gen: Generator):
                 self._complete(base, req)
             except (ClientGone, BrokenPipeError, ConnectionResetError):  # the client left; its slots are freed
                 self.close_connection = True
-            except Exception as e:  # noqa: BLE001 - a bug must not drop the connection without a word
-                traceback.print_exc()
-                self.close_connection = True
-                self._error(500, f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            except Exception as e:  # noqa: BLE001
+                self._internal_error(e)
 
         def _complete(self, base: dict, req: Request):
             jobs = gen.submit(req)
