@@ -113,6 +113,8 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
             rows.append(file_row(path, vf, idx, option))
             if not rows[-1].any():  # the final norm leaves it zero: every logit 0, the order of the ties arbitrary
                 raise FvpatchError(f"{path}: the row is all zeros, which promotes no token")
+        if against and np.array_equal(rows[0], rows[1]):
+            raise FvpatchError(f"{vector} and {against} hold the same row: their difference promotes no token")
         ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
         toks = [{"token": mf.piece_text(t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
         what = "logit difference" if against else "logit"
