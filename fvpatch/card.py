@@ -8,6 +8,7 @@ from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs, write_text
 from fvpatch.bank import relation_names
 from fvpatch.cfvmap import MAP_KEYS
+from fvpatch.errors import FvpatchError
 from fvpatch.models import KNOWN
 from fvpatch.prompts import template
 
@@ -138,6 +139,9 @@ def _held_out_input(task: str | None) -> str | None:
 def card(items: list[tuple[vectorfile.VectorFile, str, str | None]], exported: bool = False) -> str:
     """A whole card for (vector, its file name, its control-vector file name or None) items; `exported`: the control
     vectors are not beside the card, and it shows the `fvpatch export` command that makes each."""
+    for vf, name, _ in items:
+        if not vf.model.get("arch"):  # it would read "made on None (None, None)"
+            raise FvpatchError(f"{name} records no model it was made for, and a card says above all which model a vector is for")
     return front_matter([vf for vf, _, _ in items]) + "\n".join(section(*item, exported=exported) for item in items)
 
 

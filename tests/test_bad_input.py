@@ -129,6 +129,7 @@ CASES = {
     "lens --png over a file": ([*LENS, "--png", "{o}/exists.safetensors"], "exists; pass --force"),
     "lens --png under a file": ([*LENS, "--png", "{o}/plain/lens.png"], "not a folder"),
     "decode a zero vector": (["decode", *MODEL, "{zero}"], "zero.safetensors: the row is all zeros, which promotes no token"),
+    "card of a vector that records no model": (["vectors", "card", "{nofp}"], "records no model it was made for"),
     "decode against itself": (["decode", *MODEL, "{v}", "--against", "{v}"], "hold the same row: their difference promotes no token"),
     "decode --against-token-idx alone": (["decode", *MODEL, "{v}", "--against-token-idx", "3"], "give --against NAME|FILE too"),
     "lens --force without --png": ([*LENS, "--force"], "--force overwrites the --png file"),
