@@ -190,7 +190,7 @@ def main():
     ap.add_argument("--n-test", type=positive_int, default=100, help="Test pairs per task (the first of the test split).")
     ap.add_argument("--tasks", default=",".join(CORE_TASKS + BANK_EXTRA), help="Comma-separated; core tasks get the full comparison.")
     ap.add_argument("--ffv-only", action="store_true", help="Core tasks: zero-shot, 10-shot ICL and FFV only (no FV, starting-vector or random-init rows).")
-    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and llama.cpp (default: all cores).")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch and llama.cpp (default: $FVPATCH_THREADS, else $OMP_NUM_THREADS, else half the cores).")
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="Of the PyTorch model the FFVs are trained in (they are float32).")
     add_options(ap, "start over: redo the tasks given, replacing their results and shipped vectors")
     args = ap.parse_args()
