@@ -81,8 +81,8 @@ class BatchedScoring:
                     if layer_of(p.tensor) in (None, self.n_layer - 1):  # llama.cpp keeps only output rows past the last block
                         acted |= {base + pos for pos in at}
                 rows[i] = range(base + len(prompt) - 1, base + len(tokens))
-            if plan and not self.hooks:
-                raise ValueError("this session was opened with hooks=False; patches need the eval callback")
+            if plan:
+                self.check_hooks("patches need")
             self._watch, self._seen = set(plan), set()
             ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
             self._decode(entries, {bi for r in rows.values() for bi in r} | acted, plan)
@@ -106,8 +106,8 @@ class BatchedScoring:
         prompts = [self.check_tokens(p, f"prompt {i}") for i, p in enumerate(prompts)]
         if (longest := max(map(len, prompts))) > self.n_ctx:
             raise FvpatchError(f"a prompt of {longest} tokens does not fit the context of {self.n_ctx}; raise --n-ctx")
-        if patches and not self.hooks:
-            raise FvpatchError("this session was opened with hooks=False; patches need the eval callback")
+        if patches:
+            self.check_hooks("patches need")
         for p in patches:
             self.check_tensor_name(p.tensor)
         shared = min(len(p) for p in prompts) - 1  # every prompt keeps at least its last token to decode

@@ -172,6 +172,11 @@ class Session(BatchedScoring, ModelFile):
 
     # ---- public -------------------------------------------------------------------------------
 
+    def check_hooks(self, needs: str):
+        """Refuse what `needs` the eval callback ("patches need") on a session opened with hooks=False."""
+        if not self.hooks:
+            raise FvpatchError(f"this session was opened with hooks=False; {needs} the eval callback")
+
     def check_tensor_name(self, name: str):
         layer = layer_of(name)
         if layer is not None and layer >= self.n_layer:
@@ -264,8 +269,8 @@ class Session(BatchedScoring, ModelFile):
         check_generation(max_tokens, temperature)
         if n + max_tokens > self.n_ctx:
             raise FvpatchError(f"prompt ({n} tokens) plus {max_tokens} new tokens exceeds the context of {self.n_ctx}; raise --n-ctx")
-        if (saves or patches) and not self.hooks:
-            raise ValueError("this session was opened with hooks=False; save and patch need the eval callback")
+        if saves or patches:
+            self.check_hooks("save and patch need")
         for spec in (*saves, *patches):
             self.check_tensor_name(spec.tensor)
         # a row asked for twice (one tensor saved for two files, or tokens -1 and n-1) is saved, and returned, once
@@ -314,8 +319,7 @@ class Session(BatchedScoring, ModelFile):
         where save and patch refuse the name: a tensor that is not one row per token (per-head views, 3-D and up),
         or a name that several nodes share. The prompt has several tokens, so that a per-head view cannot pass for
         rows as it would in a 1-token decode."""
-        if not self.hooks:
-            raise FvpatchError("this session was opened with hooks=False; listing the graph's tensors needs the eval callback")
+        self.check_hooks("listing the graph's tensors needs")
         self._record_all = {}
         tokens = self.tokenize(prompt)
         self._record_rows = len(tokens)

@@ -85,8 +85,8 @@ class Slots:
         check_generation(max_tokens, temperature, top_p, least=1)
         if top_logprobs is not None and not (is_index(top_logprobs) and 0 <= top_logprobs <= s.n_vocab):
             raise FvpatchError(f"top_logprobs must be a whole number from 0 to {s.n_vocab}, got {top_logprobs!r}")
-        if patches and not s.hooks:
-            raise FvpatchError("this session was opened with hooks=False; patches need the eval callback")
+        if patches:
+            s.check_hooks("patches need")
         for p in patches:
             s.check_tensor_name(p.tensor)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:

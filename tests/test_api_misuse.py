@@ -160,9 +160,14 @@ def test_a_save_of_one_index_and_models_that_are_not_files(tiny_session, tmp_pat
         Session(tmp_path / "missing.gguf")
     with pytest.raises(FvpatchError, match="path of a GGUF file, got int"):
         Session(5)
-    with pytest.raises(FvpatchError, match="hooks=False"):
-        with Session(tiny_session.path, hooks=False) as plain:
-            plain.graph_tensors()
+    with Session(tiny_session.path, hooks=False) as plain:
+        patch = [Patch("l_out-1", np.ones(plain.n_embd), mode="add")]
+        for call, needs in [(lambda: plain.graph_tensors(), "listing the graph's tensors needs"),
+                            (lambda: plain.run(PROMPT, patches=patch), "save and patch need"),
+                            (lambda: plain.last_logits([plain.tokenize(PROMPT)], patch), "patches need"),
+                            (lambda: plain.sequence_logits([(plain.tokenize(PROMPT), [], patch)]), "patches need")]:
+            with pytest.raises(FvpatchError, match=f"hooks=False; {needs} the eval callback"):
+                call()
 
 
 def test_a_last_block_patch_mid_prompt_scores_as_run_does(tiny_gguf):
