@@ -11,7 +11,7 @@ import numpy as np
 from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.models import check_fingerprint
-from fvpatch.session import Patch, Session
+from fvpatch.session import Patch, Session, check_fits
 from fvpatch.shipped import find_vector, vector_path
 
 MAX_BODY = 1 << 20
@@ -201,12 +201,10 @@ def parse_vectors(session: Session, specs, graph: dict[str, int | None], folder:
         else:
             raise BadRequest(f"vectors[{i}].positions must be \"last\", \"all\" or a non-empty list of token indices")
         session.check_tensor_name(vf.tensor)
-        if vf.tensor not in graph:
-            raise BadRequest(f"vectors[{i}] {name}: tensor {vf.tensor!r} never appears in this model's compute graph")
-        if graph[vf.tensor] is None:
-            raise BadRequest(f"vectors[{i}] {name}: tensor {vf.tensor!r} is not one row per token, or several nodes share its name; fvpatch patches neither")
-        if len(row) != graph[vf.tensor]:
-            raise BadRequest(f"vectors[{i}] {name}: vector of width {len(row)} does not fit tensor {vf.tensor!r} of width {graph[vf.tensor]}")
+        try:
+            check_fits(vf.tensor, len(row), graph)
+        except FvpatchError as e:
+            raise BadRequest(f"vectors[{i}] {name}: {e}") from None
     return patches
 
 

@@ -58,7 +58,7 @@ class Generator:
         parse_vectors(session, vectors, self.graph)  # a bad default vector stops the server before it starts
         self.vectors = vectors
         self.vector_dir = Path(vector_dir).resolve()
-        self.slots = Slots(session, parallel)
+        self.slots = Slots(session, parallel, self.graph)
 
     def read(self, body: dict, chat: bool) -> Request:
         return read_request(self.session, body, chat, self.graph, self.vectors, self.vector_dir)

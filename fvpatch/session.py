@@ -364,6 +364,17 @@ def _check_fired(never: set[bytes]):
         )
 
 
+def check_fits(tensor: str, width: int, graph: dict[str, int | None]):
+    """Refuse, before any decode, a patch of `width` on `tensor` that `graph` (`Session.graph_tensors`) says would
+    fail inside one: batched with other requests, a failing decode fails them all."""
+    if tensor not in graph:
+        raise FvpatchError(f"tensor {tensor!r} never appears in this model's compute graph (`fvpatch tensors` lists them)")
+    if graph[tensor] is None:
+        raise FvpatchError(f"tensor {tensor!r} is not one row per token, or several nodes share its name; fvpatch patches neither")
+    if width != graph[tensor]:
+        raise FvpatchError(f"vector of width {width} does not fit tensor {tensor!r} of width {graph[tensor]}")
+
+
 def token_plan(patches: list[Patch], pos: int, row: int) -> dict[bytes, list]:
     """The callback's plan for one token fed after the prompt, at position `pos` in batch row `row`."""
     plan: dict[bytes, list] = {}

@@ -18,7 +18,7 @@ import numpy as np
 
 from fvpatch.errors import FvpatchError
 from fvpatch.scoring import log_softmax, sample
-from fvpatch.session import Patch, Session, token_plan
+from fvpatch.session import Patch, Session, check_fits, token_plan
 from fvpatch.specs import check_generation, is_index
 
 _END = object()
@@ -57,12 +57,16 @@ class Job:
 
 
 class Slots:
-    def __init__(self, session: Session, n_slots: int = 4):
+    def __init__(self, session: Session, n_slots: int = 4, graph: dict[str, int | None] | None = None):
+        """`graph`: the session's `graph_tensors()`, which submit checks patches against; computed (one short decode)
+        when not given."""
         if not 1 <= n_slots <= session.n_seq:
             raise FvpatchError(f"parallel slots must be 1 to {session.n_seq} (the sequences this context holds), got {n_slots}")
         if session._slots is not None:
             raise FvpatchError("this session already serves Slots; close them first")
-        self.session = session
+        if graph is None:
+            graph = session.graph_tensors() if session.hooks else {}
+        self.session, self.graph = session, graph
         self._free = list(range(n_slots))
         self._active: list[Job] = []
         self._waiting: deque[Job] = deque()
@@ -76,8 +80,8 @@ class Slots:
 
     def submit(self, tokens: list[int], patches: list[Patch], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = 0, top_logprobs: int | None = None, echo: bool = False) -> Job:
-        """Queue a request whose patches are checked (`Session.check_tensor_name`, `resolve_position`); iterate the job for its tokens.
-        Its tokens are checked here: one bad request must not fail the batch it would join."""
+        """Queue a request whose tokens and patches are checked here (`Session.check_tensor_name`, `check_fits`,
+        `resolve_position`): one bad request must not fail the batch it would join. Iterate the job for its tokens."""
         s = self.session
         tokens = s.check_tokens(tokens)
         n = len(tokens)
@@ -89,6 +93,7 @@ class Slots:
             s.check_hooks("patches need")
         for p in patches:
             s.check_tensor_name(p.tensor)
+            check_fits(p.tensor, p.vector.size, self.graph)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
         actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]

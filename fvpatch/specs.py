@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fvpatch.errors import FvpatchError
-from fvpatch.vectorfile import MODES
+from fvpatch.vectorfile import MODES, check_scale
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ def is_index(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)  # frozen: the checks below hold for the patch's whole life
 class Patch:
     tensor: str
     vector: np.ndarray
@@ -47,20 +47,19 @@ class Patch:
             raise FvpatchError("a replacing patch at every token would overwrite the whole residual; add instead (mode='add')")
         if not is_index(self.token):
             raise FvpatchError(f"a patch's token is a token index (an int), got {self.token!r}")
-        if not isinstance(self.scale, numbers.Real) or isinstance(self.scale, bool):
-            raise FvpatchError(f"a patch's scale is a number, got {self.scale!r}")
-        if abs(self.scale) > 3.4e38:  # np.isfinite takes no int this large, and float32 holds no number this large
-            raise FvpatchError(f"the vector times its scale ({self.scale!r}) overflows float32; give a smaller scale")
-        self.scale = float(self.scale)
+        scale = check_scale(self.scale)
         try:
-            self.vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
+            vector = np.array(self.vector, dtype=np.float32).reshape(-1)  # a copy: frozen below, not the caller's
         except (TypeError, ValueError):
             raise FvpatchError(f"a patch's vector must be numbers, got {type(self.vector).__name__}") from None
-        if not self.vector.size or not np.isfinite(self.vector).all():
+        if not vector.size or not np.isfinite(vector).all():
             raise FvpatchError("a patch's vector is empty or holds NaN or inf")
         with np.errstate(over="ignore"):  # a finite vector times a finite scale can still overflow float32
-            if not (np.isfinite(self.scale) and np.isfinite(self.vector * np.float32(self.scale)).all()):
-                raise FvpatchError(f"the vector times its scale ({self.scale:g}) overflows float32; give a smaller scale")
+            if abs(scale) > 3.4e38 or not np.isfinite(vector * np.float32(scale)).all():
+                raise FvpatchError(f"the vector times its scale ({scale:g}) overflows float32; give a smaller scale")
+        vector.flags.writeable = False
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "vector", vector)
 
 
 @dataclass

@@ -85,7 +85,7 @@ def test_slots_own_their_session_until_closed(tiny_gguf):
     (lambda s: s.set_control_vector(np.full((s.n_layer - 1, s.n_embd), np.nan)), "NaN or inf"),
     (lambda s: Save("l_out-1", ()), "one or more token indices"),
     (lambda s: Patch("l_out-1", np.ones(s.n_embd), token=1.5), "token is a token index"),
-    (lambda s: Patch("l_out-1", np.ones(s.n_embd), scale="2"), "scale is a number"),
+    (lambda s: Patch("l_out-1", np.ones(s.n_embd), scale="2"), "scale must be a finite number"),
     (lambda s: Patch("l_out-1", None), "empty or holds NaN"),
     (lambda s: Patch("l_out-1", ["a"] * s.n_embd), "must be numbers"),
     (lambda s: Patch("l_out-1", np.ones(s.n_embd), mode="replace", all_tokens=True), "add instead"),
@@ -140,6 +140,9 @@ print(out[0])
     ({"top_p": float("nan")}, "top_p must be"),
     ({"top_logprobs": 2.5}, "top_logprobs must be a whole number"),
     ({"patches": [Patch("nonexistent-99", np.ones(64), mode="add")]}, "beyond this model's"),
+    # these would fail only inside the decode, and with it every request batched alongside
+    ({"patches": [Patch("no_such_tensor-1", np.ones(64), mode="add")]}, "never appears in this model's compute graph"),
+    ({"patches": [Patch("l_out-1", np.ones(65), mode="add")]}, "width 65 does not fit tensor 'l_out-1' of width 64"),
 ])
 def test_a_bad_request_to_slots_is_refused_at_submit_and_fails_no_other(tiny_gguf, field, says):
     with Session(tiny_gguf, n_ctx=512, exact=True) as s:

@@ -103,19 +103,6 @@ def test_a_cancelled_request_frees_its_slot(exact):
         slots.close()
 
 
-def test_a_failed_decode_fails_its_requests_and_the_slots_go_on(exact):
-    r = requests(exact)[1]
-    expected = alone(exact, r)
-    slots = Slots(exact, 2)
-    try:
-        bad = slots.submit(exact.tokenize("a b c"), [Patch("no_such_tensor-1", np.zeros(exact.n_embd), -1, "add")], 3)
-        with pytest.raises(FvpatchError, match="never appeared"):
-            list(bad)
-        assert list(slots.submit(**r)) == expected
-    finally:
-        slots.close()
-
-
 def test_a_vector_that_breaks_its_logits_fails_only_its_own_request(exact):
     """A huge vector turns one request's residual to inf/NaN: that request fails in one line, and the requests in
     the same batches, and those after it, still generate exactly what they generate alone (the broken cache rows
