@@ -203,6 +203,16 @@ def check_fingerprint(vector_model: dict[str, str], model: dict[str, str], force
     return None
 
 
+def quant_ftype(kind: str) -> int:
+    """llama.cpp's file type for a quantization's name (Q8_0, Q4_K_M, F16, ...), or one line naming some."""
+    import llama_cpp as ll
+
+    ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None) if kind.upper() != "F32" else ll.LLAMA_FTYPE_ALL_F32
+    if ftype is None:
+        raise FvpatchError(f"unknown quantization {kind!r} (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)")
+    return ftype
+
+
 def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, overwrite: bool = False) -> Path:
     """Write another quantization of a GGUF with llama.cpp's own quantizer (requantizing a quantized file is
     allowed: the only copy of a known model may already be 4-bit)."""
@@ -210,9 +220,7 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
 
     from fvpatch.modelfile import _quiet_backend
 
-    ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None) if kind.upper() != "F32" else ll.LLAMA_FTYPE_ALL_F32
-    if ftype is None:
-        raise FvpatchError(f"unknown quantization {kind!r} (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)")
+    ftype = quant_ftype(kind)
     (out,) = check_outputs([out], force=overwrite)
     _quiet_backend()
     params = ll.llama_model_quantize_default_params()

@@ -72,13 +72,19 @@ def test_positions_resumed_with_another_n_test_is_refused(tmp_path, capsys, monk
     assert snapshot(tmp_path) == before
 
 
-def test_bad_input_is_one_line(capsys, monkeypatch, tmp_path):
+def test_bad_input_is_one_line(capsys, monkeypatch, tmp_path, gemma_path):
     code, _, err = report("report_decoding", capsys, monkeypatch, "--model", "nosuch", "--results", tmp_path)
     assert code == 1 and err.startswith("Error: 'nosuch' is neither") and len(err.strip().splitlines()) == 1
     code, _, err = report("report_positions", capsys, monkeypatch, "--model", tmp_path / "missing.gguf", "--results", tmp_path)
     assert code == 1 and err.strip() == f"Error: model file {tmp_path / 'missing.gguf'} does not exist"
     code, _, err = report("report_quant", capsys, monkeypatch, "--quants", "BOGUS", "--results", tmp_path)
     assert code == 1 and "unknown quantization 'BOGUS'" in err
+    models = tmp_path / "models"
+    models.mkdir()
+    monkeypatch.setenv("FVPATCH_MODELS", str(models))  # where it would write the Q4_0 before refusing the second name
+    code, _, err = report("report_quant", capsys, monkeypatch, "--model", gemma_path, "--quants", "Q4_0,BOGUS", "--results", tmp_path)
+    assert code == 1 and "unknown quantization 'BOGUS'" in err and not any(models.iterdir())
+    models.rmdir()
     code, _, err = report("report_icl_spread", capsys, monkeypatch, "--n-test", "-3")
     assert code == 2 and "-3 is not a positive count" in err
     assert not any(tmp_path.iterdir())

@@ -22,7 +22,7 @@ from fvpatch.atomic import write_json, write_report
 from fvpatch.bank import NAMES_KEY
 from fvpatch.errors import FvpatchError
 from fvpatch.evaluate import build_items, llamacpp_predictor
-from fvpatch.models import check_fingerprint, models_dir, quantize, resolve_model, short_name
+from fvpatch.models import check_fingerprint, models_dir, quant_ftype, quantize, resolve_model, short_name
 from fvpatch.prompts import template
 from fvpatch.session import Session
 from fvpatch.tasks import load_task
@@ -71,6 +71,8 @@ def main():
     if not files:
         raise FvpatchError(f"no vectors shipped in {folder}")
     models = {"made on": source}
+    for q in args.quants.split(","):  # every name checked before the first file is written
+        quant_ftype(q)
     for q in args.quants.split(","):
         path = models_dir() / f"{name}-{q.lower()}.gguf"
         models[q] = path if path.exists() else quantize(source, path, q)
