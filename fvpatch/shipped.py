@@ -26,10 +26,18 @@ def _fits(path: Path, model: dict[str, str]) -> bool:
 
 
 def find_vector(name: str, model: dict[str, str] | None = None) -> Path:
-    """The shipped vector called `name`; where several models ship one, the one made for `model` (a fingerprint)."""
-    matches = [p for p in shipped_vectors() if p.stem == name or p.relative_to(VECTORS_DIR).with_suffix("").as_posix() == name]
+    """The shipped vector called `name`: its file name, its path inside its model's folder (`google/analogy.bank`)
+    or inside vectors/, without .safetensors. Where several models ship one, the one made for `model` (a
+    fingerprint); where a model's folder and a subfolder of it both hold the name, the folder's own."""
+
+    def inside(p: Path) -> str:  # the path inside the model's folder
+        return Path(*p.relative_to(VECTORS_DIR).parts[1:]).with_suffix("").as_posix()
+
+    matches = [p for p in shipped_vectors() if name in (p.stem, inside(p), p.relative_to(VECTORS_DIR).with_suffix("").as_posix())]
     if len(matches) > 1 and model is not None:
         matches = [p for p in matches if _fits(p, model)] or matches
+    if len(matches) > 1:
+        matches = [p for p in matches if inside(p) == name] or matches
     if len(matches) == 1:
         return matches[0]
     if not matches:

@@ -128,6 +128,11 @@ def test_shipped_vector_names_resolve_per_model(tiny_session, monkeypatch, tmp_p
     assert shipped.find_vector("antonym.ffv", other) == tmp_path / "other" / "antonym.ffv.safetensors"
     with pytest.raises(ValueError, match="matches several"):
         shipped.find_vector("antonym.ffv")
+    # a bank in the model's folder and one in a subfolder of it: the bare name is the folder's own
+    vectorfile.save(vectorfile.VectorFile("l_out-1", np.ones(64), [-1], fp, "add"), tmp_path / "tiny" / "google" / "antonym.ffv.safetensors")
+    assert shipped.find_vector("antonym.ffv", fp) == tmp_path / "tiny" / "antonym.ffv.safetensors"
+    assert shipped.find_vector("google/antonym.ffv", fp) == tmp_path / "tiny" / "google" / "antonym.ffv.safetensors"
+    assert shipped.find_vector("tiny/google/antonym.ffv") == tmp_path / "tiny" / "google" / "antonym.ffv.safetensors"
     assert shipped.model_folder(fp) == tmp_path / "tiny"
     with pytest.raises(FileNotFoundError, match="no vectors are shipped"):
         shipped.model_folder({**fp, "n_embd": "1"})
