@@ -67,7 +67,7 @@ class Generated:
 
 
 def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int | None], default_vectors: list[dict],
-                 folder: Path) -> Request:
+                 folder: Path, parallel: int = 1) -> Request:
     _unsupported(body)
     prompts, sent_from = _prompts(session, body, chat)
     stop = body.get("stop")
@@ -88,7 +88,7 @@ def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int 
     vectors = body.get("vectors")
     req = Request(
         chat, prompts, sent_from, parse_vectors(session, default_vectors, graph) if vectors is None else parse_vectors(session, vectors, graph, folder), n=n,
-        max_tokens=_max_tokens(body, chat, echo, room),
+        max_tokens=_max_tokens(body, chat, echo, room, session.n_ctx // parallel - max(len(p) for p in prompts)),
         temperature=_field(body, "temperature", (int, float), 0.0, lambda v: np.isfinite(v) and 0 <= v <= 2, "a number from 0 to 2"),
         top_p=_field(body, "top_p", (int, float), 1.0, lambda v: np.isfinite(v) and 0 < v <= 1, "a number above 0, at most 1"),
         seed=_field(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}") if body.get("seed") is not None else None,
@@ -110,13 +110,15 @@ def _unsupported(body: dict):
             raise BadRequest(f"fvpatch serve does not support {key}; leave it out")
 
 
-def _max_tokens(body: dict, chat: bool, echo: bool, room: int) -> int:
+def _max_tokens(body: dict, chat: bool, echo: bool, room: int, share: int) -> int:
     """As OpenAI's API: completions default to 16 new tokens, chat to as many as the context leaves (null means
-    the default; chat also reads max_completion_tokens). A default never exceeds the room after the prompt, and 0
-    (no new tokens) is for scoring an echoed prompt."""
+    the default; chat also reads max_completion_tokens). With --parallel P, chat's default is what the prompt
+    leaves of a P-th of the context (at least 16), as llama-server gives each slot a P-th: a default of the whole
+    context would reserve it all, and the request would run alone. A default never exceeds the room after the
+    prompt, and 0 (no new tokens) is for scoring an echoed prompt."""
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get(key) is None:
-        return min(16, room) if not chat else room
+        return min(16 if not chat else max(share, 16), room)
     low = 0 if echo else 1
     return _field(body, key, int, None, lambda v: low <= v <= room, f"an integer from {low} to {room} (what the context leaves after the prompt)")
 

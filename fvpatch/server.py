@@ -58,10 +58,11 @@ class Generator:
         parse_vectors(session, vectors, self.graph)  # a bad default vector stops the server before it starts
         self.vectors = vectors
         self.vector_dir = Path(vector_dir).resolve()
+        self.parallel = parallel
         self.slots = Slots(session, parallel, self.graph)
 
     def read(self, body: dict, chat: bool) -> Request:
-        return read_request(self.session, body, chat, self.graph, self.vectors, self.vector_dir)
+        return read_request(self.session, body, chat, self.graph, self.vectors, self.vector_dir, self.parallel)
 
     def submit(self, req: Request) -> list[Job]:
         """One job per choice, all at once, so free slots take them together; each choice draws with its own seed

@@ -417,6 +417,22 @@ def test_max_tokens_defaults_and_zero(server, gemma):
     assert call(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0, "echo": True})[1]["choices"][0]["text"] == PROMPT
 
 
+def test_chat_max_tokens_defaults_to_a_slots_share_of_the_context(smollm_path, tmp_path):
+    """With --parallel P a chat request without max_tokens gets what its prompt leaves of a P-th of the context (as
+    llama-server's slots), so P such requests run together; the whole context would make each run alone."""
+    from fvpatch.openai_api import read_request
+
+    with Session(smollm_path, hooks=False) as s:
+        chat = {"messages": [{"role": "user", "content": "hi"}]}
+        one = read_request(s, chat, True, {}, [], tmp_path)
+        n_prompt = len(one.prompts[0])
+        assert one.max_tokens == s.n_ctx - n_prompt
+        assert read_request(s, chat, True, {}, [], tmp_path, parallel=4).max_tokens == s.n_ctx // 4 - n_prompt
+        assert read_request(s, chat | {"max_tokens": 1000}, True, {}, [], tmp_path, parallel=4).max_tokens == 1000
+        long = {"messages": [{"role": "user", "content": "hi " * (s.n_ctx // 4)}]}
+        assert read_request(s, long, True, {}, [], tmp_path, parallel=4).max_tokens == 16  # a share is at least 16
+
+
 def stream(server, body: dict) -> list[dict]:
     import urllib.request
 
