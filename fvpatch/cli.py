@@ -260,6 +260,8 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
         raise click.UsageError("give at least one --patch TENSOR FILE or --vector NAME")
     if all_tokens and to_token_idx is not None:
         raise click.UsageError("--all-tokens patches every token and --to-token-idx one: give one of them")
+    if all_tokens and every_token:
+        raise click.UsageError("--all-tokens already patches every generated token: leave out --every-token")
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
         specs = []
@@ -267,6 +269,8 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
         for tensor, spec in [*patches, *((None, v) for v in vectors)]:
             vf = load_vector(spec, fp)
             fits(spec, vf.model, fp, force)
+            if tensor is not None and tensor != vf.tensor:  # cross-layer patching is an experiment, but never a silent one
+                click.echo(f"note: {spec} holds {vf.tensor} rows; patching them into {tensor}", err=True)
             everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token_idx is None)  # an asked-for token wins
             specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token_idx), token, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)

@@ -44,7 +44,7 @@ def export_cmd(sources, out, fmt, scales, force):
                        f"{_measured_drop(vf)}", err=True)
     controlvector.save(cv, out, overwrite=force)
     layers = ", ".join(f"l_out-{n}" for n in cv.directions)
-    click.echo(f"{out}: control vector for {cv.model_hint or 'a model the vector does not record'}, {layers}; use: llama-completion (or llama-server) --control-vector {out}")
+    click.echo(f"{out}: control vector for {cv.model_hint or 'a model the vector does not record'}, {layers}; use: llama-completion -m MODEL --control-vector {out} -p PROMPT -n 8 -no-cnv (or llama-server --control-vector {out})")
 
 
 def _measured_drop(vf: vectorfile.VectorFile) -> str:

@@ -113,6 +113,7 @@ CASES = {
     "bank rows at one position": ([*PATCH, "--vector", "{bank}", "--from-token-idx", "-1"], "holds 3 rows for token -1; pick one relation with FILE#RELATION"),
     "bank with no such relation": ([*PATCH, "--vector", "{bank}#nope"], "the bank has no relation 'nope'"),
     "--all-tokens and --to-token-idx": ([*PATCH, "--vector", "{v}", "--all-tokens", "--to-token-idx", "1"], "give one of them"),
+    "--all-tokens and --every-token": ([*PATCH, "--vector", "{v}", "--all-tokens", "--every-token"], "leave out --every-token"),
     "no fingerprint without --force": ([*PATCH, "--vector", "{nofp}"], "records no model arch, n_layer, n_embd, vocab, name"),
     "vector is a FIFO": ([*PATCH, "--vector", "{o}/fifo"], "fifo is a named pipe (FIFO), not a vector file"),
     "vector is a folder": ([*PATCH, "--vector", "{o}/folder"], "folder is a directory, not a vector file"),
@@ -302,7 +303,9 @@ def test_force_applies_a_file_that_records_no_model(tiny_gguf, inputs):
 def test_a_bank_relation_is_patched_by_name(tiny_gguf, inputs):
     assert patched(tiny_gguf, "--vector", inputs["bank"] + "#capitalize")["patches"] == [
         {"tensor": "l_out-1", "token": -1, "mode": "add", "scale": 1.0}]
-    assert patched(tiny_gguf, "--patch", "l_out-2", inputs["bank"] + "#antonym")["patches"][0]["tensor"] == "l_out-2"
+    r = CliRunner().invoke(main, [*(a.format(m=tiny_gguf) for a in PATCH), "-n", "1", "--json", "--patch", "l_out-2", inputs["bank"] + "#antonym"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["patches"][0]["tensor"] == "l_out-2"
+    assert f"note: {inputs['bank']}#antonym holds l_out-1 rows; patching them into l_out-2" in r.stderr  # never silent
 
 
 def test_eval_takes_a_bank_relation_as_patch_does(tiny_gguf, inputs, tmp_path):
