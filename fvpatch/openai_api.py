@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError, NotFound
@@ -89,8 +88,8 @@ def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int 
     req = Request(
         chat, prompts, sent_from, parse_vectors(session, default_vectors, graph) if vectors is None else parse_vectors(session, vectors, graph, folder), n=n,
         max_tokens=_max_tokens(body, chat, echo, room, session.n_ctx // parallel - max(len(p) for p in prompts)),
-        temperature=_field(body, "temperature", (int, float), 0.0, lambda v: np.isfinite(v) and 0 <= v <= 2, "a number from 0 to 2"),
-        top_p=_field(body, "top_p", (int, float), 1.0, lambda v: np.isfinite(v) and 0 < v <= 1, "a number above 0, at most 1"),
+        temperature=_field(body, "temperature", (int, float), 0.0, lambda v: 0 <= v <= 2, "a number from 0 to 2"),
+        top_p=_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "a number above 0, at most 1"),
         seed=_field(body, "seed", int, None, lambda v: 0 <= v <= MAX_SEED, f"an integer from 0 to {MAX_SEED}") if body.get("seed") is not None else None,
         stop=stop, top_logprobs=_top_logprobs(body, chat), echo=echo, stream=stream,
         include_usage=_flag(options or {}, "include_usage"),
@@ -187,19 +186,20 @@ def parse_vectors(session: Session, specs, graph: dict[str, int | None], folder:
             check_fingerprint(vf.model, fp)
         except ValueError as e:
             raise BadRequest(f"vectors[{i}] {name}: {e}") from None
-        scale = spec.get("scale", vf.scale)
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not np.isfinite(scale):
-            raise BadRequest(f"vectors[{i}].scale must be a finite number")
+        try:
+            scale = vectorfile.check_scale(spec.get("scale", vf.scale))
+        except FvpatchError:
+            raise BadRequest(f"vectors[{i}].scale must be a finite number") from None
         positions = spec.get("positions", "all" if vf.meta.get("fvpatch.apply_at") == "all" else "last")
         row = vf.row(None)
         if positions == "last":
-            patches.append(Patch(vf.tensor, row, -1, vf.mode, float(scale), generated=True))
+            patches.append(Patch(vf.tensor, row, -1, vf.mode, scale, generated=True))
         elif positions == "all":
             if vf.mode != "add":
                 raise BadRequest(f"vectors[{i}] {name} replaces the residual; only an added vector can go at every token")
-            patches.append(Patch(vf.tensor, row, -1, vf.mode, float(scale), all_tokens=True))
+            patches.append(Patch(vf.tensor, row, -1, vf.mode, scale, all_tokens=True))
         elif isinstance(positions, list) and positions and all(type(p) is int for p in positions):
-            patches += [Patch(vf.tensor, row, p, vf.mode, float(scale)) for p in positions]
+            patches += [Patch(vf.tensor, row, p, vf.mode, scale) for p in positions]
         else:
             raise BadRequest(f"vectors[{i}].positions must be \"last\", \"all\" or a non-empty list of token indices")
         session.check_tensor_name(vf.tensor)

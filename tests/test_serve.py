@@ -390,6 +390,11 @@ def test_sampling_fields(server):
     ({"best_of": 2}, "does not support best_of"),
     ({"suffix": "x"}, "does not support suffix"),
     ({"top_p": 0}, "top_p must be a number above 0"),
+    # JSON integers have no size limit: one past float's range was a TypeError in numpy, and a 500
+    ({"top_p": 10**400}, "top_p must be a number above 0"),
+    ({"temperature": 10**400}, "temperature must be a number from 0 to 2"),
+    ({"temperature": float("nan")}, "temperature must be a number from 0 to 2"),
+    ({"vectors": [{"vector": "antonym.ffv", "scale": 10**400}]}, "scale must be a finite number"),
     ({"seed": 10**30}, "seed must be an integer from 0 to"),
     ({"n": 65}, "n must be an integer from 1 to 64"),
     ({"n": 2, "stream": True}, "n of 1"),
