@@ -1,13 +1,12 @@
 """What a run saves and patches (`Save`, `Patch`), checked when made, and what it returns (`Result`)."""
 
-import math
 import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from fvpatch.errors import FvpatchError
-from fvpatch.vectorfile import MODES, check_scale
+from fvpatch.vectorfile import MODES, check_scale, finite_real
 
 
 @dataclass(frozen=True)
@@ -78,7 +77,7 @@ def check_generation(max_tokens, temperature, top_p=1.0, least: int = 0):
     temperature (0: greedy) and a nucleus."""
     if not (is_index(max_tokens) and max_tokens >= least):
         raise FvpatchError(f"max_tokens must be a whole number of {least} or more, got {max_tokens!r}")
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-        raise FvpatchError(f"temperature must be a number of 0 or more, got {temperature!r}")
+    if (t := finite_real(temperature)) is None or t < 0:
+        raise FvpatchError(f"temperature must be a finite number of 0 or more, got {temperature!r}")
     if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise FvpatchError(f"top_p must be above 0 and at most 1, got {top_p!r}")

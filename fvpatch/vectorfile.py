@@ -140,15 +140,22 @@ def check_mode(mode) -> str:
     return mode
 
 
-def check_scale(scale) -> float:
-    """A finite real number as a float; a bool or a string is not one (float() would take True and '1e3')."""
-    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+def finite_real(x) -> float | None:
+    """`x` as a float when it is a finite real number, else None; a bool or a string is not one (float() would take
+    True and '1e3'), nor an int beyond float's range."""
+    if isinstance(x, numbers.Real) and not isinstance(x, bool):
         try:
-            if math.isfinite(float(scale)):
-                return float(scale)
-        except OverflowError:  # an int beyond float's range
+            if math.isfinite(float(x)):
+                return float(x)
+        except OverflowError:
             pass
-    raise VectorFileError(f"scale must be a finite number, got {_shown(scale)}")
+    return None
+
+
+def check_scale(scale) -> float:
+    if (value := finite_real(scale)) is None:
+        raise VectorFileError(f"scale must be a finite number, got {_shown(scale)}")
+    return value
 
 
 def check_meta(meta, owner: str, owned: tuple[str, ...] = ()) -> None:

@@ -78,6 +78,7 @@ def test_slots_own_their_session_until_closed(tiny_gguf):
     (lambda s: s.run(b"hello"), "must be a list of token ids, got bytes"),
     (lambda s: s.run(PROMPT, max_tokens=-5), "max_tokens must be"),
     (lambda s: s.run(PROMPT, max_tokens=2, temperature=float("nan")), "temperature must be"),
+    (lambda s: s.run(PROMPT, max_tokens=2, temperature=10**400), "temperature must be a finite number"),  # was an OverflowError
     (lambda s: s.answer_logprobs([(s.tokenize(PROMPT), [-1], [])]), "answer of item 0 holds -1"),
     (lambda s: s.last_logits([s.tokenize(PROMPT), [1, 10**6]]), "prompt 1 holds 1000000"),
     (lambda s: s.decode([(2, i, 0) for i in range(s.n_ubatch + 1)], set(), {}), f"at most"),
