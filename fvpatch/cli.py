@@ -135,6 +135,10 @@ class PromptText(click.ParamType):
     def convert(self, value, param, ctx):
         if value == "":
             self.fail(f"is empty; give {self.what}", param, ctx)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer cannot take
+            self.fail("is not valid UTF-8 text", param, ctx)
         return value
 
 
@@ -171,9 +175,16 @@ def generate(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, 
     Example:
       fvpatch generate -p "France ->" -n 8
     """
+    check_seed(temperature)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         r = s.run(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
         emit(as_json, {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits)}, [f"{prompt}{r.text}"])
+
+
+def check_seed(temperature: float):
+    """Refuse a --seed given with greedy decoding, which it would not change."""
+    if temperature == 0 and click.get_current_context().get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--seed only shapes sampling; give --temperature above 0 too, or leave --seed out (greedy decoding uses no seed)")
 
 
 @main.command()
@@ -189,6 +200,7 @@ def save(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_j
     Example: the residual after block 10 at the last token of a 2-shot prompt
       fvpatch save -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->" --save l_out-10 capital.safetensors --token-idx -1
     """
+    check_seed(temperature)
     check_outputs([path for _, path in saves], force)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         n_prompt = len(s.tokenize(prompt))
@@ -262,18 +274,21 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
         raise click.UsageError("--all-tokens patches every token and --to-token-idx one: give one of them")
     if all_tokens and every_token:
         raise click.UsageError("--all-tokens already patches every generated token: leave out --every-token")
+    check_seed(temperature)
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
-        specs = []
+        specs, notes = [], []
         token = -1 if to_token_idx is None else to_token_idx
         for tensor, spec in [*patches, *((None, v) for v in vectors)]:
             vf = load_vector(spec, fp)
             fits(spec, vf.model, fp, force)
             if tensor is not None and tensor != vf.tensor:  # cross-layer patching is an experiment, but never a silent one
-                click.echo(f"note: {spec} holds {vf.tensor} rows; patching them into {tensor}", err=True)
+                notes.append(f"note: {spec} holds {vf.tensor} rows; patching them into {tensor}")
             everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token_idx is None)  # an asked-for token wins
             specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token_idx), token, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
+        for note in notes:  # once the run has taken the patches: a refusal stays one line
+            click.echo(note, err=True)
         payload = {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits),
                    "patches": [{"tensor": p.tensor, "token": "all" if p.all_tokens else p.token, "mode": p.mode, "scale": p.scale} for p in specs]}
         lines = [f"patched:   {prompt}{r.text}"]
@@ -316,7 +331,10 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
     Example:
       fvpatch tensors --layer 0
     """
-    with open_session(model, n_ctx, n_gpu_layers) as s:
+    # The listing decodes a short prompt in one batch; llama.cpp shrinks its batch to a context below 512 tokens, and a
+    # prompt split over batches of 1-3 tokens would show every tensor as unusable. The names and widths do not depend on
+    # the context, and llama.cpp allocates no context smaller than 256 tokens anyway.
+    with open_session(model, max(n_ctx, 256), n_gpu_layers) as s:
         check_layer(layer, s.n_layer)
         widths = s.graph_tensors()
     if layer is not None:
@@ -351,6 +369,8 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
         layers = []
         for part in spec.split(","):
             lo, dash, hi = part.partition("-")
+            if dash and int(hi) < int(lo):  # range() would yield nothing, and the other parts would run without it
+                raise click.BadParameter(f"{part!r} names no layer: a range A-B needs A <= B", param_hint="--layer")
             layers += range(int(lo), int(hi) + 1) if dash else [int(lo)]
     except ValueError:
         raise click.BadParameter(f"expected N, N,M,..., A-B or all, got {spec!r}", param_hint="--layer") from None

@@ -48,10 +48,11 @@ def quantize(model, kind, out, force):
       fvpatch patch -m models/gemma-3-270m-q8_0.gguf -p $'Q: walk\\nA:' --vector present-past.fv -n 3
     """
     from fvpatch.atomic import check_outputs
+    from fvpatch.models import quant_ftype, resolve_model
     from fvpatch.models import quantize as write_quantized
-    from fvpatch.models import resolve_model
 
     check_outputs([out], force)
+    quant_ftype(kind)  # before resolve_model, which fetches a known model not on disk yet (1.1 GB for Qwen)
     path = write_quantized(resolve_model(model), out, kind, threads=cli_threads() or 0, overwrite=force)
     click.echo(f"{path} ({path.stat().st_size / 1e6:.0f} MB)")
 

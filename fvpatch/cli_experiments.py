@@ -8,7 +8,7 @@ import click
 from fvpatch.atomic import check_outputs, write_json
 from fvpatch.cli import INT32_MAX, PROMPT, SEED, PromptText, emit, main, model_options, open_session, parse_layers
 from fvpatch.errors import FvpatchError
-from fvpatch.experiments import Reversal, check_layers, prepare_reversal, reversal_answer, run_layers, transfer_sweep, verify
+from fvpatch.experiments import Reversal, check_layers, check_lengths, prepare_reversal, reversal_answer, run_layers, transfer_sweep, verify
 
 LAYER_HELP = "Layers: N, N,M,..., A-B or all."
 
@@ -73,13 +73,15 @@ def reversal(model, n_ctx, n_gpu_layers, layer_spec, n_lists, seed, lengths, ten
         length_tuple = tuple(sorted({int(x) for x in lengths.split(",")}))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {lengths!r}", param_hint="--lengths") from None
+    check_lengths(length_tuple)  # before the model loads (or a known model is fetched)
     check_outputs([output], exist_ok=True)  # an existing file is an earlier run to resume
+    old = read_earlier(Path(output)) if output and Path(output).exists() else None  # a file that is no results file: refused before any work
     with open_session(model, n_ctx, n_gpu_layers) as s:
         layers = parse_layers(layer_spec, s.n_layer)
         check_layers(s, tensor, layers)
         result = prepare_reversal(s, n_lists, seed, length_tuple, tensor)
         header = {"model": s.fingerprint(), "n": n_lists, "seed": seed, "lengths": list(length_tuple)}
-        previous = earlier_run(Path(output), reversal_json(result, header)) if output and Path(output).exists() else {}
+        previous = earlier_run(Path(output), old, reversal_json(result, header), s.n_layer) if old is not None else {}
         result.layers = {int(L): v for L, v in previous.get("layers", {}).items()}
         write = (lambda r: write_json(output, reversal_json(r, header))) if output else None
         run_layers(s, result, layers, on_layer=write)
@@ -101,18 +103,43 @@ def reversal_json(result: Reversal, header: dict) -> dict:
     }
 
 
-def earlier_run(path: Path, fresh: dict) -> dict:
-    """The results of an earlier run in `path`, if it measured the same targets with the same settings."""
+def read_earlier(path: Path) -> dict:
+    """The JSON object in `path`, an earlier run's results file, or one line saying it is none."""
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise FvpatchError(f"{path} exists but is not a readable results file ({e}); remove it or choose another --output") from None
     if type(old) is not dict or type(old.get("layers", {})) is not dict:
         raise FvpatchError(f"{path} exists but is not a results file of `fvpatch reversal`; remove it or choose another --output")
+    return old
+
+
+def earlier_run(path: Path, old: dict, fresh: dict, n_layer: int) -> dict:
+    """The results of an earlier run (`old`, read from `path`), if it measured the same targets with the same settings
+    and each of its layers holds what this run reports and replays."""
     differ = [k for k in fresh if k not in ("layers", "verify") and old.get(k) != fresh[k]]
     if differ:
         raise FvpatchError(f"{path} holds a run with other {', '.join(differ)}; remove it or choose another --output")
+    n = len(fresh["targets"])
+    for key, kinds in old.get("layers", {}).items():
+        if not (key.isdigit() and str(int(key)) == key and int(key) < n_layer and _layer_result(kinds, n)):
+            raise FvpatchError(f"{path} holds a malformed or impossible result for layer {key!r} (this model has layers 0..{n_layer - 1}); "
+                               f"remove it or choose another --output")
+    verify = old.get("verify")
+    if verify is not None and not (type(verify) is dict and all(type(verify.get(k)) is int for k in ("cases", "agree"))
+                                   and type(verify.get("disagree")) is list):
+        raise FvpatchError(f"{path} holds a malformed replay (verify); remove it or choose another --output")
     return old
+
+
+def _layer_result(kinds, n: int) -> bool:
+    """Whether `kinds` is one layer's results as `run_layers` writes them for `n` targets."""
+    def rates(r) -> bool:
+        return (type(r) is dict and all(type(r.get(k)) in (int, float) and 0 <= r[k] <= 1 for k in ("full", "first", "copy"))
+                and type(r.get("full_each")) is list and len(r["full_each"]) == n and all(x in (0, 1) and type(x) is int for x in r["full_each"])
+                and type(r.get("first_token_each")) is list and len(r["first_token_each"]) == n
+                and all(type(x) is str for x in r["first_token_each"]))
+    return type(kinds) is dict and rates(kinds.get("fixed")) and rates(kinds.get("matched"))
 
 
 def reversal_lines(result: Reversal, layers: list[int], header: dict, checked: dict | None) -> list[str]:

@@ -12,8 +12,9 @@ one layer at a time, as the seed does by hand.
 
 Greedy generation reproduces a continuation exactly iff, under teacher forcing, each of its tokens is the
 argmax given the ones before it. So one packed decode (`Session.sequence_logits`) decides many generations
-at once. `verify` replays some of them with `Session.run`: the two differ only where two tokens tie to a
-few hundredths of a logit, which the batch shape alone can flip.
+at once. `verify` replays some of them with `Session.run`: the two differ only at near-ties, which the batch
+shape alone can flip (packed, a 4-bit model's logits move by up to about one logit: `Session.sequence_logits`;
+on Gemma 3 270M a first token 0.16 logits ahead in `run` tied in the packed decode).
 """
 
 import random
@@ -26,6 +27,7 @@ from fvpatch.errors import FvpatchError
 from fvpatch.names import layer_of, layered
 from fvpatch.prompts import answer_tokens
 from fvpatch.session import Patch, Save, Session
+from fvpatch.specs import is_index
 
 DIGITS = tuple("0123456789")
 SEED_DEMO, SEED_PARTIAL = tuple("123"), tuple("567")  # the seed's source: "1 2 3 to 3 2 1, 5 6 7 to 7 "
@@ -37,6 +39,9 @@ def check_layers(session: Session, tensor: str, layers: list[int]) -> list[str]:
         raise FvpatchError(f"give the tensor's base name ({tensor.rsplit('-', 1)[0]!r}); the layers are chosen separately")
     if not layers:
         raise FvpatchError("no layers given")
+    odd = [L for L in layers if not (is_index(L) and L >= 0)]  # -1 would name `l_out--1`, refused later as a tensor that never fires
+    if odd:
+        raise FvpatchError(f"layers are whole numbers from 0 to {session.n_layer - 1}, got {odd[0]!r}")
     names = [layered(tensor, L) for L in layers]
     for name in names:
         session.check_tensor_name(name)
@@ -86,8 +91,7 @@ def reversal_source(demo: tuple[str, ...], partial: tuple[str, ...]) -> str:
 
 def generate_lists(seed: int, lengths: tuple[int, ...], alphabet: tuple[str, ...] = DIGITS) -> Iterator[tuple[str, ...]]:
     """Distinct lists of distinct items in random order, endlessly (the caller stops); the same for the same seed."""
-    if not lengths or min(lengths) < 2 or max(lengths) > len(alphabet):
-        raise FvpatchError(f"list lengths must lie in 2..{len(alphabet)} (a reversal needs 2 items, items are distinct), got {list(lengths)}")
+    check_lengths(lengths, alphabet)
     rng = random.Random(f"lists:{seed}")
     seen, possible = set(), sum(_n_lists(len(alphabet), k) for k in set(lengths))
     while len(seen) < possible:
@@ -95,6 +99,11 @@ def generate_lists(seed: int, lengths: tuple[int, ...], alphabet: tuple[str, ...
         if items not in seen:
             seen.add(items)
             yield items
+
+
+def check_lengths(lengths: tuple[int, ...], alphabet: tuple[str, ...] = DIGITS):
+    if not lengths or min(lengths) < 2 or max(lengths) > len(alphabet):
+        raise FvpatchError(f"list lengths must lie in 2..{len(alphabet)} (a reversal needs 2 items, items are distinct), got {list(lengths)}")
 
 
 def _n_lists(n: int, k: int) -> int:

@@ -83,6 +83,10 @@ CASES = {
     "patch an empty prompt": (["patch", *MODEL, "-p", "", "--vector", "{v}"], "is empty"),
     "lens an empty prompt": (["lens", *MODEL, "-p", ""], "is empty"),
     "tokenize an empty prompt": (["tokenize", *MODEL, "-p", ""], "is empty"),
+    "tokenize a prompt that is not UTF-8": (["tokenize", *MODEL, "-p", "caf\udce9"], "'--prompt' / '-p': is not valid UTF-8 text"),
+    "generate a prompt that is not UTF-8": (["generate", *MODEL, "-p", "caf\udce9"], "'--prompt' / '-p': is not valid UTF-8 text"),
+    "generate --seed when greedy": ([*GEN, "--seed", "5"], "--seed only shapes sampling; give --temperature above 0 too"),
+    "patch --seed when greedy": ([*PATCH, "--vector", "{v}", "--seed", "5"], "--seed only shapes sampling"),
     "sweep an empty source": (["sweep", *MODEL, "-p", "", "--target", "d e"], "is empty"),
     "sweep an empty target": (["sweep", *MODEL, "-p", "a b c", "--target", ""], "'--target' / '-t': is empty"),
     "model is a folder": (["generate", "-m", "{o}/folder", "-p", "x"], "folder is a directory, not a model file"),
@@ -253,6 +257,15 @@ def test_a_small_context_runs(n_ctx, tiny_gguf, tmp_path):
     r = fvpatch("save", "-m", str(tiny_gguf), "-p", "a b c d e f g h i j k l " * 3, "--save", "l_out-1", str(tmp_path / "v.safetensors"),
                 "--token-idx", "-1", "-n", "2", "--n-ctx", str(n_ctx), "--json", env={"OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("n_ctx", [1, 3])
+def test_tensors_in_a_small_context_lists_the_same_widths(n_ctx, tiny_gguf):
+    """`tensors` decodes a 12-token prompt here; in a context below that, llama.cpp's smaller batch split it, and every
+    tensor was listed as unusable ('not one row per token') although save and patch take them in that context."""
+    listing = lambda *args: json.loads(CliRunner().invoke(main, ["tensors", "-m", str(tiny_gguf), "--json", *args]).stdout)["widths"]
+    small = listing("--n-ctx", str(n_ctx))
+    assert small["l_out-1"] == N_EMBD and small == listing()
 
 
 @pytest.mark.parametrize("var, value", [("OMP_NUM_THREADS", "100000"), ("FVPATCH_THREADS", "abc"), ("FVPATCH_THREADS", "0"),

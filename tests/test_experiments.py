@@ -76,6 +76,15 @@ def test_reversal_rates_and_their_replay(session):
     assert checked["cases"] == 18 and checked["agree"] == 18, checked["disagree"]
 
 
+def test_layers_that_are_no_layer_are_named(session):
+    """A layer of -1 used to name the tensor `l_out--1`, refused as one that never fires in the graph."""
+    for layer in (-1, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=f"layers are whole numbers from 0 to 3, got {layer!r}"):
+            ex.transfer_sweep(session, SOURCE, TARGET, layers=[0, layer], max_tokens=1)
+    with pytest.raises(ValueError, match="beyond this model's 4 layers"):
+        ex.transfer_sweep(session, SOURCE, TARGET, layers=[4], max_tokens=1)
+
+
 def test_reversal_cli_writes_after_each_layer_and_resumes(tiny_qwen, tmp_path):
     out = tmp_path / "rev.json"
     r = cli("reversal", "-m", tiny_qwen, "--layer", "0-1", "--n", 5, "--verify", 0, "-o", out)
@@ -109,12 +118,48 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_qwen, tmp_path):
         ("reversal", "--tensor", "l_ou", "--layer", "1"): "never appeared",
         ("sweep", "-p", SOURCE, "-t", TARGET, "--layer", "4"): "beyond this model's 4 layers",
         ("sweep", "-p", SOURCE, "-t", TARGET, "--tensor", "l_ou"): "never appeared",
+        # a reversed range among others used to be dropped silently, running the other layers only
+        ("reversal", "--layer", "2,1-0"): "'1-0' names no layer: a range A-B needs A <= B",
+        ("sweep", "-p", SOURCE, "-t", TARGET, "--layer", "3,1-0"): "'1-0' names no layer: a range A-B needs A <= B",
+        # bytes that are not UTF-8 (here Latin-1's é) used to end in a UnicodeEncodeError traceback
+        ("sweep", "-p", SOURCE, "-t", "caf\udce9 ->"): "'--target' / '-t': is not valid UTF-8 text",
     }
     for (command, *args), message in cases.items():
         r = cli(command, "-m", tiny_qwen, *args, *(["-o", out] if command == "reversal" else []))
         assert r.exit_code != 0 and message in r.output, r.output
         assert len(r.output.strip().splitlines()) == 1 or "Usage" in r.output
     assert not out.exists()
+
+
+def test_reversal_refuses_a_results_file_it_cannot_resume(tiny_qwen, tmp_path):
+    """An -o file that is not a results file is refused before the model loads (here a model that does not exist); one
+    edited or damaged (a layer the model lacks, a layer's outcomes for other targets, a malformed replay) is refused in
+    one line, not resumed into a traceback or into results of layers that do not exist; the file is left as it was."""
+    junk = tmp_path / "junk.json"
+    junk.write_text("not json")
+    r = cli("reversal", "-m", tmp_path / "missing.gguf", "-o", junk)
+    assert r.exit_code == 1 and "junk.json exists but is not a readable results file" in r.output and len(r.output.strip().splitlines()) == 1
+    r = cli("reversal", "-m", tmp_path / "missing.gguf", "--lengths", "1,3")  # --lengths too, before the model
+    assert r.exit_code == 1 and "lengths must lie in 2..10" in r.output
+
+    out = tmp_path / "rev.json"
+    assert cli("reversal", "-m", tiny_qwen, "--layer", "0", "--n", 3, "--verify", 0, "-o", out).exit_code == 0
+    good = json.loads(out.read_text())
+    edits = {
+        "a layer beyond the model": lambda d: d["layers"].update({"99": d["layers"]["0"]}),
+        "a layer that is no number": lambda d: d["layers"].update({"x": d["layers"]["0"]}),
+        "a layer that is not a result": lambda d: d["layers"].update({"0": "garbage"}),
+        "outcomes of other targets": lambda d: d["layers"]["0"]["fixed"].update({"full_each": [1]}),
+        "a malformed replay": lambda d: d.update({"verify": "zzz"}),
+    }
+    for what, edit in edits.items():
+        bad = json.loads(json.dumps(good))
+        edit(bad)
+        out.write_text(json.dumps(bad))
+        before = out.read_text()
+        r = cli("reversal", "-m", tiny_qwen, "--layer", "0,1", "--n", 3, "--verify", 0, "-o", out)
+        assert r.exit_code == 1 and "rev.json holds a malformed" in r.output and len(r.output.strip().splitlines()) == 1, (what, r.output)
+        assert out.read_text() == before, what
 
 
 def test_sweep_cli(tiny_qwen):

@@ -105,6 +105,16 @@ def test_an_unusable_models_folder_is_one_line_before_any_download(monkeypatch, 
     assert r.exit_code == 1 and "is a file, not a folder" in r.output and "Traceback" not in r.output
 
 
+def test_quantize_refuses_an_unknown_type_before_fetching_the_model(monkeypatch, tmp_path):
+    """A typo in TYPE used to be found only after the known model was fetched (here the fetch would stop at once, at a
+    models folder under a file, so nothing is downloaded even where the order were wrong)."""
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "afile" / "models"))
+    r = invoke("quantize", "smollm2-135m", "Q9_9", str(tmp_path / "q.gguf"))
+    assert r.exit_code == 1 and r.output.strip().splitlines() == ["Error: unknown quantization 'Q9_9' (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)"]
+    assert not (tmp_path / "q.gguf").exists()
+
+
 @pytest.mark.slow
 def test_fetch_checks_the_recorded_sha256(monkeypatch, tmp_path):
     """A known model whose pieces do not hash to the recorded sha256 is never left in models/."""
