@@ -9,6 +9,7 @@ from pathlib import Path
 
 import llama_cpp as ll
 
+from fvpatch import signals
 from fvpatch.atomic import input_file
 from fvpatch.errors import FvpatchError
 from fvpatch.exclusive import locked
@@ -41,7 +42,10 @@ class ModelFile:
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.vocab_only = vocab_only
-        self._model_ptr = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        with signals.held() as noted:
+            keep_going = ll.llama_progress_callback(lambda progress, user: not noted)  # False: llama.cpp stops loading
+            mparams.progress_callback = keep_going
+            self._model_ptr = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not self._model_ptr:
             raise FvpatchError(f"llama.cpp could not load {self.path} as a GGUF model")
         self._vocab_ptr = ll.llama_model_get_vocab(self._model_ptr)

@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from fvpatch import signals
 from fvpatch.atomic import check_outputs, input_file, replacing
 from fvpatch.errors import FvpatchError, NotFound
 
@@ -228,6 +229,8 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
     params.allow_requantize = True
     params.nthread = threads
     with replacing(out) as tmp:
-        if ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+        with signals.held():  # llama.cpp's quantizer cannot be stopped midway: a Ctrl-C takes effect when it returns
+            failed = ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0
+        if failed:
             raise FvpatchError(f"llama.cpp could not quantize {source} to {kind}")
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import llama_cpp as ll
 import numpy as np
 
-from fvpatch import ggml
+from fvpatch import ggml, signals
 from fvpatch.errors import FvpatchError, OutOfRange
 from fvpatch.exclusive import exclusive
 from fvpatch.modelfile import ModelFile
@@ -67,7 +67,8 @@ class Session(BatchedScoring, ModelFile):
             self._callback = ll.ggml_backend_sched_eval_callback(self._on_eval)  # kept alive with the session
             cparams.cb_eval = self._callback
             cparams.cb_eval_user_data = None
-        self._ctx_ptr = ll.llama_init_from_model(self._model, cparams)
+        with signals.held():  # llama.cpp logs through a Python callback meanwhile
+            self._ctx_ptr = ll.llama_init_from_model(self._model, cparams)
         if not self._ctx_ptr:
             raise FvpatchError(f"llama.cpp could not create a context of {n_ctx} tokens for {self.path} (too large for memory?)")
         self.n_ctx = ll.llama_n_ctx(self._ctx)
