@@ -74,12 +74,16 @@ def _head_space_error(session: Session, tensor: str) -> str:
     msg = (f"{tensor} rows live in the attention heads' space, not the residual stream, even where the widths agree; "
            f"the lens reads residual-stream tensors such as l_out and ffn_out")
     if tensor == "kqv_out":
-        # the next tensor of the layer after kqv_out is its output projection (attn_out in llama, attn_post_norm in gemma3)
+        # the next named tensor of the layer is the output projection where the graph names it (attn_out in llama,
+        # attn_post_norm in gemma2/3); qwen2 names none, and its next one is ffn_inp, the residual with the attention added
         graph = list(session.graph_tensors())
         name = layered(tensor, 0)
         after = [t for t in graph[graph.index(name) + 1 :] if layer_of(t) == 0]
-        if after:
-            msg += f"; its projection into the residual stream is {after[0].rsplit('-', 1)[0]!r} (e.g. {after[0]})"
+        base = after[0].rsplit("-", 1)[0] if after else None
+        if base in ("attn_out", "attn_post_norm"):
+            msg += f"; its projection into the residual stream is {base!r} (e.g. {after[0]})"
+        elif base == "ffn_inp":
+            msg += "; this graph names no tensor for its projection, and 'ffn_inp' is the residual stream with the attention added"
     return msg
 
 

@@ -86,6 +86,18 @@ def test_attention_head_space_is_refused_with_the_projected_name(tiny_session, t
         logit_lens(tiny_session, PROMPT, tensor="ffn_up", unembed=tiny_unembed)
 
 
+def test_kqv_out_on_a_graph_that_names_no_projection(tmp_path):
+    """qwen2's graph has no named attention output: the next tensor, ffn_inp, is not named as the projection."""
+    from fvpatch.session import Session
+    from tests.arch_models import write_tiny_model
+
+    path = write_tiny_model("qwen2", tmp_path / "tiny-qwen2.gguf")
+    with Session(path, n_ctx=512) as s, pytest.raises(ValueError) as e:
+        logit_lens(s, PROMPT, tensor="kqv_out", unembed=load_unembed(path))
+    assert "names no tensor for its projection, and 'ffn_inp' is the residual stream with the attention added" in str(e.value)
+    assert "projection into the residual stream is" not in str(e.value)
+
+
 def test_a_position_named_twice_is_refused(tiny_session, tiny_unembed):
     n = len(tiny_session.tokenize(PROMPT))
     with pytest.raises(ValueError, match=f"token indices -1 and {n - 1} both name position {n - 1}; give each position once"):

@@ -10,7 +10,7 @@ or on its distance from the initial vector. Adam with cosine decay, the whole tr
 set in every step, early stopping on the valid pairs' loss: the vector kept is the best one on valid.
 
 The learning rate is relative: Adam moves each coordinate by about lr per step, so it is multiplied by
-the RMS coordinate of the residual stream at layer L (Gemma's grows ~100x from the first block to the
+the RMS coordinate of the residual stream at layer L (Gemma's grows ~300x from the first block to the
 last), which lets one default serve every layer and every model.
 """
 

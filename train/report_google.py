@@ -44,7 +44,7 @@ N_VALID = 3
 
 
 def category_split(category: list[ga.Question], seed: int = 0):
-    """20 training pairs (fewer in the small categories, so that 10 pairs are left for the test), 3 valid pairs."""
+    """20 training pairs (fewer in the small categories, so that 10 pairs are left: 3 valid pairs and the test's)."""
     return ga.split(category, min(20, len(ga.pairs(category)) - 10), N_VALID, seed)
 
 
