@@ -300,20 +300,23 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
 
 
 @main.command()
-@model_options
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
 @prompt_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def tokenize(model, n_ctx, n_gpu_layers, prompt, as_json):
-    """Show the prompt's tokens with the absolute indices that --token-idx and --to-token-idx take.
+def tokenize(model, prompt, as_json):
+    """Show the prompt's tokens with the absolute indices that --token-idx and --to-token-idx take (a
+    control token such as BOS by its text, <bos>). Only the vocabulary is read, not the weights.
 
     \b
     Example:
       fvpatch tokenize -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->"
     """
-    with open_session(model, n_ctx, n_gpu_layers) as s:
-        toks = s.tokenize(prompt)
+    from fvpatch.modelfile import ModelFile
+
+    with ModelFile(resolve_model(model), vocab_only=True) as mf:
+        toks = mf.tokenize(prompt)
         n = len(toks)
-        rows = [{"index": i, "from_end": i - n, "id": t, "piece": s.piece_text(t)} for i, t in enumerate(toks)]
+        rows = [{"index": i, "from_end": i - n, "id": t, "piece": mf.piece(t, special=True).decode("utf-8", "replace")} for i, t in enumerate(toks)]
         emit(as_json, {"tokens": rows}, [f"{r['index']:>4} {r['from_end']:>5}  {r['id']:>7}  {r['piece']!r}" for r in rows])
 
 

@@ -83,6 +83,7 @@ CASES = {
     "patch an empty prompt": (["patch", *MODEL, "-p", "", "--vector", "{v}"], "is empty"),
     "lens an empty prompt": (["lens", *MODEL, "-p", ""], "is empty"),
     "tokenize an empty prompt": (["tokenize", *MODEL, "-p", ""], "is empty"),
+    "tokenize takes no context size (it decodes nothing)": (["tokenize", *MODEL, "-p", "x", "--n-ctx", "5"], "No such option '--n-ctx'"),
     "tokenize a prompt that is not UTF-8": (["tokenize", *MODEL, "-p", "caf\udce9"], "'--prompt' / '-p': is not valid UTF-8 text"),
     "generate a prompt that is not UTF-8": (["generate", *MODEL, "-p", "caf\udce9"], "'--prompt' / '-p': is not valid UTF-8 text"),
     "generate --seed when greedy": ([*GEN, "--seed", "5"], "--seed only shapes sampling; give --temperature above 0 too"),

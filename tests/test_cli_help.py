@@ -32,7 +32,7 @@ def test_help(path):
 def test_every_command_that_decodes_in_llama_cpp_can_offload():
     """A Metal or CUDA user can offload layers wherever llama.cpp runs the model, eval included."""
     decoding = {("generate",), ("save",), ("patch",), ("lens",), ("decode",), ("sweep",), ("reversal",), ("analogy",), ("serve",),
-                ("tokenize",), ("tensors",), ("eval", "task"), ("eval", "sweep"), ("eval", "analogy")}
+                ("tensors",), ("eval", "task"), ("eval", "sweep"), ("eval", "analogy")}  # tokenize reads only the vocabulary
     for path in decoding:
         r = CliRunner().invoke(main, [*path, "--help"])
         assert "--n-gpu-layers" in r.output, f"`fvpatch {' '.join(path)}` cannot offload layers"

@@ -188,3 +188,18 @@ def test_answer_logprobs_packs_sequences_without_changing_scores(tiny_session):
         ref = rows[np.arange(len(a)), a] - np.log(np.exp(rows - rows.max(1, keepdims=True)).sum(1)) - rows.max(1)
         np.testing.assert_allclose(lp, ref, atol=2e-3)  # other batch shapes sum in another order
     assert len({round(float(lp.sum()), 3) for lp in packed}) == len(items)  # every vector really applied
+
+
+def test_tokenize_shows_the_indices_a_session_uses(tiny_gguf, tiny_session):
+    """`fvpatch tokenize` reads only the vocabulary, yet lists the tokens a decode of the prompt is made of."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fvpatch.cli import main
+
+    r = CliRunner().invoke(main, ["tokenize", "-m", str(tiny_gguf), "-p", PROMPT, "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)["tokens"]
+    assert [row["id"] for row in rows] == tiny_session.tokenize(PROMPT)
+    assert [row["from_end"] for row in rows][-1] == -1 and rows[0]["index"] == 0
