@@ -204,6 +204,10 @@ def check_fingerprint(vector_model: dict[str, str], model: dict[str, str], force
     return None
 
 
+# types llama.cpp's quantizer refuses to make without an importance matrix
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
+
+
 def quant_ftype(kind: str) -> int:
     """llama.cpp's file type for a quantization's name (Q8_0, Q4_K_M, F16, ...), or one line naming some."""
     import llama_cpp as ll
@@ -211,7 +215,11 @@ def quant_ftype(kind: str) -> int:
     ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None) if kind.upper() != "F32" else ll.LLAMA_FTYPE_ALL_F32
     if ftype is None:
         raise FvpatchError(f"unknown quantization {kind!r} (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)")
+    if kind.upper() in NEEDS_IMATRIX:
+        raise FvpatchError(f"{kind} needs an importance matrix (llama-imatrix), which fvpatch quantize does not take; "
+                           f"choose another type (e.g. Q3_K_S, Q4_K_M)")
     return ftype
+
 
 
 def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, overwrite: bool = False) -> Path:
@@ -232,5 +240,5 @@ def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, o
         with signals.held():  # llama.cpp's quantizer cannot be stopped midway: a Ctrl-C takes effect when it returns
             failed = ll.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params)) != 0
         if failed:
-            raise FvpatchError(f"llama.cpp could not quantize {source} to {kind}")
+            raise FvpatchError(f"llama.cpp could not quantize {source} to {kind} (FVPATCH_VERBOSE=1 shows its log, which says why)")
     return out

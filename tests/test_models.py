@@ -113,6 +113,8 @@ def test_quantize_refuses_an_unknown_type_before_fetching_the_model(monkeypatch,
     r = invoke("quantize", "smollm2-135m", "Q9_9", str(tmp_path / "q.gguf"))
     assert r.exit_code == 1 and r.output.strip().splitlines() == ["Error: unknown quantization 'Q9_9' (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, F16, F32)"]
     assert not (tmp_path / "q.gguf").exists()
+    r = invoke("quantize", "smollm2-135m", "iq2_xs", str(tmp_path / "q.gguf"))  # llama.cpp's quantizer would fail it after loading
+    assert r.exit_code == 1 and "iq2_xs needs an importance matrix" in r.output and not (tmp_path / "q.gguf").exists()
 
 
 @pytest.mark.slow
