@@ -1,9 +1,12 @@
 """`fvpatch inspect`, `fvpatch lens` and `fvpatch decode`: look at vector files and at what layers predict."""
 
+import json
+
 import click
 import numpy as np
 
 from fvpatch import vectorfile
+from fvpatch.bank import NAMES_KEY
 from fvpatch.atomic import check_outputs
 from fvpatch.errors import FvpatchError
 from fvpatch.cli import emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers, prompt_option, vector_path
@@ -31,9 +34,26 @@ def inspect(file, as_json):
     lines = [f"tensor    {vf.tensor}  (layer {vf.layer}, {vf.rows.shape[0]} rows x {vf.width}, stored as {vf.dtype}, read as float32)",
              f"mode      {vf.mode}, scale {vf.scale}",
              f"model     {vf.model.get('name') or vf.model.get('arch')}  {vf.model.get('quant', '')}  {vf.model.get('file')}  vocab {vf.model.get('vocab', '?')}"]
-    lines += [f"{k:<9} {v}" for k, v in vf.meta.items()]
-    lines += [f"row {pos:>4}  norm {n}" for pos, n in zip(vf.positions, norms)]
+    lines += [f"{k:<9} {short(str(v))}" for k, v in vf.meta.items()]
+    labels = bank_names(vf) or [f"{pos:>4}" for pos in vf.positions]
+    width = max(len(label) for label in labels)
+    lines += [f"row {label:<{width}}  norm {n}" for label, n in zip(labels, norms)]
     emit(as_json, payload, lines)
+
+
+def bank_names(vf: vectorfile.VectorFile) -> list[str] | None:
+    """A bank's relation names, one per row (its rows all sit at one token), or None for another file."""
+    try:
+        names = json.loads(vf.meta.get(NAMES_KEY, "null"))
+    except ValueError:  # inspect shows a damaged bank too
+        return None
+    ok = isinstance(names, list) and len(names) == len(vf.rows) and all(isinstance(n, str) for n in names)
+    return names if ok else None
+
+
+def short(text: str, most: int = 160) -> str:
+    """A metadata value as one readable line: a bank's pairs or map run to kilobytes."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters; --json shows all)"
 
 
 def lens_lines(lens: Lens, s: Session) -> list[str]:

@@ -337,3 +337,11 @@ def test_an_every_token_file_is_patched_at_the_token_asked_for(tiny_gguf, tiny_s
     assert patched(tiny_gguf, "--vector", str(path), "--to-token-idx", "2")["patches"][0]["token"] == 2
     r = CliRunner().invoke(main, [*(a.format(m=tiny_gguf) for a in PATCH), "--vector", str(path), "--to-token-idx", "99"])
     assert refused_in_one_line(r) is None and "outside the prompt" in r.stderr
+
+
+def test_inspect_names_a_banks_rows_and_shortens_long_metadata(inputs):
+    r = CliRunner().invoke(main, ["inspect", inputs["bank"]])
+    assert r.exit_code == 0, r.output
+    rows = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("row ")]
+    assert rows == json.loads(vectorfile.load(inputs["bank"]).meta["fvpatch.bank.names"])
+    assert all(len(line) < 300 for line in r.stdout.splitlines())  # the pairs are kilobytes of JSON; --json has them whole
