@@ -26,8 +26,9 @@ def models(as_json):
     rows = [{"name": m.name, "default": m.name == DEFAULT_MODEL, "size": m.size, "on_disk": m.on_disk() == "yes", "state": m.on_disk(),
              "path": str(m.path), "sha256": m.sha256, "about": m.about} for m in KNOWN.values()]
     width = max(len(r["name"]) for r in rows) + 2
-    lines = [f"{'name':<{width}} {'size':>8}  {'on disk':<8} about"]
-    lines += [f"{r['name'] + (' *' if r['default'] else ''):<{width}} {r['size'] / 1e9:>6.2f}GB  {r['state']:<8} {r['about']}" for r in rows]
+    state = max(8, *(len(r["state"]) for r in rows))  # "broken (...)" is wider than yes/no
+    lines = [f"{'name':<{width}} {'size':>8}  {'on disk':<{state}} about"]
+    lines += [f"{r['name'] + (' *' if r['default'] else ''):<{width}} {r['size'] / 1e9:>6.2f}GB  {r['state']:<{state}} {r['about']}" for r in rows]
     lines.append(f"(* default; files live in {KNOWN[DEFAULT_MODEL].path.parent})")
     emit(as_json, {"models": rows}, lines)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fvpatch import signals
-from fvpatch.atomic import check_outputs, input_file, replacing
+from fvpatch.atomic import REGULAR, check_outputs, input_file, path_kind, replacing
 from fvpatch.errors import FvpatchError, NotFound
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -50,8 +50,11 @@ class KnownModel:
 
     def on_disk(self) -> str:
         """"yes", "no", or what is wrong with the file that is there."""
-        if not self.path.exists():
+        kind = path_kind(self.path)
+        if kind is None:
             return "no"
+        if kind != REGULAR:
+            return f"broken ({kind})"
         size = self.path.stat().st_size
         return "yes" if size == self.size else f"broken ({size} of {self.size} bytes)"
 

@@ -96,6 +96,12 @@ def test_models_lists_the_known_ones(monkeypatch, tmp_path):
     assert not rows["smollm2-135m"]["on_disk"] and rows["smollm2-135m"]["state"] == "broken (1 of 98362432 bytes)"
     r = invoke("generate", "-m", "smollm2-135m", "-p", "x")
     assert r.exit_code == 1 and "delete it, and the next command fetches it anew" in r.output
+    (tmp_path / KNOWN["smollm2-135m"].file).unlink()
+    (tmp_path / KNOWN["smollm2-135m"].file).mkdir()  # a folder where the file goes is no model either
+    r = invoke("models")
+    header, *rows = r.stdout.splitlines()[:4]
+    assert r.exit_code == 0 and {row.index(m.about) for row, m in zip(rows, KNOWN.values())} == {header.index("about")}  # the columns stay aligned
+    assert "broken (a directory)" in r.stdout
 
 
 def test_an_unusable_models_folder_is_one_line_before_any_download(monkeypatch, tmp_path):
