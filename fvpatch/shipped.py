@@ -30,8 +30,9 @@ def find_vector(name: str, model: dict[str, str] | None = None) -> Path:
     or inside vectors/, without .safetensors. Where several models ship one, the one made for `model` (a
     fingerprint); where a model's folder and a subfolder of it both hold the name, the folder's own."""
 
-    def inside(p: Path) -> str:  # the path inside the model's folder
-        return Path(*p.relative_to(VECTORS_DIR).parts[1:]).with_suffix("").as_posix()
+    def inside(p: Path) -> str:  # the path inside the model's folder (a file outside any folder is its own)
+        parts = p.relative_to(VECTORS_DIR).parts
+        return Path(*parts[1:] or parts).with_suffix("").as_posix()
 
     matches = [p for p in shipped_vectors() if name in (p.stem, inside(p), p.relative_to(VECTORS_DIR).with_suffix("").as_posix())]
     if len(matches) > 1 and model is not None:
