@@ -224,7 +224,6 @@ def quant_ftype(kind: str) -> int:
     return ftype
 
 
-
 def quantize(source: str | Path, out: str | Path, kind: str, threads: int = 0, overwrite: bool = False) -> Path:
     """Write another quantization of a GGUF with llama.cpp's own quantizer (requantizing a quantized file is
     allowed: the only copy of a known model may already be 4-bit)."""

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.models import check_fingerprint

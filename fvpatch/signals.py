@@ -26,6 +26,6 @@ def held():
         yield noted
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler not set from Python
         if noted:
             signal.raise_signal(noted[0])

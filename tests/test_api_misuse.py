@@ -81,7 +81,7 @@ def test_slots_own_their_session_until_closed(tiny_gguf):
     (lambda s: s.run(PROMPT, max_tokens=2, temperature=10**400), "temperature must be a finite number"),  # was an OverflowError
     (lambda s: s.answer_logprobs([(s.tokenize(PROMPT), [-1], [])]), "answer of item 0 holds -1"),
     (lambda s: s.last_logits([s.tokenize(PROMPT), [1, 10**6]]), "prompt 1 holds 1000000"),
-    (lambda s: s.decode([(2, i, 0) for i in range(s.n_ubatch + 1)], set(), {}), f"at most"),
+    (lambda s: s.decode([(2, i, 0) for i in range(s.n_ubatch + 1)], set(), {}), "at most"),
     (lambda s: s.row_logits(3), "has no logits"),
     (lambda s: s.set_control_vector(np.full((s.n_layer - 1, s.n_embd), np.nan)), "NaN or inf"),
     (lambda s: Save("l_out-1", ()), "one or more token indices"),
