@@ -19,7 +19,7 @@ def train():
 torch_options = [
     click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
                  help="Weights and activations of the PyTorch model; vectors are still trained and written in float32. "
-                      "bfloat16 halves the memory (README: Training on bigger models)."),
+                      "bfloat16 halves the weights' memory (README: Training on bigger models)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto", show_default=True,
                  help="Where the PyTorch model runs; auto: CUDA if present, else Apple MPS, else the CPU."),
 ]
