@@ -188,9 +188,11 @@ def check_fingerprint(vector_model: dict[str, str], model: dict[str, str], force
     fingerprint key the file does not record is no evidence of another model: it needs `force`, like another
     vocabulary (a row of the wrong width is still refused when the patch is applied)."""
     if any(vector_model.get(k) and vector_model[k] != model[k] for k in SHAPE_KEYS):
+        known = short_name(vector_model.get("file") or "")
+        hint = f" (it was made on the known model {known}: --model {known})" if known in KNOWN else ""
         raise FvpatchError(
             f"vector was made on a {vector_model.get('arch')} model with n_layer={vector_model.get('n_layer')}, "
-            f"n_embd={vector_model.get('n_embd')}; this model is {model['arch']} with n_layer={model['n_layer']}, n_embd={model['n_embd']}"
+            f"n_embd={vector_model.get('n_embd')}; this model is {model['arch']} with n_layer={model['n_layer']}, n_embd={model['n_embd']}{hint}"
         )
     missing = [k for k in FIT_KEYS if not vector_model.get(k)]
     if missing:

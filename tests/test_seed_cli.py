@@ -68,6 +68,7 @@ def test_vector_from_another_model_is_refused(tmp_path, gemma_path, smollm_path)
     completion("save", "-m", smollm_path, "-p", "Hello there", "--save", "l_out-3", vec, "--token-idx", -1, "-n", 1)
     r = cli("patch", "-m", gemma_path, "-p", TARGET, "--patch", "l_out-3", vec)
     assert r.exit_code == 1 and "vector was made on a llama model" in r.output and len(r.output.strip().splitlines()) == 1
+    assert "(it was made on the known model smollm2-135m: --model smollm2-135m)" in r.output
 
 
 @pytest.mark.slow
