@@ -121,7 +121,9 @@ class ModelFile:
 
     @locked
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
-        """Messages ({"role", "content"}) in the model's own chat template, ready for the assistant's turn."""
+        """Messages ({"role", "content"}) in the model's chat template, ready for the assistant's turn: llama.cpp
+        recognises the template's family and writes its turns, without running its Jinja (so a default system
+        message that the template would add is not)."""
         template = ll.llama_model_chat_template(self._model, None)
         if not template:
             raise ValueError(f"{self.path.name} has no chat template; send a plain prompt to /v1/completions instead")
