@@ -132,7 +132,7 @@ DEFAULT_MODEL = "gemma-3-270m"
 def known_model_path(name: str, progress=None) -> Path:
     """The file of a known model, assembled on first use."""
     if name not in KNOWN:
-        raise NotFound(f"{name!r} is neither a file nor a known model ({', '.join(KNOWN)}; `fvpatch models` lists them)")
+        raise NotFound(f"{name!r} is neither a file, a known model ({', '.join(KNOWN)}; `fvpatch models` lists them) nor a .gguf in {models_dir()}")
     return KNOWN[name].fetch(progress)
 
 
@@ -147,7 +147,8 @@ def default_model_path() -> Path:
 
 
 def resolve_model(spec: str | Path | None) -> Path:
-    """--model: a GGUF path, a known model's short name, or None for the default model."""
+    """--model: a GGUF path, a known model's short name, the name of a GGUF in models/ without .gguf (what
+    `fvpatch quantize` wrote there), or None for the default model."""
     if spec is None:
         return default_model_path()
     p = Path(spec)
@@ -155,6 +156,8 @@ def resolve_model(spec: str | Path | None) -> Path:
         return p
     if p.suffix == ".gguf" or os.sep in str(spec):
         return input_file(p, "model file")  # refuses, saying what is there instead
+    if str(spec) not in KNOWN and (models_dir() / f"{spec}.gguf").is_file():
+        return models_dir() / f"{spec}.gguf"
     return known_model_path(str(spec), _stderr)
 
 

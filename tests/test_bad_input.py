@@ -96,7 +96,7 @@ CASES = {
     "threads 100000": ([*GEN, "--threads", "100000"], "--threads"),
     "missing model file": (["generate", "-m", "{o}/missing.gguf", "-p", "x"], "does not exist"),
     "model not GGUF": (["generate", "-m", "{o}/plain", "-p", "x"], "could not load"),
-    "unknown model name": (["generate", "-m", "no-such-model", "-p", "x"], "neither a file nor a known model"),
+    "unknown model name": (["generate", "-m", "no-such-model", "-p", "x"], "neither a file, a known model"),
     "save over a file": ([*SAVE, "l_out-1", "{o}/exists.safetensors"], "exists; pass --force"),
     "save to a folder": ([*SAVE, "l_out-1", "{o}/folder", "--force"], "is a directory"),
     "save under a file": ([*SAVE, "l_out-1", "{o}/plain/v.safetensors"], "plain is a file, not a folder"),

@@ -77,10 +77,10 @@ def test_resolve_model_takes_paths_and_known_names(tiny_gguf, tmp_path):
     assert resolve_model(tiny_gguf) == tiny_gguf
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model(tmp_path / "missing.gguf")
-    with pytest.raises(ValueError, match="neither a file nor a known model"):
+    with pytest.raises(ValueError, match="neither a file, a known model"):
         resolve_model("llama-9000")
     r = invoke("generate", "-m", "llama-9000", "-p", "x")
-    assert r.exit_code == 1 and "neither a file nor a known model" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and "neither a file, a known model" in r.output and "Traceback" not in r.output
 
 
 def test_models_lists_the_known_ones(monkeypatch, tmp_path):
@@ -154,3 +154,18 @@ def test_shipped_vector_names_resolve_per_model(tiny_session, monkeypatch, tmp_p
     assert shipped.model_folder(fp) == tmp_path / "tiny"
     with pytest.raises(FileNotFoundError, match="no vectors are shipped"):
         shipped.model_folder({**fp, "n_embd": "1"})
+
+
+def test_a_gguf_in_models_is_named_without_its_folder(monkeypatch, tmp_path, tiny_gguf):
+    """`fvpatch quantize gemma-3-270m Q8_0 models/gemma-3-270m-q8_0.gguf` is then `--model gemma-3-270m-q8_0`."""
+    import shutil
+
+    from fvpatch.models import resolve_model
+
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path))
+    shutil.copy(tiny_gguf, tmp_path / "mine-q8_0.gguf")
+    assert resolve_model("mine-q8_0") == tmp_path / "mine-q8_0.gguf"
+    r = invoke("generate", "-m", "mine-q8_0", "-p", "a b", "-n", 1)
+    assert r.exit_code == 0, r.output
+    r = invoke("generate", "-m", "nosuch", "-p", "a b")
+    assert r.exit_code == 1 and f"nor a .gguf in {tmp_path}" in r.output
