@@ -66,7 +66,7 @@ def main():
     """
 
 
-MODEL_HELP = "GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."
+MODEL_HELP = "GGUF file, known model name (`fvpatch models`), or the name of a .gguf in models/ (default: gemma-3-270m)."
 
 
 def _remember_threads(ctx, param, value):
