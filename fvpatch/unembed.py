@@ -101,6 +101,9 @@ def _load(model_path: str, key: str, cache_dir: str) -> Unembed:
     u = _read(Path(model_path))
     try:
         _write(u, cached, key)
+        # a file of up to GBs appears in the models folder: say so once, with how to get the space back
+        print(f"note: cached the unembedding of {Path(model_path).name} as {cached} ({cached.stat().st_size / 1e9:.2f} GB, once per "
+              f"model file; delete it to free the space)", file=sys.stderr)
     except FvpatchError as e:  # a read-only models folder only costs the next command this dequantization again
         print(f"note: the unembedding is not cached ({e})", file=sys.stderr)
     return u

@@ -149,3 +149,15 @@ def test_country_capital_vector_decodes_to_capitals(gemma):
     tops = {L: {gemma.piece(int(t)).decode() for t in decode_vector(u, r.saved[f"l_out-{L}"][0], top=20)[0]} for L in (11, 12)}
     assert tops[11] & CAPITALS  # capitals first show at layer 11 ...
     assert " Tallinn" in tops[12]  # ... and the answer itself from layer 12
+
+
+def test_the_unembedding_cache_is_announced_once(tiny_gguf, tmp_path, capsys):
+    from fvpatch import unembed
+
+    unembed._load.cache_clear()
+    load_unembed(tiny_gguf, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("unembed-*.gguf")
+    assert f"note: cached the unembedding of {tiny_gguf.name} as {cached}" in capsys.readouterr().err
+    unembed._load.cache_clear()
+    load_unembed(tiny_gguf, cache_dir=tmp_path)  # read from the cache: nothing to say
+    assert capsys.readouterr().err == ""
