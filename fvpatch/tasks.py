@@ -99,13 +99,39 @@ def _pair(row, where: str) -> Pair:
     return x.strip(), y.strip()
 
 
+def split_sizes(n: int) -> tuple[int, int, int]:
+    """How many of `n` distinct pairs `split_pairs` puts in (train, valid, test)."""
+    n_test, n_valid = round(n * TEST_FRACTION), round(n * VALID_FRACTION)
+    return n - n_test - n_valid, n_valid, n_test
+
+
+def split_percentages() -> str:
+    """The split as a user reads it: '60/10/30 into train/valid/test'."""
+    return f"{round(100 * (1 - VALID_FRACTION - TEST_FRACTION))}/{round(100 * VALID_FRACTION)}/{round(100 * TEST_FRACTION)} into train/valid/test"
+
+
+def pairs_needed(n_train: int) -> int:
+    """The fewest distinct pairs whose train split holds `n_train` pairs (a larger file's never holds fewer)."""
+    n = n_train
+    while split_sizes(n)[0] < n_train:
+        n += 1
+    return n
+
+
 def split_pairs(pairs: list[Pair], seed: int = SPLIT_SEED) -> tuple[list[Pair], list[Pair], list[Pair]]:
     """(train, valid, test), ordered by a seeded hash of the input; duplicate pairs are dropped."""
     unique = list(dict.fromkeys(pairs))
     order = sorted(unique, key=lambda p: (hashlib.sha256(f"{seed}\0{p[0]}".encode()).hexdigest(), p[1]))
-    n_test = round(len(order) * TEST_FRACTION)
-    n_valid = round(len(order) * VALID_FRACTION)
+    _, n_valid, n_test = split_sizes(len(order))
     return order[n_test + n_valid :], order[n_test : n_test + n_valid], order[:n_test]
+
+
+def held_out(task: Task, pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+    """(kept, dropped): the distinct `pairs` in their order, those whose input `task` also holds (in any split: a vector
+    made from the task may have seen it) set aside, so that what is kept is held out from the task's pairs."""
+    seen = {x for split in (task.train, task.valid, task.test) for x, _ in split}
+    unique = list(dict.fromkeys(pairs))
+    return [p for p in unique if p[0] not in seen], [p for p in unique if p[0] in seen]
 
 
 def load_task(name_or_path: str | Path, seed: int = SPLIT_SEED) -> Task:

@@ -170,6 +170,53 @@ def test_cli_trains_lists_and_patches(tiny_gguf, pairs_file, tmp_path, monkeypat
     assert json.loads(r.stdout)["patches"][0] == {"tensor": "l_out-1", "token": -1, "mode": "add", "scale": 1.0}
 
 
+def test_cli_scores_a_held_out_file_against_the_training_pairs(tiny_gguf, pairs_file, tmp_path, monkeypatch):
+    """`eval task --test-pairs`: every pair of a held-out file is a test item, in its order, with demonstrations from the
+    train split of the pairs the vector was trained on; one that the training file also holds is left out, and said so."""
+    monkeypatch.setenv("FVPATCH_MODELS", str(tmp_path / "models"))
+    vector = tmp_path / "upper.ffv.safetensors"
+    run = CliRunner().invoke
+    r = run(main, ["train", "ffv", "--pairs", str(pairs_file), "--model", str(tiny_gguf), "--layer", "1", "--init", "zeros", "--steps", "2", "--out", str(vector)])
+    assert r.exit_code == 0, r.output
+    held = ["kb", "md", "pf", "rh", "tj", "vl", "xn"]  # not in WORDS; `ab` is, and `ab` -> `AB` duplicated is one pair
+    heldout = tmp_path / "heldout.json"
+    heldout.write_text(json.dumps([{"input": w, "output": w.upper()} for w in [*held[:3], "ab", *held[3:], held[0]]]))
+    result = tmp_path / "heldout-results.json"
+    r = run(main, ["eval", "task", "--task", str(pairs_file), "--test-pairs", str(heldout), "--vector", str(vector), "--model", str(tiny_gguf),
+                   "--k", "3", "--engine", "both", "-o", str(result)])
+    assert r.exit_code == 0, r.output
+    notes = lambda r: [line for line in r.stderr.splitlines() if line.startswith("note: ")]  # besides progress bars
+    assert notes(r) == [f"note: 1 of the 8 distinct pairs of {heldout} has an input that {pairs_file} also holds ('ab'); "
+                                             f"it is left out, not scored as a test item"]
+    train = load_task(pairs_file).train
+    assert r.stdout.startswith(f"{heldout}: 7 held-out items, demonstrations from the {len(train)} train pairs of {pairs_file}, ")
+    out = json.loads(result.read_text())
+    assert out["items"] == [{"input": w, "output": w.upper()} for w in held]  # the file's order, what each `correct` list follows
+    assert out["left_out"] == [{"input": "ab", "output": "AB"}] and out["test_pairs"] == str(heldout)
+    for engine in ("llama.cpp", "torch"):
+        assert out["results"][engine]["n"] == 7 and all(len(c) == 7 for c in out["results"][engine]["correct"].values())
+    assert out["results"]["llama.cpp"]["correct"] == out["results"]["torch"]["correct"]
+
+    # --n takes the first of the file; without --test-pairs the training file's own test split is scored, and said so
+    r = run(main, ["eval", "task", "--task", str(pairs_file), "--test-pairs", str(heldout), "--model", str(tiny_gguf), "--k", "3", "--n", "2",
+                   "-o", str(result), "--force"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(result.read_text())["items"] == [{"input": w, "output": w.upper()} for w in held[:2]]
+    r = run(main, ["eval", "task", "--task", str(pairs_file), "--model", str(tiny_gguf), "--k", "3", "-o", str(result), "--force"])
+    assert r.exit_code == 0, r.output
+    test = load_task(pairs_file).test
+    assert json.loads(result.read_text())["items"] == [{"input": x, "output": y} for x, y in test]
+    assert notes(r) == [f"note: {pairs_file} holds 36 distinct pairs split 60/10/30 into train/valid/test: 21, 4, 11; its test "
+                                             f"split is scored (-o lists the items; --test-pairs FILE scores every pair of a held-out file)"]
+
+
+def test_cli_pairs_help_says_how_the_file_is_split():
+    r = CliRunner().invoke(main, ["train", "ffv", "--help"])
+    help_text = " ".join(r.output.split())
+    assert "The file is split 60/10/30 into train/valid/test by a hash of each input" in help_text
+    assert "the default 20 needs 33 or more distinct pairs" in help_text
+
+
 def test_cli_defaults_are_the_measured_ones():
     from train.cli import ffv
 

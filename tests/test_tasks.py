@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fvpatch.prompts import answer_token, prompts_for, shuffle_labels, template
-from fvpatch.tasks import CORE_TASKS, list_tasks, load_task, read_pairs, split_pairs
+from fvpatch.tasks import CORE_TASKS, held_out, list_tasks, load_task, pairs_needed, read_pairs, split_pairs, split_percentages, split_sizes
 
 PAIRS = [(f"w{i}", f"W{i}") for i in range(40)]
 
@@ -30,6 +30,30 @@ def test_splits_are_disjoint_reproducible_and_independent_of_order():
     assert split_pairs(train + valid + test, seed=1)[2] != test
     # pinned: the split is part of every reported number, so a change to it must be deliberate
     assert [x for x, _ in test[:3]] == ["North Macedonia", "Ecuador", "Turkmenistan"]
+
+
+def test_split_sizes_and_the_pairs_a_train_split_needs():
+    """What `train ffv --pairs` says a user needs: 30 pairs give 18 train pairs, 33 the default --n-train's 20."""
+    for n in range(1, 200):
+        train, valid, test = split_pairs(PAIRS[:n] if n <= len(PAIRS) else [(f"x{i}", "y") for i in range(n)])
+        assert split_sizes(n) == (len(train), len(valid), len(test))
+    assert split_sizes(30) == (18, 3, 9) and split_sizes(10) == (6, 1, 3)
+    assert pairs_needed(20) == 33 and split_sizes(32)[0] == 19
+    assert all(split_sizes(pairs_needed(k))[0] >= k > split_sizes(pairs_needed(k) - 1)[0] for k in range(2, 300))
+    assert split_percentages() == "60/10/30 into train/valid/test"
+
+
+def test_held_out_pairs_leave_out_any_input_the_task_holds(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"input": x, "output": y} for x, y in PAIRS[:30]]))
+    task = load_task(path)
+    inputs = [x for split in (task.train, task.valid, task.test) for x, _ in split]
+    # in the file's order, duplicates once; an input of any split is left out, whatever its output
+    mine = [("new1", "N1"), (task.test[0][0], "other"), ("new0", "N0"), ("new1", "N1"), (task.train[0][0], task.train[0][1]), ("new2", "N2")]
+    kept, dropped = held_out(task, mine)
+    assert kept == [("new1", "N1"), ("new0", "N0"), ("new2", "N2")]
+    assert dropped == [(task.test[0][0], "other"), task.train[0]]
+    assert not {x for x, _ in kept} & set(inputs)
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl", ".csv"])

@@ -3,7 +3,8 @@
 import click
 
 from fvpatch.atomic import check_outputs
-from fvpatch.cli import INT32_MAX, SEED, FiniteFloat, check_layer, cli_threads, threads_option
+from fvpatch.cli import INT32_MAX, MODEL_HELP, SEED, FiniteFloat, check_layer, cli_threads, threads_option
+from fvpatch.tasks import pairs_needed, split_percentages
 
 # Adam moves each coordinate by about lr a step: far beyond 1 the run only diverges, and far enough (lr times the
 # residual's scale) it overflows float32 inside the optimizer
@@ -33,7 +34,9 @@ def _torch_options(f):
 
 @train.command()
 @click.option("--task", default=None, help="A vendored relation task, e.g. antonym (the files in fvpatch/datasets/).")
-@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None, help="Your own pairs: .json/.jsonl/.csv with input and output.")
+@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None,
+              help=f"Your own pairs: .json/.jsonl/.csv with input and output. The file is split {split_percentages()} by a hash of "
+                   f"each input, and --n-train takes the first of the train split: the default 20 needs {pairs_needed(20)} or more distinct pairs.")
 @click.option("--n-train", type=click.IntRange(1), default=20, show_default=True, help="Train pairs to learn from (the first of the train split).")
 @click.option("--n-valid", type=click.IntRange(1), default=50, show_default=True, help="Valid pairs for early stopping (at most).")
 @click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Add the vector to the output of this block (l_out-LAYER). Default: the layer chosen on the model's valid pairs (4 on Gemma 3 270M, 16 on Qwen2.5-Coder 1.5B; train.ffv.MEASURED_LAYERS).")
@@ -47,7 +50,7 @@ def _torch_options(f):
 @click.option("--positions", type=click.Choice(["last", "all"]), default="last", show_default=True, help="Train the vector at the last prompt token, or at every token as llama.cpp applies a control vector (`fvpatch export`).")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), required=True, help="Vector file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @_torch_options
@@ -80,6 +83,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
                                  f"give {need} or more", param_hint="--n-train")
     check_outputs([out], force)
     tpl, pairs_task = template(template_name), load_task(task or pairs)
+    _check_split_first(pairs_task, pairs, n_train)
     _check_layer_first(layer, model)
     lm = load_model(model, device, dtype, cli_threads())
     if layer is None:
@@ -106,7 +110,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 @click.option("--lr", type=FiniteFloat(min=0, above=True, max=MAX_LR), default=0.02, show_default=True, help=f"Adam learning rate (at most {MAX_LR:g}).")
 @click.option("--steps", type=click.IntRange(1), default=100, show_default=True, help="Optimizer steps.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies and of the minibatch order.")
-@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Bank file to write (default: analogy.bank.safetensors beside the bank's vectors).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
 @_torch_options
@@ -164,7 +168,7 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
 @click.option("--n-valid", type=click.IntRange(1), default=50, show_default=True, help="Valid pairs scored per layer when choosing the layer.")
 @click.option("--template", "template_name", default="qa", show_default=True, help="Prompt template: qa, arrow, or a string with {x} and {y}.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the demonstrations drawn.")
-@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Vector file to write (default: TASK.fv.safetensors or TASK.taskvec.safetensors).")
 @click.option("--heatmap", type=click.Path(dir_okay=False), default=None, help="cma: also draw the head AIE map to this PNG.")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
@@ -226,6 +230,24 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
 
         plot_head_maps({t.name: hm.aie.numpy()}, heatmap, {t.name: heads})
         click.echo(f"head map -> {heatmap}")
+
+
+def _check_split_first(t, pairs_file: str | None, n_train: int):
+    """The pairs train.ffv.prepare takes, counted before any model loads: a file too small for --n-train is refused in
+    a second, saying how it was split and what to give, not after the PyTorch model has loaded."""
+    from fvpatch.errors import FvpatchError
+    from fvpatch.tasks import split_sizes
+
+    n = len(t.train) + len(t.valid) + len(t.test)
+    split = f"its {n} distinct pairs split {split_percentages()} give {len(t.train)} train, {len(t.valid)} valid, {len(t.test)} test"
+    if len(t.train) < n_train:
+        more = f", or {pairs_needed(n_train)} or more distinct pairs in {pairs_file}" if pairs_file else ""
+        raise FvpatchError(f"task {t.name!r} has {len(t.train)} train pairs, fewer than --n-train {n_train} ({split}); "
+                           f"give --n-train {len(t.train)} or less{more}")
+    if not t.valid:  # early stopping needs one
+        more = next(m for m in range(n + 1, 10 * n + 10) if split_sizes(m)[1])
+        raise FvpatchError(f"task {t.name!r} has no valid pairs for early stopping ({split}); give {more} or more distinct pairs"
+                           + (f" in {pairs_file}" if pairs_file else ""))
 
 
 def _check_layer_first(layer: int | None, model):

@@ -7,7 +7,7 @@ import click
 from click.core import ParameterSource
 
 from fvpatch.atomic import check_outputs
-from fvpatch.cli import SEED, cli_threads, gpu_layers_option, threads_option
+from fvpatch.cli import MODEL_HELP, SEED, cli_threads, gpu_layers_option, threads_option
 from train.cli import _torch_options
 
 @click.group(name="eval")
@@ -20,7 +20,7 @@ def eval_cmd():
 @click.option("--n", "n_test", type=click.IntRange(1), default=200, show_default=True, help="Generated test analogies (without --data).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies.")
 @click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
-@click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m).")
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
 @click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
 @click.option("--force", is_flag=True, help="Overwrite --out, and use a bank made on another model file.")
@@ -87,8 +87,8 @@ def _engines(engine: str, model, vector_model: dict | None, lm=None, dtype="floa
         out = {}
         if engine in ("llamacpp", "both"):
             s = stack.enter_context(Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()))
-            if vector_model is not None:
-                check_fingerprint(vector_model, s.fingerprint(), force)
+            if vector_model is not None and (note := check_fingerprint(vector_model, s.fingerprint(), force)):
+                click.echo(note, err=True)  # another quantization: said, as `fvpatch patch` says it
             out["llama.cpp"] = (llamacpp_predictor(s, batched), s.tokenize)
         if engine in ("torch", "both"):
             from train.evaluate import torch_predictor
@@ -138,6 +138,48 @@ def _torch_unused(unused: bool, dtype: str, device: str):
                                "(llama.cpp offloads with --n-gpu-layers)")
 
 
+def _split_of(t) -> str:
+    """How a task's pairs were split, for a message: '10 distinct pairs split 60/10/30 into train/valid/test: 6, 1, 3'."""
+    from fvpatch.tasks import split_percentages
+
+    sizes = [len(t.split(name)) for name in ("train", "valid", "test")]
+    return f"{sum(sizes)} distinct pairs split {split_percentages()}: {', '.join(map(str, sizes))}"
+
+
+def _check_pool(t, task: str, queries, k: int, hint: str = ""):
+    """The k demonstrations of every query's ICL and shuffled prompts come from the task's train split, less the query
+    itself: one too small is refused before any model loads, naming that pool and what to give."""
+    from fvpatch.errors import FvpatchError
+
+    fewest = min(sum(p[0] != x for p in t.train) for x, _ in queries)
+    if fewest < k:
+        fix = f"give --k {fewest} or less, or more pairs in {task}" if fewest >= 2 else f"give more pairs in {task} (--k is at least 2)"
+        raise FvpatchError(f"{k}-shot prompts need {k} demonstrations, but their pool, the train split of {task} ({_split_of(t)}), "
+                           f"holds only {fewest}; {fix}{hint}")
+
+
+def _test_pairs(t, task: str, path: str):
+    """(kept, dropped): the distinct pairs of the --test-pairs file in its order, those whose input --task also holds
+    set aside (never scored as test items: the caller says how many in one line); none kept is refused."""
+    from fvpatch.atomic import input_file
+    from fvpatch.errors import FvpatchError
+    from fvpatch.tasks import held_out, read_pairs
+
+    kept, dropped = held_out(t, read_pairs(input_file(path, "pairs file")))
+    if not kept:
+        raise FvpatchError(f"{path}: every one of its {len(dropped)} distinct pairs has an input that {task} also holds, so none is held out; "
+                           f"give pairs that --task {task} does not hold")
+    return kept, dropped
+
+
+def _left_out_note(task: str, path: str, n_kept: int, dropped) -> str:
+    """One line on the --test-pairs that --task also holds, so that none is left out silently."""
+    shown = ", ".join(repr(x) for x, _ in dropped[:5]) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+    one = len(dropped) == 1
+    return (f"note: {len(dropped)} of the {n_kept + len(dropped)} distinct pairs of {path} {'has' if one else 'have'} an input that {task} also holds "
+            f"({shown}); {'it is' if one else 'they are'} left out, not scored as {'a test item' if one else 'test items'}")
+
+
 def _queries(t, split: str, n_items: int):
     """The first `n_items` pairs of the split scored, refused in one line where a small file leaves the split empty."""
     from fvpatch.errors import FvpatchError
@@ -157,7 +199,7 @@ eval_options = [
     click.option("--k", type=click.IntRange(2), default=10, show_default=True, help="Demonstrations in the ICL and shuffled-label prompts (at least 2, which shuffled labels need)."),
     click.option("--template", "template_name", default=None, help="Prompt template: qa, arrow, or a string with {x} and {y} (default: the vector's, else qa)."),
     click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the demonstrations drawn."),
-    click.option("--model", "-m", default=None, metavar="NAME|FILE", help="GGUF file or known model name (`fvpatch models`; default: gemma-3-270m)."),
+    click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP),
     click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write the results as JSON here."),
     click.option("--force", is_flag=True, help="Overwrite the files it writes; apply a vector that records no model, or one made on another model of the same shape."),
     gpu_layers_option,
@@ -181,36 +223,62 @@ def _write_json(out, payload):
 @_eval_options
 @click.option("--vector", default=None, metavar="NAME|FILE|BANK#RELATION", help="Vector file, shipped vector name or one relation of a bank (BANK#RELATION) to patch at the last prompt token; without it only the baselines run.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
-@click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split).")
+@click.option("--test-pairs", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
+              help="Score every pair of this .json/.jsonl/.csv as a test item (e.g. pairs held out from a vector's training) instead of a split of --task, "
+                   "with demonstrations from --task's train split (the pairs the vector was trained on); pairs whose input --task also holds are left out, and said so.")
+@click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split; with --test-pairs: all of the file's unless given).")
 @click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
 @click.option("--one-at-a-time", is_flag=True, help="llama.cpp: one prompt per decode, as `fvpatch patch` runs, instead of batched (slower; logits can differ by about one on a 4-bit model).")
-def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, split, n_items, demos, one_at_a_time):
+def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, split, test_pairs, n_items, demos, one_at_a_time):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
     k-shot, and with a vector: zero-shot + vector, shuffled + vector; on all items and on those ICL solves.
     With a vector it also says whether zero-shot + vector and ICL differ at all on these items: the gap with
     its 95% confidence interval, and an exact sign test on the items only one of them gets right.
 
+    A file given to --task is split 60/10/30 into train/valid/test by a hash of each input, and only its
+    test (or valid) split is scored. To score pairs held out from a vector's training, give the training
+    pairs to --task and the held-out file to --test-pairs. -o lists the items scored, in the order of
+    each `correct` list.
+
     \b
     Examples:
       fvpatch eval task --task antonym --vector vectors/gemma-3-270m/antonym.fv.safetensors
       fvpatch eval task --task capitalize --vector capitalize.taskvec.safetensors --engine both -o results/cap.json
+      fvpatch eval task --task pairs.json --test-pairs heldout.json --vector v.safetensors -o heldout-results.json
     """
     from fvpatch.evaluate import build_items, evaluate
     from fvpatch.paired import compare
+    from fvpatch.tasks import task_files
 
     _torch_unused(engine == "llamacpp", dtype, device)
+    if test_pairs and click.get_current_context().get_parameter_source("split") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--split chooses the split of --task to score; with --test-pairs every pair of that file is scored instead")
     check_outputs([out], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
-    queries = _queries(t, split, n_items)
+    own_file = str(task) not in task_files()
+    if test_pairs:
+        given_n = click.get_current_context().get_parameter_source("n_items") is not ParameterSource.DEFAULT
+        kept, dropped = _test_pairs(t, task, test_pairs)
+        queries = kept[:n_items] if given_n else kept
+        _check_pool(t, task, queries, k)
+        note = _left_out_note(task, test_pairs, len(kept), dropped) if dropped else None
+    else:
+        queries, dropped = _queries(t, split, n_items), []
+        _check_pool(t, task, queries, k, " (to score a held-out file against the pairs a vector was trained on: --task TRAINING-PAIRS --test-pairs HELD-OUT-FILE)"
+                    if own_file else "")
+        note = (f"note: {task} holds {_split_of(t)}; its {split} split is scored (-o lists the items; --test-pairs FILE scores every pair of a held-out file)"
+                if own_file else None)
     results = {}
     with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time, n_gpu_layers=n_gpu_layers, force=force) as engines:
         for name, (predict, tokenize) in engines.items():
             items = build_items(tokenize, tpl, queries, t.train, k, seed, shared_demos=demos == "shared")
             results[name] = evaluate(predict, items, vf)
+    if note:  # once scored, so that a refusal on the way is still the one line on stderr
+        click.echo(note, err=True)
     first = next(iter(results.values()))
-    click.echo(f"{t.name}, {split} split: {first['n']} items, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}"
-               + (f"; vector {vf.tensor} ({vf.mode})" if vf else ""))
+    scored = f"{test_pairs}: {first['n']} held-out items, demonstrations from the {len(t.train)} train pairs of {task}" if test_pairs else f"{t.name}, {split} split: {first['n']} items"
+    click.echo(f"{scored}, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}" + (f"; vector {vf.tensor} ({vf.mode})" if vf else ""))
     click.echo("| condition | " + " | ".join(f"{e}: all | {e}: ICL-solved" for e in results) + " |")
     click.echo("|---|" + "---:|---:|" * len(results))
     for cond in first["all"]:
@@ -221,7 +289,11 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
             r["vector_vs_icl"] = c = compare(r["correct"]["zero_shot+vector"], r["correct"]["icl"])
             click.echo(f"{name}: zero-shot + vector − ICL = {100 * (c['ffv'] - c['icl']) / c['n']:+.1f} points (95% CI {100 * c['ci'][0]:+.1f} to "
                        f"{100 * c['ci'][1]:+.1f}); {c['only_ffv']} items only the vector gets, {c['only_icl']} only ICL (sign test p = {c['p']:.2f})")
-    _write_json(out, {"task": t.name, "split": split, "k": k, "demos": demos, "template": tpl.text, "vector": vector, "results": results})
+    pairs = lambda ps: [{"input": x, "output": y} for x, y in ps]
+    held = {"test_pairs": test_pairs, "left_out": pairs(dropped)} if test_pairs else {}
+    # items: what was scored, in the order of every `correct` list (a pairs file's own layout, so the failures can be fed back)
+    _write_json(out, {"task": t.name, "split": "test" if test_pairs else split, **held, "k": k, "demos": demos, "template": tpl.text, "vector": vector,
+                      "items": pairs(queries), "results": results})
 
 
 @eval_cmd.command()
@@ -254,6 +326,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     queries = _queries(t, split, n_items)
+    _check_pool(t, task, queries, k)
     lm = None
     if vf is not None:
         if not vf.model.get("n_layer"):
