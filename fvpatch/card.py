@@ -2,6 +2,8 @@
 to run it with fvpatch, PyTorch and llama.cpp, all from the file's own metadata."""
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 from fvpatch import vectorfile
@@ -14,22 +16,120 @@ from fvpatch.prompts import template
 
 DATA_SOURCE = ("the relation pairs of Todd et al., *Function Vectors in Large Language Models* (ICLR 2024), "
                "github.com/ericwtodd/function_vectors, MIT licence, vendored in fvpatch")
+# fvpatch is not on PyPI: how a card's reader gets it (README: "Installed, not checked out")
+INSTALL = ("not published on PyPI: `pip install .` in a checkout of fvpatch's source, `pip install '.[train]'` for the PyTorch "
+           "example too, or its wheel as fvpatch's README says; a model fvpatch knows is fetched on first use")
+PLACEHOLDER = "<your input>"  # the example input of a card whose file records none
+KIND_SUFFIXES = (".ffv-all", ".ffv", ".fv", ".taskvec", ".bank", ".cfv")  # shipped files are named <task><kind>.safetensors
+PAIR_FILES = (".json", ".jsonl", ".csv")
 
 
 def _known(vf: vectorfile.VectorFile):
     return next((m for m in KNOWN.values() if m.file == vf.model.get("file")), None)
 
 
-def front_matter(vfs: list[vectorfile.VectorFile]) -> str:
-    known = {_known(vf) for vf in vfs} - {None}
+def model_arg(vf: vectorfile.VectorFile) -> str:
+    """`-m` for the model a vector was made on: a known model's name, else the GGUF file's name."""
+    known = _known(vf)
+    return known.name if known else shlex.quote(str(vf.model.get("file")))
+
+
+def _vendored(task: str | None) -> bool:
+    from fvpatch.tasks import task_files
+
+    return bool(task) and task in task_files()
+
+
+def pairs_file(meta: dict) -> str | None:
+    """The user's pairs file a vector was made from, as training recorded it (`PATH, split seed N`), or None."""
+    for key in ("fvpatch.pairs_source", "fvpatch.dataset"):
+        source = re.sub(r", split seed \d+$", "", meta.get(key, ""))
+        if Path(source).suffix.lower() in PAIR_FILES:
+            return source
+    return None
+
+
+def sources(vf: vectorfile.VectorFile) -> list[dict]:
+    """The vectors an imported control vector was exported from (`fvpatch.vectors`, fvpatch's own exports only)."""
+    from fvpatch.controlvector import FVPATCH_KEY
+
+    try:
+        value = json.loads(vf.meta.get(FVPATCH_KEY, "[]"))
+    except json.JSONDecodeError:
+        return []
+    return [s for s in value if isinstance(s, dict)] if isinstance(value, list) else []
+
+
+def _task(vf: vectorfile.VectorFile, relation: str | None = None) -> str | None:
+    """The task a vector does, as its metadata names it: a bank's relation, its own task, or that of the one vector an
+    imported control vector was exported from."""
+    src = sources(vf)
+    return relation or vf.meta.get("fvpatch.task") or (src[0].get("task") or None if len(src) == 1 else None)
+
+
+def task_arg(vf: vectorfile.VectorFile, relation: str | None = None) -> str | None:
+    """What `fvpatch eval task --task` takes to score this vector on pairs it never saw: a vendored task's name, or
+    the pairs file its training recorded (the same split, so its test pairs are held out); None when it records neither."""
+    task = _task(vf, relation)
+    if _vendored(task):
+        return task
+    path = pairs_file(vf.meta)
+    return shlex.quote(path) if path else None
+
+
+def eval_command(vf: vectorfile.VectorFile, vector: str, relation: str | None = None) -> str:
+    """The command that measures `vector` (made as `vf` records) on held-out pairs; TASK where the file names none."""
+    return f"fvpatch eval task --task {task_arg(vf, relation) or 'TASK'} -m {model_arg(vf)} --vector {vector}"
+
+
+def every_token_file(control_vector: str) -> str:
+    """Where the commands that measure a control vector import it: beside the user, named after the GGUF."""
+    return Path(control_vector).name.removesuffix(".gguf") + ".every-token.safetensors"
+
+
+def every_token_commands(vf: vectorfile.VectorFile, control_vector: str, relation: str | None = None, export: str | None = None) -> list[str]:
+    """Commands that measure a vector as a control vector applies it: (export it, `export` naming the vector,) import
+    the GGUF back, which applies it at every token (fvpatch.apply_at = all), and evaluate that."""
+    imported = every_token_file(control_vector)
+    return ([f"fvpatch export {export} {control_vector}"] if export else []) + [
+        f"fvpatch import {control_vector} {imported}", eval_command(vf, imported, relation)]
+
+
+TASK_HINT = "(`TASK`: the vendored task or the .json/.jsonl/.csv of input/output pairs the vector is for; the file names neither.)"
+
+
+def name_of(vf: vectorfile.VectorFile, file_name: str, name: str | None = None) -> str | None:
+    """What a card calls the vector: `name` when given; a vendored task's name; else, for a task of the user's own
+    pairs (named after the pairs file, often `pairs`) or a vector of no task, the vector file's name."""
+    if name:
+        return name
+    task = _task(vf)
+    if _vendored(task) or (task and not pairs_file(vf.meta) and not sources(vf)):
+        return task
+    stem = Path(file_name.partition("#")[0]).name.removesuffix(".safetensors")
+    for suffix in KIND_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem.removesuffix(suffix)
+    return stem or task
+
+
+def front_matter(named: list[tuple[vectorfile.VectorFile, str | None]]) -> str:
+    """Front matter of a card for (vector, the name it does its task by, or None) items."""
+    known = {_known(vf) for vf, _ in named} - {None}
     tags = ["fvpatch", "function-vector", "steering-vector", "llama.cpp", "gguf"]
-    tags += sorted({vf.meta["fvpatch.task"] for vf in vfs if "fvpatch.task" in vf.meta})
+    tags += sorted({name for _, name in named if name})
     lines = ["---", "library_name: fvpatch"]
     bases = sorted(m.upstream for m in known if m.upstream)
     if bases:
         lines += ["base_model:"] + [f"- {b}" for b in bases]
-    lines += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
+    lines += ["tags:"] + [f"- {_yaml(t)}" for t in tags] + ["---", ""]
     return "\n".join(lines)
+
+
+def _yaml(tag: str) -> str:
+    """A tag as YAML reads it back: plain words as they are, anything YAML would read as something else (`a: b`,
+    `#x`, `[x]`) quoted."""
+    return tag if re.fullmatch(r"\w[\w.+-]*( [\w.+-]+)*", tag) else json.dumps(tag, ensure_ascii=False)
 
 
 def _pct(meta: dict, key: str) -> str | None:
@@ -43,14 +143,53 @@ def command_vector(vf: vectorfile.VectorFile, file_name: str) -> str:
     return f"{file_name}#{relations[0]}" if relations else file_name
 
 
-def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | None = None, exported: bool = False) -> str:
+def _made_for(positions: str) -> str:
+    return "every token" if positions == "all" else "the last prompt token"
+
+
+def _source(s: dict) -> str:
+    """One vector an fvpatch export was made of, as the export recorded it."""
+    try:
+        scale = float(s.get("scale", 1))
+    except (TypeError, ValueError):
+        scale = 1.0
+    task = s.get("task")
+    task = (f" of the task `{task}`" if _vendored(task) else f" trained on its maker's own pairs, task `{task}`") if task else ""
+    return (f"`{s.get('vector')}`" + (f" at scale {scale:g}" if scale != 1 else "")
+            + f" (a {s.get('method') or 'vector'}{task}, made for {_made_for(s.get('positions', 'last'))})")
+
+
+def _imported_from(vf: vectorfile.VectorFile) -> str:
+    """Where an imported control vector came from, as import recorded it."""
+    meta = vf.meta
+    writer = meta.get("fvpatch.controlvector.writer", "an unknown writer")
+    src = sources(vf)
+    if writer == "fvpatch" and src:
+        made = "; ".join(_source(s) for s in src)
+        how = f"which `fvpatch export` wrote from {made}" + (", summed" if len(src) > 1 else "")
+    elif writer == "fvpatch":
+        how = "which fvpatch wrote"
+    elif writer == "repeng":
+        how = "written by repeng as far as its layout tells, which measures each direction at the output of the block it is applied to"
+    elif writer == "llama.cpp cvector-generator":
+        how = ("written by llama.cpp's `llama-cvector-generator` as far as its layout tells, which measures each direction "
+               "one block below the one it is applied to")
+    else:
+        how = f"written by {writer}"
+    return f"`{meta.get('fvpatch.source', 'a control-vector GGUF')}`, {how}"
+
+
+def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | None = None, exported: bool = False,
+            name: str | None = None) -> str:
     """One vector's card body. `control_vector` names its llama.cpp GGUF: a file written beside the card, or with
-    `exported` the one the card's `fvpatch export` command makes first."""
+    `exported` the one the card's `fvpatch export` command makes first. `name`: what the card calls it (its title)."""
     m, meta = vf.model, vf.meta
     relations = relation_names(vf, file_name)
     spec = command_vector(vf, file_name)
+    relation = relations[0] if relations else None
     task = meta.get("fvpatch.task")
-    method = meta.get("fvpatch.method", "saved activation")
+    imported = meta.get("fvpatch.method") == "control vector"
+    method = meta.get("fvpatch.method", "saved activation" if "fvpatch.prompt" in meta else "vector")
     known = _known(vf)
     model_ref = f"{m.get('name') or m.get('file')} ({m.get('file')}, {m.get('quant')})"
     everywhere = meta.get("fvpatch.apply_at") == "all"
@@ -59,21 +198,32 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
     tpl = template(meta.get("fvpatch.template", "qa"))
     prompt = tpl.query("x")
     pairs = json.loads(meta["fvpatch.pairs"]) if "fvpatch.pairs" in meta else []
-    example = _held_out_input(task or (relations[0] if relations else None)) or (pairs[0][0] if pairs else "…")
-    title = f"# {task}: {method}" if task else f"# {vf.tensor}: {method}"
+    example = _held_out_input(_task(vf, relation)) or (pairs[0][0] if pairs else None)
+    called = name_of(vf, file_name, name)
+    title = f"# {called or vf.tensor}: {method}"
     out = [title, ""]
-    if task:
+    added = "added to" if vf.mode == "add" else "put in place of"
+    if imported:
+        out += [f"A llama.cpp control vector imported from {_imported_from(vf)}. fvpatch reads its `direction.{vf.layer}` as one vector of "
+                f"{vf.width} numbers for **{m.get('name')}**, {added} the residual stream after block {vf.layer} (`{vf.tensor}`) {where}.", ""]
+    elif task:
         shown = ", ".join(f"{x} → {y}" for x, y in pairs[:4])
-        out += [f"One vector of {vf.width} numbers that makes **{m.get('name')}** do the `{task}` relation without demonstrations"
-                f"{f' ({shown}, …)' if shown else ''}: {'added to' if vf.mode == 'add' else 'put in place of'} the residual stream after block {vf.layer} (`{vf.tensor}`) {where}, "
+        out += [f"One vector of {vf.width} numbers that makes **{m.get('name')}** do the `{called}` relation without demonstrations"
+                f"{f' ({shown}, …)' if shown else ''}: {added} the residual stream after block {vf.layer} (`{vf.tensor}`) {where}, "
                 f"it turns the zero-shot prompt `{prompt.replace(chr(10), '⏎')}` into the answer.", ""]
     elif relations:
         composes = ", and `fvpatch analogy --bank` composes them for analogies A:B::C:? with the learned map this file carries" if set(MAP_KEYS) <= set(meta) else ""
         out += [f"{len(relations)} function vectors of **{m.get('name')}**, one per relation (the file's rows, in this order): "
                 f"{', '.join(f'`{r}`' for r in relations)}. Each is added to the residual stream after block {vf.layer} (`{vf.tensor}`) {where}; "
                 f"`--vector {file_name}#RELATION` patches one{composes}.", ""]
+    elif "fvpatch.prompt" in meta:
+        shown_prompt = meta["fvpatch.prompt"].replace("\n", "⏎")
+        out += [f"{_rows(vf)} of the graph tensor `{vf.tensor}` of **{m.get('name')}**, saved by `fvpatch save` at tokens {vf.positions} "
+                f"of the prompt `{shown_prompt}`; `fvpatch patch` {'adds' if vf.mode == 'add' else 'puts'} {'it' if len(vf.rows) == 1 else 'them'} "
+                f"{'to' if vf.mode == 'add' else 'in place of'} that tensor at a token of another prompt.", ""]
     else:
-        out += [f"Rows of the graph tensor `{vf.tensor}` of {m.get('name')}, saved at tokens {vf.positions} of a prompt.", ""]
+        what = f"made by {method}" if "fvpatch.method" in meta else "the file records no task and no method that made it"
+        out += [f"{_rows(vf)} of the graph tensor `{vf.tensor}` of **{m.get('name')}** ({what}), {added} it {where}.", ""]
     out += ["| | |", "|---|---|",
             f"| made on | {model_ref}; applies to any quantization of the same model (same name, shape and vocabulary) |",
             f"| architecture, shape | {m.get('arch')}, {m.get('n_layer')} layers, width {m.get('n_embd')} |",
@@ -82,33 +232,20 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
             f"| positions | {'every token' if everywhere else 'the last prompt token'} |"]
     source = meta.get("fvpatch.pairs_source", DATA_SOURCE)
     if pairs:
-        out.append(f"| trained on | {len(pairs)} pairs of `{task}` ({source}), model frozen; "
+        out.append(f"| trained on | {len(pairs)} pairs of `{called}` ({source}), model frozen; "
                    f"init {meta.get('fvpatch.init')}, {meta.get('fvpatch.steps')} steps (kept step {meta.get('fvpatch.best_step')}), "
                    f"{meta.get('fvpatch.train_dtype', 'float32')} |")
     out.append("")
-    acc = [(label, _pct(meta, key)) for label, key in (("zero-shot, no vector", "fvpatch.test_zero_shot_top1"),
-                                                        ("10-shot prompt (in-context learning)", "fvpatch.test_icl_top1"),
-                                                        ("zero-shot + this vector", "fvpatch.test_top1"))]
-    if acc[-1][1]:
-        out += ["## How well it works", "",
-                f"Top-1 of the answer's first token on {meta.get('fvpatch.test_n')} held-out test pairs (never used in training), "
-                f"({meta.get('fvpatch.test_engine', 'llama.cpp')}):", "", "| condition | top-1 |", "|---|---|"]
-        out += [f"| {label} | {value} |" for label, value in acc if value]
-        counts = vectorfile.positions_top1(meta)
-        if counts:
-            n = counts["n"]
-            out += ["", f"Where it is added matters. On the first {n} test pairs: {counts['last'] / n:.0%} added at the last prompt token, "
-                        f"{counts['all'] / n:.0%} added at every token (as llama.cpp's `--control-vector` adds it)."]
-        else:
-            out += ["", "Its accuracy added at every token (as llama.cpp's `--control-vector` adds it) has not been measured."]
-        out.append("")
-    model_arg = f"-m {known.name} " if known else f"-m {m.get('file')} "
-    q = tpl.query(example).replace("\n", "\\n")
+    out += _how_well(vf, spec, relation, control_vector, exported)
+    model_arg_ = f"-m {model_arg(vf)} "
+    q = tpl.query(example or PLACEHOLDER).replace("\n", "\\n")
     # patched() takes a file or a shipped name; a bank's relation is loaded as the command line loads it
     torch_vector = f'load_vector("{spec}")' if relations else f'"{spec}"'
-    out += ["## How to use it", "", "With fvpatch (`pip install fvpatch`; the model is fetched on first use where fvpatch knows it):", "", "```",
-            f"fvpatch patch {model_arg}-p $'{q}' --vector {spec} --compare -n 4", "```", "",
-            "In PyTorch, on the same model in transformers (block outputs numbered as in llama.cpp):", "", "```python",
+    out += ["## How to use it", "", f"With fvpatch ({INSTALL}):", "", "```",
+            f"fvpatch patch {model_arg_}-p $'{q}' --vector {spec} --compare -n 4", "```", ""]
+    if not example:
+        out += [f"(`{PLACEHOLDER}` stands for an input of yours: the file records no example of what the vector is for.)", ""]
+    out += ["In PyTorch, on the same model in transformers (block outputs numbered as in llama.cpp):", "", "```python",
             *(["from fvpatch.cli import load_vector"] if relations else []),
             "from train.apply import patched",
             f"with patched(model, {torch_vector}):",
@@ -126,23 +263,72 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
     return "\n".join(out)
 
 
+def _rows(vf: vectorfile.VectorFile) -> str:
+    return "One row" if len(vf.rows) == 1 else f"{len(vf.rows)} rows"
+
+
+def _how_well(vf: vectorfile.VectorFile, spec: str, relation: str | None, control_vector: str | None, exported: bool) -> list[str]:
+    """The card's accuracy: the held-out numbers the file records, or that it records none and the commands that
+    measure them; for a vector made for the last token that can be a control vector, its accuracy at every token."""
+    meta = vf.meta
+    out = ["## How well it works", ""]
+    acc = [(label, _pct(meta, key)) for label, key in (("zero-shot, no vector", "fvpatch.test_zero_shot_top1"),
+                                                        ("10-shot prompt (in-context learning)", "fvpatch.test_icl_top1"),
+                                                        ("zero-shot + this vector", "fvpatch.test_top1"))]
+    measurable = len(vf.rows) == 1 or relation is not None  # `eval task` patches one vector
+    hint = [TASK_HINT, ""] if task_arg(vf, relation) is None else []
+    if acc[-1][1]:
+        out += [f"Top-1 of the answer's first token on {meta.get('fvpatch.test_n')} held-out test pairs (never used in training) "
+                f"({meta.get('fvpatch.test_engine', 'llama.cpp')}):", "", "| condition | top-1 |", "|---|---|"]
+        out += [f"| {label} | {value} |" for label, value in acc if value]
+        out.append("")
+    elif measurable:
+        out += ["**This file records no held-out accuracy.** `fvpatch eval task` measures it: top-1 of the answer's first token "
+                "on the task's held-out test pairs (a vector trained on the task never sees them), with zero-shot and 10-shot prompts and with the vector"
+                f"{' (at every token, as this file says to apply it)' if meta.get('fvpatch.apply_at') == 'all' else ''}:",
+                "", "```", eval_command(vf, spec, relation), "```", "", *hint,
+                *([f"(A bank's relations are scored one at a time: `--task RELATION --vector {spec.rpartition('#')[0]}#RELATION`.)", ""]
+                  if relation else [])]
+        hint = []
+    else:
+        out += [f"This file records no held-out accuracy: it holds {len(vf.rows)} rows, one per saved token, not one vector to score.", ""]
+    if meta.get("fvpatch.apply_at") != "all" and control_vector:
+        counts = vectorfile.positions_top1(meta)
+        if counts:
+            n = counts["n"]
+            out += [f"Where it is added matters. On the first {n} test pairs: {counts['last'] / n:.0%} added at the last prompt token, "
+                    f"{counts['all'] / n:.0%} added at every token (as llama.cpp's `--control-vector` adds it).", ""]
+        else:
+            made = (f"Export `{control_vector}` as *With stock llama.cpp* below does, then import it back" if exported
+                    else f"Import `{control_vector}` back")
+            out += ["Its accuracy added at every token, as llama.cpp's `--control-vector` adds it, has not been measured, and a vector "
+                    "made for the last prompt token can lose much of it there (fvpatch's README: *Last token or every token*). "
+                    f"{made}, which applies it at every token, and score that:", "", "```",
+                    *every_token_commands(vf, control_vector, relation), "```", "", *hint]
+    return out
+
+
 def _held_out_input(task: str | None) -> str | None:
     """A test input of a vendored task, so the card's example is one the vector never saw."""
     from fvpatch.tasks import load_task
 
     try:
-        return load_task(task).test[0][0] if task else None
+        return load_task(task).test[0][0] if _vendored(task) else None
     except (ValueError, OSError):
         return None
 
 
-def card(items: list[tuple[vectorfile.VectorFile, str, str | None]], exported: bool = False) -> str:
+def card(items: list[tuple[vectorfile.VectorFile, str, str | None]], exported: bool = False, names: list[str | None] | None = None) -> str:
     """A whole card for (vector, its file name, its control-vector file name or None) items; `exported`: the control
-    vectors are not beside the card, and it shows the `fvpatch export` command that makes each."""
+    vectors are not beside the card, and it shows the `fvpatch export` command that makes each. `names`: what to call
+    each vector (default: its task, or its file's name for a task of the user's own pairs)."""
+    names = names or [None] * len(items)
     for vf, name, _ in items:
         if not vf.model.get("arch"):  # it would read "made on None (None, None)"
             raise FvpatchError(f"{name} records no model it was made for, and a card says above all which model a vector is for")
-    return front_matter([vf for vf, _, _ in items]) + "\n".join(section(*item, exported=exported) for item in items)
+    # a tag names what a vector does: its task (or the name given), not a file of no task
+    tagged = [(vf, name_of(vf, file_name, name) if name or _task(vf) else None) for (vf, file_name, _), name in zip(items, names)]
+    return front_matter(tagged) + "\n".join(section(*item, exported=exported, name=name) for item, name in zip(items, names))
 
 
 def write_card(path: str | Path, text: str, overwrite: bool = False) -> Path:

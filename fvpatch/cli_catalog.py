@@ -96,23 +96,30 @@ def vectors_list(as_json):
 @vectors.command("card")
 @click.argument("vector", metavar="VECTOR")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Write the card here (default: print it).")
+@click.option("--name", default=None, help="What the vector does, in a word or two: the card's title and tag (default: its vendored task, "
+                                           "else the vector file's name, since a task of your own pairs is named after the pairs file).")
 @click.option("--force", is_flag=True, help="Overwrite --out.")
-def vectors_card(vector, out, force):
+def vectors_card(vector, out, name, force):
     """Write a model card for a vector from its metadata: what it does, what it was made on and from, its
-    held-out accuracy against zero-shot and 10-shot prompts, and how to run it with fvpatch, PyTorch and llama.cpp.
+    held-out accuracy against zero-shot and 10-shot prompts when the file records it (else the `fvpatch eval
+    task` command that measures it), and how to run it with fvpatch, PyTorch and llama.cpp.
 
     \b
     Example:
       fvpatch vectors card gemma-3-270m/antonym.ffv -o antonym.md
+      fvpatch vectors card lang.ffv.safetensors --name country-language -o lang.md
     """
     from fvpatch.atomic import check_outputs
     from fvpatch.card import card, command_vector, write_card
 
+    if name is not None and (not name.strip() or "\n" in name):
+        raise click.BadParameter("is empty" if not name.strip() else "must be one line", param_hint="'--name'")
     check_outputs([out], force)
     vf = vectorfile.load(vector_path(vector))
     spec = command_vector(vf, vector)  # the name as given runs in the card's commands, from here
     gguf_name = Path(spec.replace("#", "-")).name.removesuffix(".safetensors") + ".gguf"
-    text = card([(vf, vector, gguf_name if _control_vector(load_vector(spec), spec) else None)], exported=True)
+    text = card([(vf, vector, gguf_name if _control_vector(load_vector(spec), spec) else None)], exported=True,
+                names=[name.strip() if name else None])
     if out is None:
         click.echo(text)
     else:
@@ -125,7 +132,8 @@ def vectors_card(vector, out, force):
 @click.option("--force", is_flag=True, help="Write into an existing folder, overwriting its files (refused while it holds other .safetensors or .gguf files).")
 def vectors_pack(folder, sources, force):
     """Write a folder ready to share: each vector file, its llama.cpp control vector (where it can be one)
-    and a README.md card for them all, the layout a Hugging Face model repository expects.
+    and a README.md card for them all, the layout a Hugging Face model repository expects. As `export` does,
+    it notes on stderr each vector made for the last prompt token, which a control vector adds at every token.
 
     \b
     Example:
@@ -134,6 +142,7 @@ def vectors_pack(folder, sources, force):
     from fvpatch import controlvector
     from fvpatch.atomic import check_outputs, together
     from fvpatch.card import card, write_card
+    from fvpatch.cli_exchange import position_note
     from fvpatch.errors import FvpatchError
 
     folder = Path(folder)
@@ -157,12 +166,15 @@ def vectors_pack(folder, sources, force):
         raise FvpatchError(f"{folder} holds {', '.join(stale)}, which this pack does not write and its README.md would not describe; "
                            f"remove them or pack into another folder")
     text = card(items)
+    notes = [position_note(vf, name, str(folder / gguf_name)) for vf, name, gguf_name in items if gguf_name]
     with together():
         for vf, name, gguf_name in items:
             vectorfile.save(vf, folder / name, overwrite=True)
             if gguf_name:
                 controlvector.save(cvs[name], folder / gguf_name, overwrite=True)
         write_card(folder / "README.md", text, overwrite=True)
+    for note in filter(None, notes):
+        click.echo(note, err=True)
     click.echo(f"{folder}: {len(items)} vector(s), {sum(1 for *_, g in items if g)} control vector(s), README.md")
 
 

@@ -24,7 +24,9 @@ def export_cmd(sources, out, fmt, scales, force):
     relation of a bank as BANK#RELATION. Vectors for the same layer are summed after scaling. Only an
     added residual vector (l_out-N, N >= 1, mode add) can be a control vector, and llama.cpp adds it at
     EVERY token, prompt and generated, where fvpatch adds a function vector at the last prompt token and
-    the generated ones: the README's positions table says what that costs each shipped vector.
+    the generated ones: the README's positions table says what that costs each shipped vector, and for
+    any other vector the note on stderr gives the `fvpatch import` and `fvpatch eval task` commands that
+    measure it.
 
     \b
     Example:
@@ -39,20 +41,32 @@ def export_cmd(sources, out, fmt, scales, force):
     items = [(vf, scales[i] if scales else vf.scale, sources[i]) for i, vf in enumerate(loaded)]
     cv = controlvector.from_vectors(items)
     for vf, _, origin in items:
-        if vf.meta.get("fvpatch.apply_at", "last") != "all":
-            click.echo(f"note: {origin} was made to be added at the last prompt token; a control vector adds it at every token"
-                       f"{_measured_drop(vf)}", err=True)
+        note = position_note(vf, origin, out if len(items) == 1 else None)
+        if note:
+            click.echo(note, err=True)
     controlvector.save(cv, out, overwrite=force)
     layers = ", ".join(f"l_out-{n}" for n in cv.directions)
     click.echo(f"{out}: control vector for {cv.model_hint or 'a model the vector does not record'}, {layers}; use: llama-completion -m MODEL --control-vector {out} -p PROMPT -n 8 -no-cnv (or llama-server --control-vector {out})")
 
 
-def _measured_drop(vf: vectorfile.VectorFile) -> str:
+def position_note(vf: vectorfile.VectorFile, origin: str, control_vector: str | None) -> str | None:
+    """The note `export` and `vectors pack` print for a vector made for the last prompt token, which a control vector
+    adds at every token: what that costs where it was measured, else the commands that measure it, for any vector.
+    `control_vector`: the GGUF that holds this vector alone; None when it is summed with others (the commands export
+    it alone first). None for a vector made for every token."""
+    from fvpatch.card import TASK_HINT, every_token_commands, task_arg
+
+    if vf.meta.get("fvpatch.apply_at", "last") == "all":
+        return None
+    head = f"note: {origin} was made to be added at the last prompt token; a control vector adds it at every token"
     counts = vectorfile.positions_top1(vf.meta)
-    if counts is None:
-        return " (its accuracy at every token has not been measured: python -m train.report_positions)"
-    n, last, every = counts["n"], counts["last"], counts["all"]
-    return f" (held-out top-1 on {n} test pairs: {last / n:.0%} at the last token, {every / n:.0%} at every token)"
+    if counts is not None:
+        n, last, every = counts["n"], counts["last"], counts["all"]
+        return f"{head} (held-out top-1 on {n} test pairs: {last / n:.0%} at the last token, {every / n:.0%} at every token)"
+    alone = control_vector or Path(origin.replace("#", "-")).name.removesuffix(".safetensors") + ".gguf"
+    commands = every_token_commands(vf, alone, export=None if control_vector else origin)  # a bank's relation names its task
+    hint = f" {TASK_HINT}" if task_arg(vf) is None else ""
+    return f"{head}, where its accuracy has not been measured; to measure it: {' && '.join(commands)}{hint}"
 
 
 @main.command("import")

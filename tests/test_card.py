@@ -4,6 +4,8 @@ whose commands name the files written beside it)."""
 import json
 from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from fvpatch import controlvector, vectorfile
@@ -104,3 +106,101 @@ def test_a_card_of_a_shipped_vector_names_it_as_given(tmp_path):
     card = (tmp_path / "antonym.md").read_text()
     assert "--vector gemma-3-270m/antonym.ffv --compare" in card and 'patched(model, "gemma-3-270m/antonym.ffv")' in card
     assert vector_path("gemma-3-270m/antonym.ffv").is_file()
+
+
+# ---- a vector of the user's own: trained on their pairs, exported, imported back -------------------------------
+
+OWN_PAIRS = [("France", "French"), ("Germany", "German"), ("Spain", "Spanish"), ("Italy", "Italian"), ("Japan", "Japanese"),
+             ("China", "Chinese"), ("Greece", "Greek"), ("Poland", "Polish"), ("Sweden", "Swedish"), ("Norway", "Norwegian"),
+             ("Finland", "Finnish"), ("Denmark", "Danish"), ("Hungary", "Hungarian"), ("Russia", "Russian"), ("Turkey", "Turkish")]
+
+
+@pytest.fixture
+def own(tiny_session, tiny_gguf, tmp_path, monkeypatch):
+    """A folder as a user's holds it after `fvpatch train ffv --pairs pairs.json -o lang.ffv.safetensors` on the tiny
+    model: the pairs (named `pairs.json`, so the task is called `pairs`), the vector with the metadata training writes,
+    and the model file its fingerprint names; the tests run from there."""
+    from fvpatch.tasks import load_task
+
+    (tmp_path / "pairs.json").write_text(json.dumps([{"input": x, "output": y} for x, y in OWN_PAIRS]))
+    task = load_task(tmp_path / "pairs.json")
+    (tmp_path / tiny_gguf.name).symlink_to(tiny_gguf)
+    meta = {"fvpatch.method": "fine-tuned function vector", "fvpatch.task": task.name, "fvpatch.template": "Q: {x}\nA: {y}\n\n",
+            "fvpatch.init": "taskvec", "fvpatch.pairs": json.dumps(task.train), "fvpatch.pairs_source": task.source,
+            "fvpatch.steps": "60", "fvpatch.best_step": "60", "fvpatch.apply_at": "last"}
+    row = np.random.default_rng(0).normal(0, 0.5, tiny_session.n_embd).astype(np.float32)
+    vectorfile.save(vectorfile.VectorFile("l_out-2", row, [-1], tiny_session.fingerprint(), "add", meta=meta), tmp_path / "lang.ffv.safetensors")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, task
+
+
+def _card(*args) -> str:
+    r = CliRunner().invoke(main, ["vectors", "card", *args])
+    assert r.exit_code == 0, r.output
+    return r.stdout
+
+
+def test_a_card_of_your_own_vector_says_what_it_records_and_what_it_does_not(own):
+    folder, task = own
+    card = _card("lang.ffv.safetensors")
+    # named after the vector file, not the pairs file's stem `pairs`
+    assert "# lang: fine-tuned function vector" in card and "- lang\n" in card and "- pairs\n" not in card
+    assert f"pairs of `lang` ({folder / 'pairs.json'}, split seed 0)" in card
+    # no accuracy recorded: said plainly, with the command that measures it on the pairs training held out
+    assert "**This file records no held-out accuracy.**" in card
+    assert f"fvpatch eval task --task {folder / 'pairs.json'} -m tiny-llama-f32.gguf --vector lang.ffv.safetensors\n" in card
+    assert "fvpatch import lang.ffv.gguf lang.ffv.every-token.safetensors\n" in card
+    # a runnable example (one of its recorded pairs), and no install command that cannot work
+    assert f"-p $'Q: {task.train[0][0]}\\nA:'" in card and "Q: …" not in card and "<your input>" not in card
+    assert "pip install fvpatch" not in card and "not published on PyPI" in card
+    named = _card("lang.ffv.safetensors", "--name", "country-language")
+    assert "# country-language: fine-tuned function vector" in named and "- country-language\n" in named and "- lang\n" not in named
+    assert '- "language: of a country"\n' in _card("lang.ffv.safetensors", "--name", "language: of a country")  # YAML reads it back
+
+
+def test_the_cards_and_the_export_notes_commands_run_as_printed(own):
+    """The card's `fvpatch eval task` line and the command chain `export`'s note gives for a vector of no measured
+    accuracy at every token run as printed (plus a smaller --n and --k for the tiny model), and score what they say."""
+    folder, _ = own
+    line = next(line for line in _card("lang.ffv.safetensors").splitlines() if line.startswith("fvpatch eval task"))
+    run_card_line(line, "fvpatch eval task", folder, "--n 2 --k 2 -o held-out.json")
+    r = CliRunner().invoke(main, ["export", "lang.ffv.safetensors", "lang.gguf"])
+    assert r.exit_code == 0, r.output
+    note, = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
+    assert "train.report_positions" not in note and "--task TASK" not in note
+    commands = note.split("to measure it: ")[1]
+    assert commands == (f"fvpatch import lang.gguf lang.every-token.safetensors && fvpatch eval task --task {folder / 'pairs.json'} "
+                        "-m tiny-llama-f32.gguf --vector lang.every-token.safetensors")
+    run_card_line(commands, "fvpatch import", folder, "--n 2 --k 2 -o every-token.json")
+    assert vectorfile.load(folder / "lang.every-token.safetensors").meta["fvpatch.apply_at"] == "all"
+    held_out, every = (json.loads((folder / f"{name}.json").read_text())["results"]["llama.cpp"] for name in ("held-out", "every-token"))
+    assert held_out["n"] == every["n"] == 2
+
+
+def test_a_card_describes_an_imported_control_vector_as_one(own):
+    folder, _ = own
+    assert CliRunner().invoke(main, ["export", "lang.ffv.safetensors", "lang.gguf"]).exit_code == 0
+    assert CliRunner().invoke(main, ["import", "lang.gguf", "lang-all.safetensors"]).exit_code == 0
+    card = _card("lang-all.safetensors")
+    assert "# lang-all: control vector" in card and "saved at tokens" not in card
+    assert ("A llama.cpp control vector imported from `lang.gguf`, which `fvpatch export` wrote from `lang.ffv.safetensors` (a fine-tuned "
+            "function vector trained on its maker's own pairs, task `pairs`, made for the last prompt token).") in card
+    assert "at every token, prompt and generated" in card and "| positions | every token |" in card
+    # no example recorded: a placeholder that says it is one, and TASK explained
+    assert "-p $'Q: <your input>\\nA:'" in card and "(`<your input>` stands for an input of yours" in card
+    assert "fvpatch eval task --task TASK -m tiny-llama-f32.gguf --vector lang-all.safetensors" in card and "(`TASK`:" in card
+
+
+def test_pack_notes_each_vector_made_for_the_last_token_as_export_does(own):
+    folder, _ = own
+    r = CliRunner().invoke(main, ["vectors", "pack", "pack", "lang.ffv.safetensors", "gemma-3-270m/antonym.ffv", "gemma-3-270m/present-past.ffv-all"])
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: lang.ffv.safetensors was made to be added at the last prompt token; a control vector adds it at every token, where its "
+        f"accuracy has not been measured; to measure it: fvpatch import pack/lang.ffv.gguf lang.ffv.every-token.safetensors && "
+        f"fvpatch eval task --task {folder / 'pairs.json'} -m tiny-llama-f32.gguf --vector lang.ffv.every-token.safetensors",
+        "note: antonym.ffv.safetensors was made to be added at the last prompt token; a control vector adds it at every token "
+        "(held-out top-1 on 50 test pairs: 44% at the last token, 0% at every token)"]  # present-past.ffv-all was made for every token
+    export = CliRunner().invoke(main, ["export", "gemma-3-270m/antonym.ffv", "a.gguf"])
+    assert export.stderr.splitlines()[0] == notes[1].replace("antonym.ffv.safetensors", "gemma-3-270m/antonym.ffv")
