@@ -51,6 +51,7 @@ def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
     (d / "one-choice.jsonl").write_text('{"stem": ["hot", "cold"], "choice": [["tall", "short"]], "answer": 0}\n')
     (d / "bogus-relation.jsonl").write_text('{"stem": ["hot", "cold"], "choice": [["tall", "short"], ["tall", "big"]], "answer": 0, "relation": "bogus"}\n')
     (d / "five.csv").write_text("input,output\n" + "".join(f"w{i},v{i}\n" for i in range(5)))
+    (d / "thirty.csv").write_text("input,output\n" + "".join(f"w{i},v{i}\n" for i in range(30)))
     vectorfile.save(vectorfile.VectorFile("l_out-1", np.zeros(N_EMBD), [-1], fp, "add"), d / "zero.safetensors")
     save_bank(Bank(["antonym", "animal-young"], np.ones((2, N_EMBD)), "l_out-1", fp), d / "own-bank.safetensors")
     vectorfile.save(vectorfile.VectorFile("l_out-1", np.full(N_EMBD, 3e38), [-1], fp, "add"), d / "huge.safetensors")
@@ -136,6 +137,8 @@ CASES = {
     "lens --png under a file": ([*LENS, "--png", "{o}/plain/lens.png"], "not a folder"),
     "decode a zero vector": (["decode", *MODEL, "{zero}"], "zero.safetensors: the row is all zeros, which promotes no token"),
     "card of a vector that records no model": (["vectors", "card", "{nofp}"], "records no model it was made for"),
+    "card --name ''": (["vectors", "card", "{v}", "--name", " "], "'--name': is empty"),
+    "card --name of two lines": (["vectors", "card", "{v}", "--name", "a\nb"], "'--name': must be one line"),
     "decode against itself": (["decode", *MODEL, "{v}", "--against", "{v}"], "hold the same row: their difference promotes no token"),
     "decode --against-token-idx alone": (["decode", *MODEL, "{v}", "--against-token-idx", "3"], "give --against NAME|FILE too"),
     "lens --force without --png": ([*LENS, "--force"], "--force overwrites the --png file"),
@@ -188,6 +191,13 @@ CASES = {
     "ffv --init fv, 2 train pairs": ([*FFV, "--init", "fv", "--n-train", "2"], "too few demonstrations for the fv start"),
     "ffv --targets icl, 1 train pair": ([*FFV, "--init", "zeros", "--targets", "icl", "--n-train", "1"], "give 2 or more"),
     "fv, no valid pairs": (["train", "fv", *MODEL, "--task", "{five}", "-o", "{o}/f"], "task 'five' has no valid pairs to choose the layer on"),
+    # counted before the PyTorch model loads (it would be converted into the folder the snapshot covers)
+    "ffv --pairs too few for --n-train": (["train", "ffv", *MODEL, "--pairs", "{thirty}", "-o", "{o}/f"],
+                                          "task 'thirty' has 18 train pairs, fewer than --n-train 20 (its 30 distinct pairs split 60/10/30 into "
+                                          "train/valid/test give 18 train, 3 valid, 9 test); give --n-train 18 or less, or 33 or more distinct pairs in "),
+    "ffv --pairs with no valid pairs": (["train", "ffv", *MODEL, "--pairs", "{five}", "--n-train", "2", "-o", "{o}/f"],
+                                        "task 'five' has no valid pairs for early stopping (its 5 distinct pairs split 60/10/30 into train/valid/test give "
+                                        "3 train, 0 valid, 2 test); give 6 or more distinct pairs in "),
     "ffv a folder that is no model": (["train", "ffv", "-m", "{o}/folder", "--task", "antonym", "-o", "{o}/f"], "is a folder but not a Hugging Face model"),
     "cfv --lr 1e300": ([*CFV, "--lr", "1e300"], "is not at most 100"),
     "cfv a relation of your own pairs": (["train", "cfv", *MODEL, "--bank", "{own_bank}", "-o", "{o}/c"], "relation 'animal-young' of the bank is not a vendored task"),
@@ -204,6 +214,21 @@ CASES = {
     "eval task a bank relation not in it": ([*TASK, "--vector", "{bank}#nope"], "the bank has no relation 'nope'"),
     "eval task an empty valid split": (["eval", "task", *MODEL, "--task", "{five}", "--split", "valid", "--n", "2", "--k", "2"],
                                        "five: the valid split is empty: its 5 distinct pairs split into 3 train, 0 valid, 2 test"),
+    "eval task a pool smaller than --k": (["eval", "task", *MODEL, "--task", "{five}", "--k", "4"],
+                                          "4-shot prompts need 4 demonstrations, but their pool, the train split of {five} (5 distinct pairs split 60/10/30 into "
+                                          "train/valid/test: 3, 0, 2), holds only 3; give --k 3 or less, or more pairs in {five} (to score a held-out file against "
+                                          "the pairs a vector was trained on: --task TRAINING-PAIRS --test-pairs HELD-OUT-FILE)"),
+    "eval sweep a pool smaller than --k": (["eval", "sweep", *MODEL, "--task", "{five}", "--split", "test", "--vector", "{v}", "--k", "4"],
+                                           "holds only 3; give --k 3 or less, or more pairs in {five}"),
+    "eval task --test-pairs, a pool smaller than --k": ([*TASK[:-1], "{five}", "--test-pairs", "{thirty}", "--k", "4"],
+                                                        "but their pool, the train split of {five} (5 distinct pairs split"),
+    "eval task --test-pairs and --split": ([*TASK, "--test-pairs", "{five}", "--split", "test"],
+                                           "--split chooses the split of --task to score; with --test-pairs every pair of that file is scored instead"),
+    "eval task --test-pairs all in --task": ([*TASK[:-1], "{thirty}", "--test-pairs", "{five}"],
+                                             "five.csv: every one of its 5 distinct pairs has an input that {thirty} also holds, so none is held out"),
+    "eval task --test-pairs a FIFO": ([*TASK, "--test-pairs", "{o}/fifo"], "fifo is a named pipe (FIFO), not a pairs file"),
+    "eval task --test-pairs missing": ([*TASK, "--test-pairs", "{o}/missing.json"], "'--test-pairs': File"),
+    "eval task --test-pairs not UTF-8": ([*TASK, "--test-pairs", "{latin1}"], "latin1.json: not UTF-8"),
     "eval sweep a whole bank": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{bank}", "--n", "2"],
                                 "bank.safetensors: the file holds 3 rows for token -1; pick one relation with FILE#RELATION"),
     "eval task -o exists": ([*TASK, "-o", "{o}/exists.safetensors"], "exists; pass --force"),
@@ -239,6 +264,8 @@ def test_refused_in_one_line(case, tiny_gguf, inputs, tmp_path, monkeypatch):
     args, says = CASES[case]
     r = CliRunner().invoke(main, [a.format(m=tiny_gguf, o=out, **inputs) for a in args])
     assert refused_in_one_line(r) is None, refused_in_one_line(r)
+    for name, path in inputs.items():  # a message may name an input file ({five}); others hold braces of their own ({z})
+        says = says.replace("{" + name + "}", path)
     assert says in r.stderr, r.stderr
     assert snapshot(tmp_path) == before  # nothing written, nothing half-written, nothing replaced
 
@@ -326,7 +353,14 @@ def test_eval_takes_a_bank_relation_as_patch_does(tiny_gguf, inputs, tmp_path):
     out = tmp_path / "r.json"
     r = CliRunner().invoke(main, [*(a.format(m=tiny_gguf) for a in TASK), "--vector", inputs["bank"] + "#antonym", "--n", "2", "--k", "2", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert json.loads(out.read_text())["results"]["llama.cpp"]["n"] == 2
+    result = json.loads(out.read_text())
+    assert result["results"]["llama.cpp"]["n"] == 2
+    # which items were scored, in the order of every `correct` list
+    from fvpatch.tasks import load_task
+
+    assert result["items"] == [{"input": x, "output": y} for x, y in load_task("antonym").test[:2]]
+    assert all(len(c) == 2 for c in result["results"]["llama.cpp"]["correct"].values())
+    assert not r.stderr  # a vendored task: no note on how a file was split
 
 
 def test_an_every_token_file_is_patched_at_the_token_asked_for(tiny_gguf, tiny_session, tmp_path):
