@@ -221,7 +221,7 @@ def _write_json(out, payload):
 
 @eval_cmd.command()
 @_eval_options
-@click.option("--vector", default=None, metavar="NAME|FILE|BANK#RELATION", help="Vector file, shipped vector name or one relation of a bank (BANK#RELATION) to patch at the last prompt token; without it only the baselines run.")
+@click.option("--vector", default=None, metavar="NAME|FILE|BANK#RELATION", help="Vector file, shipped vector name or one relation of a bank (BANK#RELATION), patched where its file says: at the last prompt token, or at every token for one whose fvpatch.apply_at is all (an imported control vector); without it only the baselines run.")
 @click.option("--split", type=click.Choice(["test", "valid"]), default="test", show_default=True, help="Which split's queries to score.")
 @click.option("--test-pairs", type=click.Path(exists=True, dir_okay=False), default=None, metavar="FILE",
               help="Score every pair of this .json/.jsonl/.csv as a test item (e.g. pairs held out from a vector's training) instead of a split of --task, "
@@ -278,7 +278,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
         click.echo(note, err=True)
     first = next(iter(results.values()))
     scored = f"{test_pairs}: {first['n']} held-out items, demonstrations from the {len(t.train)} train pairs of {task}" if test_pairs else f"{t.name}, {split} split: {first['n']} items"
-    click.echo(f"{scored}, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}" + (f"; vector {vf.tensor} ({vf.mode})" if vf else ""))
+    click.echo(f"{scored}, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}" + (f"; vector {vf.tensor} ({vf.mode}, {'every token' if vf.meta.get('fvpatch.apply_at') == 'all' else 'last prompt token'})" if vf else ""))
     click.echo("| condition | " + " | ".join(f"{e}: all | {e}: ICL-solved" for e in results) + " |")
     click.echo("|---|" + "---:|---:|" * len(results))
     for cond in first["all"]:
