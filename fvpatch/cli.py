@@ -334,9 +334,8 @@ def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
     Example:
       fvpatch tensors --layer 0
     """
-    # The listing decodes a short prompt in one batch; llama.cpp shrinks its batch to a context below 512 tokens, and a
-    # prompt split over batches of 1-3 tokens would show every tensor as unusable. The names and widths do not depend on
-    # the context, and llama.cpp allocates no context smaller than 256 tokens anyway.
+    # The names and widths do not depend on the context, which llama.cpp makes 256 tokens at the least anyway; but its
+    # batch shrinks with a smaller --n-ctx, and a batch of 1 token cannot tell a one-head view from a row
     with open_session(model, max(n_ctx, 256), n_gpu_layers) as s:
         check_layer(layer, s.n_layer)
         widths = s.graph_tensors()

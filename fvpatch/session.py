@@ -318,11 +318,13 @@ class Session(BatchedScoring, ModelFile):
     def graph_tensors(self, prompt: str = "Hello, world") -> dict[str, int | None]:
         """The nodes of one decode's compute graph, in compute order: name -> row width (a vector's length), or None
         where save and patch refuse the name: a tensor that is not one row per token (per-head views, 3-D and up),
-        or a name that several nodes share. The prompt has several tokens, so that a per-head view cannot pass for
-        rows as it would in a 1-token decode."""
+        or a name that several nodes share. The prompt has several tokens (as many as one batch holds), so that a
+        per-head view cannot pass for rows as it would in a 1-token decode."""
         self.check_hooks("listing the graph's tensors needs")
+        if self.n_ubatch < 2:  # in a 1-token decode a per-head view of one head is one row, and would pass as a tensor to patch
+            raise FvpatchError("listing the graph's tensors needs a batch of 2 or more tokens, and this context's holds 1; open it with n_ctx of 2 or more")
         self._record_all = {}
-        tokens = self.tokenize(prompt)
+        tokens = self.tokenize(prompt)[: self.n_ubatch]  # one decode: a context under 512 tokens shrinks the batch
         self._record_rows = len(tokens)
         try:
             self.run(tokens)

@@ -115,6 +115,15 @@ def test_non_row_tensor_is_refused(tiny_session):
         tiny_session.run(PROMPT, saves=[Save("cache_k_l0 (view) (permuted)")])
 
 
+def test_graph_tensors_in_a_context_whose_batch_is_smaller_than_the_prompt(tiny_gguf, tiny_session):
+    """Below 512 tokens llama.cpp shrinks the batch to the context; the listing used to split its prompt over several
+    decodes and then called every tensor unusable. A batch of 1 cannot tell a one-head view from a row: refused."""
+    with Session(tiny_gguf, n_ctx=2) as s:
+        assert s.n_ubatch == 2 and s.graph_tensors() == tiny_session.graph_tensors()
+    with Session(tiny_gguf, n_ctx=1) as s, pytest.raises(ValueError, match="needs a batch of 2 or more tokens"):
+        s.graph_tensors()
+
+
 def test_graph_tensors_lists_what_save_takes_with_its_width(tiny_session):
     widths = tiny_session.graph_tensors()
     assert widths["l_out-1"] == N_EMBD and widths["Qcur-0"] is None  # Qcur-0: before and after RoPE
