@@ -253,12 +253,12 @@ def fits(path, vector_model: dict, model: dict, force: bool):
 @click.option("--from-token-idx", type=int, default=None, help="Which saved row of the file to use (default: its only row).")
 @click.option("--to-token-idx", type=int, default=None, help="Prompt position to patch (default: the last). Given, it also patches a file whose fvpatch.apply_at is all at this token only.")
 @click.option("--mode", type=click.Choice(vectorfile.MODES), default=None, help="replace or add (default: the file's mode).")
-@click.option("--scale", type=FiniteFloat(), default=None, help="Multiply the vector (default: the file's scale).")
+@click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Multiply the vector: one --scale for every patch, or one per --patch/--vector in the order given (--patch ones first; default: each file's scale).")
 @click.option("--every-token", is_flag=True, help="Also patch every generated token, as function vectors are applied.")
 @click.option("--all-tokens", is_flag=True, help="Patch every prompt and generated token, as llama.cpp applies a control vector (the default for a file whose fvpatch.apply_at is all, unless --to-token-idx is given).")
 @click.option("--compare", is_flag=True, help="Also run without the patch and print both.")
 @click.option("--force", is_flag=True, help="Apply a vector made on another model (same shape; another quantization needs no --force).")
-def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scale, every_token, all_tokens, compare, force):
+def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scales, every_token, all_tokens, compare, force):
     """Patch saved or trained vectors into a prompt's forward pass and generate.
 
     \b
@@ -275,17 +275,21 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
     if all_tokens and every_token:
         raise click.UsageError("--all-tokens already patches every generated token: leave out --every-token")
     check_seed(temperature)
+    sources = [*patches, *((None, v) for v in vectors)]
+    if len(scales) > 1 and len(scales) != len(sources):  # click would keep only the last of several, silently
+        raise click.UsageError(f"give one --scale for every patch, or one per --patch/--vector ({len(sources)}), not {len(scales)}")
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
         specs, notes = [], []
         token = -1 if to_token_idx is None else to_token_idx
-        for tensor, spec in [*patches, *((None, v) for v in vectors)]:
+        for i, (tensor, spec) in enumerate(sources):
             vf = load_vector(spec, fp)
             fits(spec, vf.model, fp, force)
             if tensor is not None and tensor != vf.tensor:  # cross-layer patching is an experiment, but never a silent one
                 notes.append(f"note: {spec} holds {vf.tensor} rows; patching them into {tensor}")
             everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token_idx is None)  # an asked-for token wins
-            specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token_idx), token, mode or vf.mode, vf.scale if scale is None else scale, every_token, everywhere))
+            scale = vf.scale if not scales else scales[i] if len(scales) > 1 else scales[0]
+            specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token_idx), token, mode or vf.mode, scale, every_token, everywhere))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         for note in notes:  # once the run has taken the patches: a refusal stays one line
             click.echo(note, err=True)

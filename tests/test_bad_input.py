@@ -113,6 +113,7 @@ CASES = {
     "replace with the wrong width": ([*PATCH, "--vector", "{wide_replace}"], "width 65 does not fit tensor 'l_out-1' of width 64"),
     "scale nan": ([*PATCH, "--vector", "{v}", "--scale", "nan"], "not a finite number"),
     "scale overflows": ([*PATCH, "--vector", "{v}", "--scale", "1e38"], "overflows float32"),
+    "two scales for one vector": ([*PATCH, "--vector", "{v}", "--scale", "3", "--scale", "1"], "one per --patch/--vector (1), not 2"),
     "no such row": ([*PATCH, "--vector", "{v}", "--from-token-idx", "5"], "no row for --from-token-idx 5"),
     "no such row from the end": ([*PATCH, "--vector", "{rows}", "--from-token-idx", "-9"], "no row for --from-token-idx -9; it has tokens [0, 1]"),
     "several rows, none chosen": ([*PATCH, "--vector", "{rows}"], "choose one with --from-token-idx"),
@@ -335,6 +336,12 @@ def patched(model, *args: str) -> dict:
     r = CliRunner().invoke(main, [*(a.format(m=model) for a in PATCH), "-n", "1", "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
+
+
+def test_patch_takes_one_scale_for_all_or_one_per_vector(tiny_gguf, inputs):
+    scales = lambda *args: [p["scale"] for p in patched(tiny_gguf, "--vector", inputs["v"], "--vector", inputs["v"], *args)["patches"]]
+    assert scales() == [1.0, 1.0] and scales("--scale", "2") == [2.0, 2.0]
+    assert scales("--scale", "2", "--scale", "0.5") == [2.0, 0.5]  # each its own; click alone would keep 0.5 for both
 
 
 def test_force_applies_a_file_that_records_no_model(tiny_gguf, inputs):
