@@ -101,8 +101,9 @@ class ModelFile:
             return ftype or "unknown"
 
     @locked
-    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
-        """`special` reads control tokens such as <|im_start|> as themselves (a chat template's output), not as text."""
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        """Control tokens written in the text (<|im_start|>, <start_of_turn>) are read as themselves, as llama.cpp's
+        programs read a prompt (llama-completion, llama-server); `special=False` reads them as plain characters."""
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         arr = (ll.llama_token * cap)()

@@ -133,7 +133,7 @@ def _prompts(session: Session, body: dict, chat: bool) -> tuple[list[list[int]],
                 isinstance(m, dict) and isinstance(m.get("role"), str) and _text(m.get("content")) is not None for m in messages)):
             raise BadRequest("messages must be a non-empty list of {\"role\": ..., \"content\": \"...\"} (content as text, or a list of text parts)")
         messages = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
-        return [session.tokenize(session.chat_prompt(messages), special=True)], [0]
+        return [session.tokenize(session.chat_prompt(messages))], [0]
     prompt = body.get("prompt")
     ids = lambda x: isinstance(x, list) and all(type(t) is int for t in x)  # noqa: E731
     items = [prompt] if isinstance(prompt, str) or (ids(prompt) and prompt) else prompt

@@ -345,7 +345,7 @@ def tokenizer_call(session: Session, route: str, body: dict) -> dict:
         prompt, add = body.get("prompt"), body.get("add_special_tokens", True)
         if not isinstance(prompt, str) or not isinstance(add, bool):
             raise BadRequest("/tokenize takes {\"prompt\": \"...\", \"add_special_tokens\": true}")
-        tokens = session.tokenize(prompt, add_bos=add, special=True) if prompt else []
+        tokens = session.tokenize(prompt, add_bos=add) if prompt else []
         return {"tokens": tokens, "count": len(tokens), "max_model_len": session.n_ctx}
     tokens = body.get("tokens")
     if not (isinstance(tokens, list) and all(type(t) is int and 0 <= t < session.n_vocab for t in tokens)):

@@ -103,3 +103,15 @@ def test_vector_from_another_model_of_same_shape_needs_force(tmp_path, gemma_pat
     r = cli("patch", "-m", gemma_path, "-p", TARGET, "--patch", "l_out-10", vec)
     assert r.exit_code == 1 and "pass --force" in r.output
     assert completion("patch", "-m", gemma_path, "-p", TARGET, "--patch", "l_out-10", vec, "--force", "-n", 1)["completion"] == " Paris"
+
+
+@pytest.mark.slow
+def test_control_tokens_in_a_prompt_are_read_as_llama_cpp_reads_them(smollm_path):
+    """llama-completion and llama-server read `<|im_start|>` in a prompt as the one control token; fvpatch read it as
+    characters, so the same raw chat prompt was another prompt in fvpatch (31 tokens against 14)."""
+    from fvpatch.modelfile import ModelFile
+
+    with ModelFile(smollm_path, vocab_only=True) as m:
+        tokens = m.tokenize("<|im_start|>user\nHi<|im_end|>")
+        assert tokens == [1, *m.tokenize("user\nHi", special=False), 2]  # 1, 2: <|im_start|>, <|im_end|>
+        assert len(m.tokenize("<|im_start|>", special=False)) > 1
