@@ -253,8 +253,11 @@ def section(vf: vectorfile.VectorFile, file_name: str, control_vector: str | Non
     if control_vector:
         out += [f"With stock llama.cpp, as a control vector (added at **every** token, see above){', exported by fvpatch first' if exported else ''}:", "", "```",
                 *([f"fvpatch export {spec} {control_vector}"] if exported else []),
-                f"llama-completion -m {m.get('file')} --control-vector {control_vector} -p $'{q}' -n 4 -no-cnv", "```", "",
-                "(`--control-vector-scaled FILE:SCALE` scales it; llama.cpp builds before `llama-completion` existed call the "
+                f"llama-completion -m {m.get('file')} --control-vector {control_vector} -p $'{q}' -n 4 --temp 0 -no-cnv", "```", "",
+                f"(`-m`: the model's file, `{m.get('file')}`, in the folder you run this from or with its path: fvpatch keeps the models "
+                "it knows in its `models/` folder, `fvpatch models` says where. `--temp 0` decodes greedily, as fvpatch does; "
+                "`--control-vector-scaled FILE:SCALE` scales the vector. With `llama-server`, `--swa-full` keeps a sliding-window "
+                "model such as Gemma to the numbers fvpatch gives. llama.cpp builds before `llama-completion` existed call the "
                 "program `llama-cli`.)", ""]
     lic = f" The vector is derived from the model's weights ({known.upstream}, licence: {known.licence})." if known else ""
     out += ["## Licence and provenance", "",

@@ -31,7 +31,7 @@ def export_cmd(sources, out, fmt, scales, force):
     \b
     Example:
       fvpatch export gemma-3-270m/antonym.ffv antonym.gguf
-      llama-completion -m models/gemma-3-270m-q4_k_m.gguf --control-vector antonym.gguf -p "Q: hot" -n 3 -no-cnv
+      llama-completion -m models/gemma-3-270m-q4_k_m.gguf --control-vector antonym.gguf -p "Q: hot" -n 3 --temp 0 -no-cnv
     """
     if scales and len(scales) != len(sources):
         raise click.UsageError(f"give one --scale per VECTOR ({len(sources)}), or none")
@@ -46,7 +46,7 @@ def export_cmd(sources, out, fmt, scales, force):
             click.echo(note, err=True)
     controlvector.save(cv, out, overwrite=force)
     layers = ", ".join(f"l_out-{n}" for n in cv.directions)
-    click.echo(f"{out}: control vector for {cv.model_hint or 'a model the vector does not record'}, {layers}; use: llama-completion -m MODEL --control-vector {out} -p PROMPT -n 8 -no-cnv (or llama-server --control-vector {out})")
+    click.echo(f"{out}: control vector for {cv.model_hint or 'a model the vector does not record'}, {layers}; use: llama-completion -m MODEL --control-vector {out} -p PROMPT -n 8 --temp 0 -no-cnv (or llama-server --control-vector {out}, with --swa-full on Gemma)")
 
 
 def position_note(vf: vectorfile.VectorFile, origin: str, control_vector: str | None) -> str | None:
