@@ -130,7 +130,8 @@ def _stamp(files: dict[int, vectorfile.VectorFile], cv: controlvector.ControlVec
         raise FvpatchError(f"{source} says it is for a {cv.model_hint!r} model, not the default {fp['file']} ({fp['arch']}); "
                            f"give its model with --model, or pass --force to stamp it for {fp['file']} anyway")
     if cv.n_embd != int(fp["n_embd"]):
-        raise FvpatchError(f"{source}: directions of width {cv.n_embd}, but {fp['file']} has width {fp['n_embd']}; give its model with --model")
+        fix = "give its model with --model" if model is None else f"it was not made for {model}"
+        raise FvpatchError(f"{source}: directions of width {cv.n_embd}, but {fp['file']} has width {fp['n_embd']}; {fix}")
     if max(cv.directions) >= int(fp["n_layer"]):
         raise FvpatchError(f"{source}: a direction for block {max(cv.directions)}, but {fp['file']} has blocks 0..{int(fp['n_layer']) - 1}")
     if cv.model_hint and cv.model_hint != fp["arch"]:

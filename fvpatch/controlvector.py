@@ -88,7 +88,8 @@ def from_vectors(items: list[tuple[vectorfile.VectorFile, float, str]]) -> Contr
         if vf.mode != "add":
             raise FvpatchError(f"{origin}: a control vector is added to the residual; this one replaces it (mode replace)")
         if len(vf.rows) != 1:
-            raise FvpatchError(f"{origin}: a control vector is one row per layer; this file holds {len(vf.rows)} rows (tokens {vf.positions})")
+            bank = "; export one relation of a bank as BANK#RELATION" if NAMES_KEY in vf.meta else ""
+            raise FvpatchError(f"{origin}: a control vector is one row per layer; this file holds {len(vf.rows)} rows (tokens {vf.positions}){bank}")
         if vf.width != first.width or vf.model.get("arch") != first.model.get("arch"):
             raise FvpatchError(f"{origin}: made on a {vf.model.get('arch')} model of width {vf.width}, "
                                f"unlike the first vector ({first.model.get('arch')}, width {first.width})")

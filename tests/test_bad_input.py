@@ -204,6 +204,7 @@ CASES = {
     "cfv a relation of your own pairs": (["train", "cfv", *MODEL, "--bank", "{own_bank}", "-o", "{o}/c"], "relation 'animal-young' of the bank is not a vendored task"),
     "cfv from a bad bank": (["train", "cfv", *MODEL, "--bank", "{bad_names}", "-o", "{o}/c"], "fvpatch.bank.names is not valid JSON"),
     "export over its input": (["export", "{v}", "{v}", "--force"], "is also an input"),
+    "export a whole bank": (["export", "{bank}", "{o}/bank.gguf"], "export one relation of a bank as BANK#RELATION"),
     "analogy --bank no such name": ([*ANALOGY, "--bank", "no-such-bank"], "neither a file nor a shipped vector"),
     "eval task a vector that records no model": ([*TASK, "--vector", "{nofp}"], "records no model"),
     "two huge vectors added": ([*PATCH, "--vector", "{huge}", "--vector", "{huge}"], "logits are not finite"),
