@@ -235,6 +235,16 @@ def load_vector(spec: str, model: dict | None = None) -> vectorfile.VectorFile:
     return vectorfile.VectorFile(bank.tensor, row, [-1], bank.model, mode="add", meta={"fvpatch.task": relation})
 
 
+def imported_layers(spec: str) -> list[str] | None:
+    """The files of the folder `fvpatch import` writes for a control vector of several layers (one per layer, applied
+    together as llama.cpp applies the GGUF), or None where `spec` is not such a folder."""
+    folder = Path(spec)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if files and all(vectorfile.load(f).meta.get("fvpatch.method") == "control vector" for f in files):
+        return [str(f) for f in files]
+    return None
+
+
 def fits(path, vector_model: dict, model: dict, force: bool):
     """Refuse a vector made on another model, naming the file; note on stderr one made on another quantization."""
     try:
@@ -249,7 +259,7 @@ def fits(path, vector_model: dict, model: dict, force: bool):
 @model_options
 @generation_options
 @click.option("--patch", "patches", nargs=2, multiple=True, metavar="TENSOR FILE", help="Patch the vector in FILE (or BANK#RELATION) into graph tensor TENSOR. Repeatable.")
-@click.option("--vector", "vectors", multiple=True, metavar="NAME|FILE", help="Patch a vector file, a shipped vector by name, or one relation of a bank as BANK#RELATION into the tensor it names. Repeatable.")
+@click.option("--vector", "vectors", multiple=True, metavar="NAME|FILE", help="Patch a vector file, a shipped vector by name, one relation of a bank as BANK#RELATION, or every layer of an imported control vector (the folder `fvpatch import` writes) into the tensor it names. Repeatable.")
 @click.option("--from-token-idx", type=int, default=None, help="Which saved row of the file to use (default: its only row).")
 @click.option("--to-token-idx", type=int, default=None, help="Prompt position to patch (default: the last). Given, it also patches a file whose fvpatch.apply_at is all at this token only.")
 @click.option("--mode", type=click.Choice(vectorfile.MODES), default=None, help="replace or add (default: the file's mode).")
@@ -275,14 +285,16 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
     if all_tokens and every_token:
         raise click.UsageError("--all-tokens already patches every generated token: leave out --every-token")
     check_seed(temperature)
-    sources = [*patches, *((None, v) for v in vectors)]
-    if len(scales) > 1 and len(scales) != len(sources):  # click would keep only the last of several, silently
-        raise click.UsageError(f"give one --scale for every patch, or one per --patch/--vector ({len(sources)}), not {len(scales)}")
+    given = [*patches, *((None, v) for v in vectors)]
+    if len(scales) > 1 and len(scales) != len(given):  # click would keep only the last of several, silently
+        raise click.UsageError(f"give one --scale for every patch, or one per --patch/--vector ({len(given)}), not {len(scales)}")
+    # (tensor, file, index of what was given): an imported control vector's folder stands for all its layers
+    sources = [(tensor, f, i) for i, (tensor, spec) in enumerate(given) for f in (imported_layers(spec) if tensor is None else None) or [spec]]
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
         specs, notes = [], []
         token = -1 if to_token_idx is None else to_token_idx
-        for i, (tensor, spec) in enumerate(sources):
+        for tensor, spec, i in sources:
             vf = load_vector(spec, fp)
             fits(spec, vf.model, fp, force)
             if tensor is not None and tensor != vf.tensor:  # cross-layer patching is an experiment, but never a silent one

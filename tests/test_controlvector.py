@@ -178,3 +178,28 @@ def test_control_vector_directions_become_float32_vectors(tmp_path):
     assert cv.n_embd == 8 and cv == cv and cv != controlvector.ControlVector(dict(cv.directions), "llama")
     back = controlvector.load(controlvector.save(cv, tmp_path / "cv.gguf"))
     np.testing.assert_array_equal(back.directions[2], np.full(8, 0.5, np.float32))
+
+
+def test_patch_takes_an_imported_folder_as_the_whole_control_vector(tiny_session, tiny_gguf, tmp_path):
+    """`import` writes one file per layer of a multi-layer control vector (repeng, llama-cvector-generator); `patch
+    --vector FOLDER` applies them all, at every token, as llama.cpp applies the GGUF, and --scale scales them all."""
+    import json
+
+    from click.testing import CliRunner
+
+    from fvpatch.cli import main
+
+    s = tiny_session
+    vfs = [_vector(s, layer, seed=layer) for layer in (1, 2, 3)]
+    cv_path = controlvector.save(controlvector.from_vectors([(vf, 1.0, f"v{i}") for i, vf in enumerate(vfs)]), tmp_path / "cv.gguf")
+    assert _import(cv_path, tmp_path / "cv", "--model", tiny_gguf).exit_code == 0
+    r = CliRunner().invoke(main, ["patch", "-m", str(tiny_gguf), "-p", PROMPT, "--vector", str(tmp_path / "cv"), "--scale", "0.5", "-n", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["patches"] == [{"tensor": f"l_out-{n}", "token": "all", "mode": "add", "scale": 0.5} for n in (1, 2, 3)]
+    s.set_control_vector(0.5 * controlvector.load(cv_path).dense(s.n_layer))
+    try:
+        assert out["completion"] == s.run(PROMPT, max_tokens=4).text
+    finally:
+        s.set_control_vector(None)
+    assert out["completion"] != s.run(PROMPT, max_tokens=4).text  # the vector does something
