@@ -6,6 +6,8 @@ import re
 import shlex
 from pathlib import Path
 
+import numpy as np
+
 from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs, write_text
 from fvpatch.bank import relation_names
@@ -116,7 +118,8 @@ def name_of(vf: vectorfile.VectorFile, file_name: str, name: str | None = None) 
 def front_matter(named: list[tuple[vectorfile.VectorFile, str | None]]) -> str:
     """Front matter of a card for (vector, the name it does its task by, or None) items."""
     known = {_known(vf) for vf, _ in named} - {None}
-    tags = ["fvpatch", "function-vector", "steering-vector", "llama.cpp", "gguf"]
+    kinds = ["function-vector"] if any(not _steering(vf) for vf, _ in named) else ["control-vector"]
+    tags = ["fvpatch", *kinds, "steering-vector", "llama.cpp", "gguf"]
     tags += sorted({name for _, name in named if name})
     lines = ["---", "library_name: fvpatch"]
     bases = sorted(m.upstream for m in known if m.upstream)
@@ -270,6 +273,12 @@ def _rows(vf: vectorfile.VectorFile) -> str:
     return "One row" if len(vf.rows) == 1 else f"{len(vf.rows)} rows"
 
 
+def _steering(vf: vectorfile.VectorFile) -> bool:
+    """A control vector another program wrote (repeng, llama-cvector-generator): a steering direction, with no
+    relation of pairs to score it on."""
+    return vf.meta.get("fvpatch.method") == "control vector" and vf.meta.get("fvpatch.controlvector.writer") != "fvpatch"
+
+
 def _how_well(vf: vectorfile.VectorFile, spec: str, relation: str | None, control_vector: str | None, exported: bool) -> list[str]:
     """The card's accuracy: the held-out numbers the file records, or that it records none and the commands that
     measure them; for a vector made for the last token that can be a control vector, its accuracy at every token."""
@@ -280,6 +289,11 @@ def _how_well(vf: vectorfile.VectorFile, spec: str, relation: str | None, contro
                                                         ("zero-shot + this vector", "fvpatch.test_top1"))]
     measurable = len(vf.rows) == 1 or relation is not None  # `eval task` patches one vector
     hint = [TASK_HINT, ""] if task_arg(vf, relation) is None else []
+    if _steering(vf):
+        norm = float(np.linalg.norm(vf.rows[0].astype(np.float64)))
+        return out + [f"A steering direction, not a relation's function vector: there are no pairs to score it on. Its norm is {norm:.3g}, "
+                      "and the file records no scale to apply it at: a direction of norm about 1 usually changes the text only at "
+                      "larger scales (`fvpatch patch --scale S`, `llama-completion --control-vector-scaled FILE:S`).", ""]
     if acc[-1][1]:
         out += [f"Top-1 of the answer's first token on {meta.get('fvpatch.test_n')} held-out test pairs (never used in training) "
                 f"({meta.get('fvpatch.test_engine', 'llama.cpp')}):", "", "| condition | top-1 |", "|---|---|"]

@@ -204,3 +204,17 @@ def test_pack_notes_each_vector_made_for_the_last_token_as_export_does(own):
         "(held-out top-1 on 50 test pairs: 44% at the last token, 0% at every token)"]  # present-past.ffv-all was made for every token
     export = CliRunner().invoke(main, ["export", "gemma-3-270m/antonym.ffv", "a.gguf"])
     assert export.stderr.splitlines()[0] == notes[1].replace("antonym.ffv.safetensors", "gemma-3-270m/antonym.ffv")
+
+
+def test_a_foreign_steering_vectors_card_scores_no_task(tmp_path, tiny_gguf):
+    """A repeng or llama-cvector-generator direction is a steering vector: its card offers no `eval task` (there are no
+    pairs), says it records no scale, and is not tagged as a function vector."""
+    from tests.test_controlvector import _foreign
+    from tests.tiny_model import N_EMBD
+
+    source = _foreign(tmp_path / "happy.gguf", {2: np.ones(N_EMBD) / np.sqrt(N_EMBD)}, "int32")
+    assert CliRunner().invoke(main, ["import", str(source), str(tmp_path / "happy.safetensors"), "--model", str(tiny_gguf)]).exit_code == 0
+    r = CliRunner().invoke(main, ["vectors", "card", str(tmp_path / "happy.safetensors")])
+    assert r.exit_code == 0, r.output
+    assert "A steering direction, not a relation's function vector" in r.stdout and "Its norm is 1," in r.stdout
+    assert "fvpatch eval task" not in r.stdout and "- function-vector" not in r.stdout and "- control-vector" in r.stdout
