@@ -62,6 +62,8 @@ def bank_scores(session: Session, bank: Bank, pairs: list[Pair], progress: bool 
 def leave_own_out(bank: Bank, scores: np.ndarray, relations: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Scores and a keep-mask as if each analogy's own relation were missing from the bank: its score becomes the
     mean of the others (so, centred, it moves no other weight through the learned map) and its weight is 0."""
+    if "" in relations:
+        raise FvpatchError(f"leaving the own relation out needs each analogy's relation; analogy {relations.index('') + 1} names none (give it \"relation\")")
     unknown = sorted(set(relations) - set(bank.names))
     if unknown:
         raise FvpatchError(f"leaving the own relation out needs analogies of the bank's relations; not in the bank: {unknown}")

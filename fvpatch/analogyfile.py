@@ -98,25 +98,47 @@ def write_analogies(analogies: list[Analogy], path: str | Path) -> Path:
 # ---- generating analogies from the relation tasks ------------------------------------------------
 
 
-def generate(relations: list[str], split: str, n: int, seed: int = 0, exclude: dict[str, list[Pair]] | None = None) -> list[Analogy]:
+def own_relations(relations: list[str], trained_on: dict[str, list[Pair]]) -> dict[str, list[Pair]]:
+    """The relations of a bank that are a user's own pairs, each with the pairs its vector was trained on (what the
+    bank records of it): those not a vendored task, and those named like one whose vector was trained on other pairs
+    (a pairs file called `antonym.json`), which would otherwise be drawn from the vendored task's pairs."""
+    from fvpatch.tasks import list_tasks
+
+    vendored, own = set(list_tasks()), {}
+    for r in relations:
+        trained = [tuple(p) for p in trained_on.get(r, [])]
+        if r in vendored:
+            task = load_task(r)
+            if not trained or set(trained) <= set(task.train + task.valid + task.test):
+                continue
+        own[r] = trained
+    return own
+
+
+def generate(relations: list[str], split: str, n: int, seed: int = 0, exclude: dict[str, list[Pair]] | None = None,
+             own: dict[str, list[Pair]] | None = None) -> list[Analogy]:
     """`n` near analogies (A:B and C:D from one relation), relations taken in turn, from one split of each task.
 
     split `test` draws from the tasks' test splits, which no bank vector was fit on; `train` draws from the
-    train and valid splits minus `exclude` (the pairs each vector was fit on). The distractors are another
-    D of the same relation, C itself (copying), and a D of another relation: 4 choices."""
+    train and valid splits minus `exclude` (the pairs each vector was fit on). `own` gives the pairs of relations
+    that are no vendored task (`own_relations`), drawn from as they are. The distractors are another D of the same
+    relation, C itself (copying), and a D of another relation: 4 choices."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, got {split!r}")
     if len(set(relations)) < 2:
         raise FvpatchError(f"analogies need at least 2 relations (a distractor is a D of another relation); got {', '.join(relations) or 'none'}")
-    exclude = exclude or {}
+    exclude, own = exclude or {}, own or {}
     pools = {}
     for r in relations:
-        task = load_task(r)
-        used = {tuple(p) for p in exclude.get(r, [])}
-        pairs = task.test if split == "test" else [p for p in task.train + task.valid if p not in used]
+        if r in own:
+            pairs = own[r]
+        else:
+            task = load_task(r)
+            used = {tuple(p) for p in exclude.get(r, [])}
+            pairs = task.test if split == "test" else [p for p in task.train + task.valid if p not in used]
         pools[r] = [p for p in pairs if p[0] != p[1]]
         if len(pools[r]) < 3:
-            raise FvpatchError(f"task {r!r} has {len(pools[r])} usable {split} pairs; an analogy with distractors needs at least 3")
+            raise FvpatchError(f"relation {r!r} has {len(pools[r])} usable {split if r not in own else 'recorded'} pairs; an analogy with distractors needs at least 3")
     rng = random.Random(f"analogies:{split}:{seed}")
     order = list(relations)
     out, tries = [], 0

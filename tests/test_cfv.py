@@ -254,3 +254,40 @@ def test_a_bank_relation_in_a_folder_whose_name_holds_a_hash(tmp_path, tiny_bank
     path = save_bank(tiny_bank, folder / "bank.safetensors")
     vf = load_vector(f"{path}#{tiny_bank.names[1]}")
     np.testing.assert_array_equal(vf.rows[0], tiny_bank.vectors[1])
+
+
+MINE = [("dog", "bark"), ("cat", "meow"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"), ("lion", "roar")]
+
+
+def test_relations_of_ones_own_pairs_draw_analogies_from_their_recorded_pairs():
+    """A relation that is no vendored task, or one named like a vendored task whose vector was trained on other pairs,
+    gets its analogies from the pairs the bank records for it; a vendored task's own FFV keeps the task's splits."""
+    from fvpatch.analogyfile import own_relations
+
+    antonym_train = load_task("antonym").train[:20]
+    trained_on = {"antonym": antonym_train, "animal-sound": MINE}
+    assert own_relations(["antonym", "animal-sound"], trained_on) == {"animal-sound": MINE}
+    assert own_relations(["antonym"], {"antonym": MINE}) == {"antonym": MINE}  # a pairs file called antonym.json
+    own = own_relations(["antonym", "animal-sound"], trained_on)
+    analogies = generate(["antonym", "animal-sound"], "train", 20, exclude=trained_on, own=own)
+    mine = [x for x in analogies if x.relation == "animal-sound"]
+    assert mine and all((x.a, x.b) in MINE and x.choices[x.answer] in MINE for x in mine)
+    assert all((x.a, x.b) not in antonym_train for x in analogies if x.relation == "antonym")
+
+
+def test_train_cfv_fits_a_bank_with_an_ffv_of_ones_own_pairs(tmp_path, tiny_session, tiny_gguf):
+    from fvpatch.cli import main
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "mine"
+    for task, pairs in (("antonym", load_task("antonym").train[:20]), ("animal-sound", MINE)):
+        meta = {"fvpatch.task": task, "fvpatch.pairs": json.dumps(pairs)}
+        save(VectorFile("l_out-1", rng.standard_normal(tiny_session.n_embd), [-1], tiny_session.fingerprint(), "add", meta=meta),
+             folder / f"{task}.ffv.safetensors")
+    out = tmp_path / "mine.bank.safetensors"
+    r = CliRunner().invoke(main, ["train", "cfv", "--bank", str(folder), "--model", str(tiny_gguf), "-o", str(out), "--n-train", "8", "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "note: animal-sound is of your own pairs: its training analogies are drawn from the pairs its FFV was trained on" in r.stderr
+    assert load_bank(out).names == ["animal-sound", "antonym"] and CFVMap.from_bank(load_bank(out)) is not None
+    r = CliRunner().invoke(main, ["analogy", "dog:bark::cow:?", "--model", str(tiny_gguf), "--bank", str(out), "-n", "2"])
+    assert r.exit_code == 0, r.output

@@ -104,7 +104,7 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 
 @train.command()
 @click.option("--bank", "bank_path", type=click.Path(exists=True), default=None, help="Folder of .ffv.safetensors or a bank file (default: the FFVs shipped for the model).")
-@click.option("--n-train", type=click.IntRange(1), default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on).")
+@click.option("--n-train", type=click.IntRange(1), default=200, show_default=True, help="Training analogies, generated from the tasks' train and valid pairs (never their test pairs, nor the pairs a vector was fit on); for an FFV of your own pairs, from the pairs it was trained on, the only ones the bank records.")
 @click.option("--objective", type=click.Choice(["answer", "relation"]), default="relation", show_default=True, help="Maximize log P(D | C, CFV), or the weight of the analogy's relation.")
 @click.option("--l2", type=FiniteFloat(min=0), default=0.01, show_default=True, help="Penalty on the map's squared distance from the unlearned softmax(s/T).")
 @click.option("--lr", type=FiniteFloat(min=0, above=True, max=MAX_LR), default=0.02, show_default=True, help=f"Adam learning rate (at most {MAX_LR:g}).")
@@ -116,21 +116,21 @@ def ffv(task, pairs, n_train, n_valid, layer, init, lr, steps, l2, l2_from_init,
 @_torch_options
 def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, dtype, device):
     """Fit the map that composes a bank of function vectors into one vector for an analogy A:B::C:?,
-    and write the bank with its map as one file (what `fvpatch analogy` uses).
+    and write the bank with its map as one file (what `fvpatch analogy` uses). The bank may hold FFVs of
+    your own pairs (`train ffv --pairs`) beside vendored tasks' FFVs.
 
     \b
-    Example:
+    Examples:
       fvpatch train cfv --bank vectors/gemma-3-270m --force
+      fvpatch train cfv --bank my-ffvs/ -o my.bank.safetensors
     """
     from pathlib import Path
 
-    from fvpatch.analogyfile import generate
+    from fvpatch.analogyfile import generate, own_relations
     from fvpatch.bank import BANK_NAME, load_bank, save_bank
     from fvpatch.modelfile import ModelFile
     from fvpatch.models import check_fingerprint, resolve_model
-    from fvpatch.errors import FvpatchError
     from fvpatch.shipped import model_folder
-    from fvpatch.tasks import list_tasks
     from train.cfv import FitConfig, bank_scores, fit_map
     from train.model import load_model
 
@@ -140,13 +140,15 @@ def cfv(bank_path, n_train, objective, l2, lr, steps, seed, model, out, force, d
     out = Path(out or Path(bank_path if Path(bank_path).is_dir() else Path(bank_path).parent) / BANK_NAME)
     check_outputs([out], force)
     bank = load_bank(bank_path)
-    if own := [r for r in bank.names if r not in list_tasks()]:
-        raise FvpatchError(f"relation {own[0]!r} of the bank is not a vendored task: the training analogies are drawn from the vendored "
-                           f"tasks' pairs, so a bank with FFVs of your own pairs can be applied but not fitted here")
     if not (model and Path(model).is_dir()):  # before any weights load or convert
         with ModelFile(resolve_model(model), vocab_only=True) as mf:
             check_fingerprint(bank.model, mf.fingerprint())
-    analogies = generate(bank.names, "train", n_train, seed, exclude=bank.trained_on)
+    own = own_relations(bank.names, bank.trained_on)
+    analogies = generate(bank.names, "train", n_train, seed, exclude=bank.trained_on, own=own)
+    if own:  # the map then also learns from pairs those vectors were fit on: said, not hidden
+        click.echo(f"note: {', '.join(own)} {'is' if len(own) == 1 else 'are'} of your own pairs: {'its' if len(own) == 1 else 'their'} "
+                   f"training analogies are drawn from the pairs {'its FFV was' if len(own) == 1 else 'their FFVs were'} trained on, "
+                   f"the only ones the bank records", err=True)
     lm = load_model(model, device, dtype, cli_threads())
     check_fingerprint(bank.model, lm.fingerprint)
     scores = bank_scores(lm, bank, [(x.a, x.b) for x in analogies], progress=True)

@@ -19,7 +19,7 @@ def eval_cmd():
 @click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None, help='JSONL analogies {"stem": [A, B], "choice": [[C, D], ...], "answer": i} (SAT/U2/U4/BATS/Google layout). Default: generated from the tasks\' test pairs.')
 @click.option("--n", "n_test", type=click.IntRange(1), default=200, show_default=True, help="Generated test analogies (without --data).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the generated analogies.")
-@click.option("--bank", "bank_path", type=click.Path(exists=True, dir_okay=False), default=None, help="Bank file with a learned map (default: the shipped one).")
+@click.option("--bank", "bank_path", type=click.Path(exists=True), default=None, help="Bank file with a learned map, as `train cfv` writes it (default: the shipped one).")
 @click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Also write every item's result as JSON here.")
 @click.option("--leave-own-out", is_flag=True, help="Solve each analogy without its own relation's vector (generated analogies): can the other vectors compose it?")
@@ -37,7 +37,7 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_g
       fvpatch eval analogy --leave-own-out
     """
     from fvpatch.analogy import evaluate, relation_accuracy, table
-    from fvpatch.analogyfile import generate, read_analogies
+    from fvpatch.analogyfile import generate, own_relations, read_analogies
     from fvpatch.cfvmap import CFVMap
     from fvpatch.bank import BANK_NAME, load_bank
     from fvpatch.errors import FvpatchError
@@ -56,6 +56,9 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_g
         bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
         bank = load_bank(bank_path)
         check_fingerprint(bank.model, s.fingerprint(), force)
+        if analogies is None and (own := own_relations(bank.names, bank.trained_on)):
+            raise FvpatchError(f"generated test analogies come from the vendored tasks' test pairs, and {', '.join(own)} "
+                               f"{'is' if len(own) == 1 else 'are'} of your own pairs; give your analogies with --data FILE")
         cfv_map = CFVMap.from_bank(bank)
         unknown = sorted({x.relation for x in analogies or [] if x.relation} - set(bank.names))
         if unknown:  # a relation names the bank vector the oracle adds and the one relation accuracy expects
