@@ -235,6 +235,14 @@ def load_vector(spec: str, model: dict | None = None) -> vectorfile.VectorFile:
     return vectorfile.VectorFile(bank.tensor, row, [-1], bank.model, mode="add", meta={"fvpatch.task": relation})
 
 
+def per_patch(values: tuple, n: int, option: str):
+    """The value of a repeatable option for patch `i`: none given, None; one, it for all; else one per patch. click
+    alone would keep the last of several values, silently."""
+    if len(values) > 1 and len(values) != n:
+        raise click.UsageError(f"give one {option} for every patch, or one per --patch/--vector ({n}), not {len(values)}")
+    return lambda i: None if not values else values[i] if len(values) > 1 else values[0]
+
+
 def imported_layers(spec: str) -> list[str] | None:
     """The files of the folder `fvpatch import` writes for a control vector of several layers (one per layer, applied
     together as llama.cpp applies the GGUF), or None where `spec` is not such a folder."""
@@ -260,15 +268,15 @@ def fits(path, vector_model: dict, model: dict, force: bool):
 @generation_options
 @click.option("--patch", "patches", nargs=2, multiple=True, metavar="TENSOR FILE", help="Patch the vector in FILE (or BANK#RELATION) into graph tensor TENSOR. Repeatable.")
 @click.option("--vector", "vectors", multiple=True, metavar="NAME|FILE", help="Patch a vector file, a shipped vector by name, one relation of a bank as BANK#RELATION, or every layer of an imported control vector (the folder `fvpatch import` writes) into the tensor it names. Repeatable.")
-@click.option("--from-token-idx", type=int, default=None, help="Which saved row of the file to use (default: its only row).")
-@click.option("--to-token-idx", type=int, default=None, help="Prompt position to patch (default: the last). Given, it also patches a file whose fvpatch.apply_at is all at this token only.")
+@click.option("--from-token-idx", "from_idx", type=int, multiple=True, help="Which saved row of the file to use (default: its only row). One for every patch, or one per --patch/--vector, in order.")
+@click.option("--to-token-idx", "to_idx", type=int, multiple=True, help="Prompt position to patch (default: the last). Given, it also patches a file whose fvpatch.apply_at is all at this token only. One for every patch, or one per --patch/--vector, in order.")
 @click.option("--mode", type=click.Choice(vectorfile.MODES), default=None, help="replace or add (default: the file's mode).")
-@click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Multiply the vector: one --scale for every patch, or one per --patch/--vector in the order given (--patch ones first; default: each file's scale).")
+@click.option("--scale", "scales", type=FiniteFloat(), multiple=True, help="Multiply the vector (default: the file's scale). One for every patch, or one per --patch/--vector, in order.")
 @click.option("--every-token", is_flag=True, help="Also patch every generated token, as function vectors are applied.")
 @click.option("--all-tokens", is_flag=True, help="Patch every prompt and generated token, as llama.cpp applies a control vector (the default for a file whose fvpatch.apply_at is all, unless --to-token-idx is given).")
 @click.option("--compare", is_flag=True, help="Also run without the patch and print both.")
 @click.option("--force", is_flag=True, help="Apply a vector made on another model (same shape; another quantization needs no --force).")
-def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_token_idx, to_token_idx, mode, scales, every_token, all_tokens, compare, force):
+def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_json, patches, vectors, from_idx, to_idx, mode, scales, every_token, all_tokens, compare, force):
     """Patch saved or trained vectors into a prompt's forward pass and generate.
 
     \b
@@ -277,31 +285,34 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
       fvpatch patch -p $'Q: hot\\nA:' --vector antonym.ffv --every-token
       fvpatch patch -p $'Q: hot\\nA:' --vector gemma-3-270m/analogy.bank#antonym -n 3
       fvpatch patch -p "4 5 6 to 6" --patch l_out-8 rev.safetensors --from-token-idx 13 --to-token-idx 7
+
+    --from-token-idx, --to-token-idx and --scale each take one value for every patch, or one per --patch and
+    --vector in the order given (--patch ones first): two rows of one file at two tokens are two --patch.
     """
     if not patches and not vectors:
         raise click.UsageError("give at least one --patch TENSOR FILE or --vector NAME")
-    if all_tokens and to_token_idx is not None:
+    if all_tokens and to_idx:
         raise click.UsageError("--all-tokens patches every token and --to-token-idx one: give one of them")
     if all_tokens and every_token:
         raise click.UsageError("--all-tokens already patches every generated token: leave out --every-token")
     check_seed(temperature)
     given = [*patches, *((None, v) for v in vectors)]
-    if len(scales) > 1 and len(scales) != len(given):  # click would keep only the last of several, silently
-        raise click.UsageError(f"give one --scale for every patch, or one per --patch/--vector ({len(given)}), not {len(scales)}")
+    from_token, to_token, scale_of = (per_patch(values, len(given), option)
+                                      for values, option in ((from_idx, "--from-token-idx"), (to_idx, "--to-token-idx"), (scales, "--scale")))
     # (tensor, file, index of what was given): an imported control vector's folder stands for all its layers
     sources = [(tensor, f, i) for i, (tensor, spec) in enumerate(given) for f in (imported_layers(spec) if tensor is None else None) or [spec]]
     with open_session(model, n_ctx, n_gpu_layers) as s:
         fp = s.fingerprint()
         specs, notes = [], []
-        token = -1 if to_token_idx is None else to_token_idx
         for tensor, spec, i in sources:
             vf = load_vector(spec, fp)
             fits(spec, vf.model, fp, force)
             if tensor is not None and tensor != vf.tensor:  # cross-layer patching is an experiment, but never a silent one
                 notes.append(f"note: {spec} holds {vf.tensor} rows; patching them into {tensor}")
-            everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token_idx is None)  # an asked-for token wins
-            scale = vf.scale if not scales else scales[i] if len(scales) > 1 else scales[0]
-            specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token_idx), token, mode or vf.mode, scale, every_token, everywhere))
+            everywhere = all_tokens or (vf.meta.get("fvpatch.apply_at") == "all" and to_token(i) is None)  # an asked-for token wins
+            scale = vf.scale if scale_of(i) is None else scale_of(i)
+            token = -1 if to_token(i) is None else to_token(i)
+            specs.append(Patch(tensor or vf.tensor, file_row(spec, vf, from_token(i)), token, mode or vf.mode, scale, every_token, everywhere))
         r = s.run(prompt, patches=specs, max_tokens=max_tokens, temperature=temperature, seed=seed)
         for note in notes:  # once the run has taken the patches: a refusal stays one line
             click.echo(note, err=True)

@@ -262,6 +262,7 @@ class Session(BatchedScoring, ModelFile):
         on_token: Callable[[int], bool] | None = None,
     ) -> Result:
         """Decode `prompt` with saves and patches, then generate `max_tokens` tokens (greedy unless temperature > 0).
+        A row that is both saved and patched is saved as computed, before the patch writes it (later tensors see the patch).
         `on_token` sees each generated token as it comes (a server streams them) and ends generation by returning True."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else self.check_tokens(prompt)
         n = len(tokens)
@@ -277,12 +278,15 @@ class Session(BatchedScoring, ModelFile):
         # a row asked for twice (one tensor saved for two files, or tokens -1 and n-1) is saved, and returned, once
         save_at = list({(s.tensor, pos): (s, pos) for s in saves for pos in (self.resolve_position(i, n) for i in s.tokens)}.values())
         patch_at = [(p, pos) for p in patches for pos in self.patch_positions(p, n, range(n))]  # run() keeps the logits of every patched row
+        every = [p for p in patches if p.generated or p.all_tokens]
+        check_overlaps([*patch_at, *((p, "each generated token") for p in every)])
         self._watch = {s.tensor.encode() for s in (*saves, *patches)}
         self._seen = set()
         self._saved_rows = {}
         ll.llama_memory_clear(ll.llama_get_memory(self._ctx), True)
 
         prompt_logits = np.empty((n, self.n_vocab), np.float32) if all_logits else None
+        # saves act first: a row saved where this run also patches it is saved as the model computed it, before the patch
         actions = [("save", s, pos) for s, pos in save_at] + [("patch", p, pos) for p, pos in patch_at]
         for start in range(0, n, self.n_ubatch):
             end = min(start + self.n_ubatch, n)
@@ -297,7 +301,6 @@ class Session(BatchedScoring, ModelFile):
         generated: list[int] = []
         logits = first_logits
         rng = np.random.default_rng(seed)
-        every = [p for p in patches if p.generated or p.all_tokens]
         for k in range(max_tokens):
             tok = sample(logits, temperature, rng)
             generated.append(tok)
@@ -365,6 +368,17 @@ def _check_fired(never: set[bytes]):
             f"tensor {names} never appeared in this model's compute graph "
             f"(names look like l_out-N, attn_norm-N, kqv_out-N, ffn_out-N; `fvpatch tensors` lists them)"
         )
+
+
+def check_overlaps(placed: list[tuple[Patch, int | str]]):
+    """Refuse two patches on one row of one tensor where either replaces it: the later would undo the earlier, silently.
+    Added patches on one row sum, as llama.cpp sums control vectors."""
+    seen: dict[tuple[str, int | str], Patch] = {}
+    for p, pos in placed:
+        other = seen.setdefault((p.tensor, pos), p)
+        if other is not p and "replace" in (p.mode, other.mode):
+            raise FvpatchError(f"two patches write {p.tensor} at {'position ' + str(pos) if isinstance(pos, int) else pos}, and one replaces "
+                               f"the row, which undoes the other; give one of them, or add both (mode add)")
 
 
 def check_fits(tensor: str, width: int, graph: dict[str, int | None]):

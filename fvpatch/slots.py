@@ -18,7 +18,7 @@ import numpy as np
 
 from fvpatch.errors import FvpatchError
 from fvpatch.scoring import log_softmax, sample
-from fvpatch.session import Patch, Session, check_fits, token_plan
+from fvpatch.session import Patch, Session, check_fits, check_overlaps, token_plan
 from fvpatch.specs import check_generation, is_index
 
 _END = object()
@@ -96,8 +96,10 @@ class Slots:
             check_fits(p.tensor, p.vector.size, self.graph)
         if not n or max_tokens < 1 or n + max_tokens > s.n_ctx:
             raise FvpatchError(f"a request needs a prompt and 1 to {s.n_ctx - n} new tokens (context {s.n_ctx}); got {n} and {max_tokens}")
-        actions = [("patch", p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
-        job = Job(list(tokens), actions, [p for p in patches if p.generated or p.all_tokens], max_tokens, temperature, top_p, seed, top_logprobs, echo)
+        placed = [(p, pos) for p in patches for pos in s.patch_positions(p, n, range(n))]
+        every = [p for p in patches if p.generated or p.all_tokens]
+        check_overlaps([*placed, *((p, "each generated token") for p in every)])
+        job = Job(list(tokens), [("patch", p, pos) for p, pos in placed], every, max_tokens, temperature, top_p, seed, top_logprobs, echo)
         with self._wake:
             if self._closed:
                 raise FvpatchError("the slots are closed")

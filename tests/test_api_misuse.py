@@ -91,6 +91,10 @@ def test_slots_own_their_session_until_closed(tiny_gguf):
     (lambda s: Patch("l_out-1", ["a"] * s.n_embd), "must be numbers"),
     (lambda s: Patch("l_out-1", np.ones(s.n_embd), mode="replace", all_tokens=True), "add instead"),
     (lambda s: Patch("l_out-1", np.ones(s.n_embd), scale=10**40), "overflows float32"),
+    # two writes of one row where one replaces: the later undid the earlier, silently
+    (lambda s: s.run(PROMPT, patches=[Patch("l_out-1", np.ones(s.n_embd), -1), Patch("l_out-1", np.zeros(s.n_embd), -1)]), "two patches write l_out-1 at position"),
+    (lambda s: s.run(PROMPT, patches=[Patch("l_out-1", np.ones(s.n_embd), 2, generated=True), Patch("l_out-1", np.ones(s.n_embd), 3, "add", generated=True)],
+                     max_tokens=2), "two patches write l_out-1 at each generated token"),
     (lambda s: Patch(5, np.ones(s.n_embd)), "tensor is a graph tensor name"),
     (lambda s: Save(None), "tensor is a graph tensor name"),
     (lambda s: s.detokenize([10**6]), "outside the vocabulary"),
@@ -144,6 +148,7 @@ print(out[0])
     # these would fail only inside the decode, and with it every request batched alongside
     ({"patches": [Patch("no_such_tensor-1", np.ones(64), mode="add")]}, "never appears in this model's compute graph"),
     ({"patches": [Patch("l_out-1", np.ones(65), mode="add")]}, "width 65 does not fit tensor 'l_out-1' of width 64"),
+    ({"patches": [Patch("l_out-1", np.ones(64)), Patch("l_out-1", np.ones(64), mode="add")]}, "two patches write l_out-1 at position"),
 ])
 def test_a_bad_request_to_slots_is_refused_at_submit_and_fails_no_other(tiny_gguf, field, says):
     with Session(tiny_gguf, n_ctx=512, exact=True) as s:

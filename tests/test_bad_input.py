@@ -114,6 +114,7 @@ CASES = {
     "scale nan": ([*PATCH, "--vector", "{v}", "--scale", "nan"], "not a finite number"),
     "scale overflows": ([*PATCH, "--vector", "{v}", "--scale", "1e38"], "overflows float32"),
     "two scales for one vector": ([*PATCH, "--vector", "{v}", "--scale", "3", "--scale", "1"], "one per --patch/--vector (1), not 2"),
+    "two target tokens for one patch": ([*PATCH, "--vector", "{v}", "--to-token-idx", "2", "--to-token-idx", "3"], "give one --to-token-idx for every patch"),
     "no such row": ([*PATCH, "--vector", "{v}", "--from-token-idx", "5"], "no row for --from-token-idx 5"),
     "no such row from the end": ([*PATCH, "--vector", "{rows}", "--from-token-idx", "-9"], "no row for --from-token-idx -9; it has tokens [0, 1]"),
     "several rows, none chosen": ([*PATCH, "--vector", "{rows}"], "choose one with --from-token-idx"),
@@ -339,6 +340,13 @@ def patched(model, *args: str) -> dict:
     r = CliRunner().invoke(main, [*(a.format(m=model) for a in PATCH), "-n", "1", "--json", *args])
     assert r.exit_code == 0, r.output
     return json.loads(r.stdout)
+
+
+def test_two_rows_of_one_file_at_two_tokens(tiny_gguf, inputs):
+    """Each --patch takes its own --from-token-idx and --to-token-idx; the last of several used to win for all."""
+    out = patched(tiny_gguf, "--patch", "l_out-1", inputs["rows"], "--patch", "l_out-1", inputs["rows"],
+                  "--from-token-idx", "0", "--to-token-idx", "2", "--from-token-idx", "1", "--to-token-idx", "3")
+    assert [(p["tensor"], p["token"]) for p in out["patches"]] == [("l_out-1", 2), ("l_out-1", 3)]
 
 
 def test_patch_takes_one_scale_for_all_or_one_per_vector(tiny_gguf, inputs):

@@ -41,6 +41,13 @@ def test_save_reads_rows_before_patching_the_same_tensor(tiny_session):
     np.testing.assert_array_equal(both.saved["l_out-1"], base.saved["l_out-1"])
 
 
+def test_two_added_patches_on_one_row_sum(tiny_session):
+    v = np.linspace(-1, 1, N_EMBD, dtype=np.float32)
+    twice = tiny_session.run(PROMPT, patches=[Patch("l_out-1", v, 3, "add"), Patch("l_out-1", v, 3, "add")], all_logits=True)
+    double = tiny_session.run(PROMPT, patches=[Patch("l_out-1", v, 3, "add", scale=2.0)], all_logits=True)
+    np.testing.assert_allclose(twice.prompt_logits, double.prompt_logits, atol=1e-4)
+
+
 def test_absolute_positions_hold_across_ubatches(tiny_gguf, tiny_session):
     positions = (0, 3, 8, 9, 17, 30, -1)
     v = np.linspace(-1, 1, N_EMBD, dtype=np.float32)
