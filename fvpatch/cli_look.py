@@ -10,9 +10,10 @@ from fvpatch.bank import NAMES_KEY
 from fvpatch.atomic import check_outputs
 from fvpatch.errors import FvpatchError
 from fvpatch.cli import emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers, prompt_option, vector_path
-from fvpatch.lens import Lens, decode_vector, logit_lens, plot_lens, token_label
+from fvpatch.lens import HEAD_SPACE, Lens, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model
+from fvpatch.names import layer_of
 from fvpatch.session import Session
 from fvpatch.unembed import load_unembed
 
@@ -130,6 +131,12 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
         for path, idx, option in [(vector, token_idx, "--token-idx")] + ([(against, against_token_idx, "--against-token-idx")] if against else []):
             vf = load_vector(path, fp)
             fits(path, vf.model, fp, force)
+            base = vf.tensor.rsplit("-", 1)[0] if layer_of(vf.tensor) is not None else vf.tensor
+            if base in HEAD_SPACE:  # as the lens refuses them: the unembedding reads the residual stream
+                raise FvpatchError(f"{path}: {vf.tensor} rows live in the attention heads' space, not the residual stream, even where the "
+                                   f"widths agree; decode reads residual-stream vectors such as l_out and ffn_out")
+            if vf.width != mf.n_embd:
+                raise FvpatchError(f"{path}: {vf.tensor} rows are {vf.width} wide, not the residual width {mf.n_embd} that the unembedding takes")
             rows.append(file_row(path, vf, idx, option))
             if not rows[-1].any():  # the final norm leaves it zero: every logit 0, the order of the ties arbitrary
                 raise FvpatchError(f"{path}: the row is all zeros, which promotes no token")

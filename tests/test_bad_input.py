@@ -55,6 +55,7 @@ def inputs(tiny_session, tmp_path_factory) -> dict[str, str]:
     vectorfile.save(vectorfile.VectorFile("l_out-1", np.zeros(N_EMBD), [-1], fp, "add"), d / "zero.safetensors")
     save_bank(Bank(["antonym", "animal-young"], np.ones((2, N_EMBD)), "l_out-1", fp), d / "own-bank.safetensors")
     vectorfile.save(vectorfile.VectorFile("l_out-1", np.full(N_EMBD, 3e38), [-1], fp, "add"), d / "huge.safetensors")
+    vectorfile.save(vectorfile.VectorFile("kqv_out-1", np.ones(N_EMBD), [-1], fp, "add"), d / "heads.safetensors")
     return {p.stem.replace("-", "_"): str(p) for p in d.iterdir()}
 
 
@@ -138,6 +139,9 @@ CASES = {
     "lens --png over a file": ([*LENS, "--png", "{o}/exists.safetensors"], "exists; pass --force"),
     "lens --png under a file": ([*LENS, "--png", "{o}/plain/lens.png"], "not a folder"),
     "decode a zero vector": (["decode", *MODEL, "{zero}"], "zero.safetensors: the row is all zeros, which promotes no token"),
+    "decode attention-head rows": (["decode", *MODEL, "{heads}"], "kqv_out-1 rows live in the attention heads' space"),
+    "decode against a row of another width": (["decode", *MODEL, "{v}", "--against", "{wide_add}"],
+                                              "wide-add.safetensors: l_out-1 rows are 65 wide, not the residual width 64"),
     "card of a vector that records no model": (["vectors", "card", "{nofp}"], "records no model it was made for"),
     "card --name ''": (["vectors", "card", "{v}", "--name", " "], "'--name': is empty"),
     "card --name of two lines": (["vectors", "card", "{v}", "--name", "a\nb"], "'--name': must be one line"),
