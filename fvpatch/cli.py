@@ -162,7 +162,7 @@ def top_tokens(session: Session, logits: np.ndarray, k: int = 5) -> list[dict]:
     idx = np.argsort(-logits)[:k]
     z = logits - logits.max()
     p = np.exp(z) / np.exp(z).sum()
-    return [{"token": session.piece_text(i), "id": int(i), "p": round(float(p[i]), 4)} for i in idx]
+    return [{"token": session.piece_text(i, special=True), "id": int(i), "p": round(float(p[i]), 4)} for i in idx]
 
 
 @main.command()
@@ -343,7 +343,7 @@ def tokenize(model, prompt, as_json):
     with ModelFile(resolve_model(model), vocab_only=True) as mf:
         toks = mf.tokenize(prompt)
         n = len(toks)
-        rows = [{"index": i, "from_end": i - n, "id": t, "piece": mf.piece(t, special=True).decode("utf-8", "replace")} for i, t in enumerate(toks)]
+        rows = [{"index": i, "from_end": i - n, "id": t, "piece": mf.piece_text(t, special=True)} for i, t in enumerate(toks)]
         emit(as_json, {"tokens": rows}, [f"{r['index']:>4} {r['from_end']:>5}  {r['id']:>7}  {r['piece']!r}" for r in rows])
 
 

@@ -59,8 +59,8 @@ def short(text: str, most: int = 160) -> str:
 
 def lens_lines(lens: Lens, s: Session) -> list[str]:
     """One layer or one position: a line per position or layer with its top-k. Otherwise a grid of top-1 tokens."""
-    pos_label = [f"{p:>4} {s.piece_text(lens.tokens[p])!r:<12}" for p in lens.positions]
-    topk = lambda i, j: "  ".join(f"{s.piece_text(t)!r} {z:.1f}" for t, z in zip(lens.ids[i, j], lens.logits[i, j]))
+    pos_label = [f"{p:>4} {s.piece_text(lens.tokens[p], special=True)!r:<12}" for p in lens.positions]
+    topk = lambda i, j: "  ".join(f"{s.piece_text(t, special=True)!r} {z:.1f}" for t, z in zip(lens.ids[i, j], lens.logits[i, j]))
     if len(lens.layers) == 1:
         return [f"{lens.tensor}-{lens.layers[0]}, top {lens.ids.shape[2]} tokens (logit) at each position:"] + [
             f"{pos_label[j]} {topk(0, j)}" for j in range(len(lens.positions))]
@@ -79,7 +79,7 @@ def lens_lines(lens: Lens, s: Session) -> list[str]:
 @click.option("--tensor", default="l_out", show_default=True, help="Graph tensor base name of residual width (l_out, ffn_out, attn_out or attn_post_norm, ...).")
 @click.option("--layer", "layer_spec", default="all", show_default=True, help="N, N,M,..., A-B or all.")
 @click.option("--token-idx", type=int, multiple=True, help="Prompt positions to read (default: all). Repeatable.")
-@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Tokens per cell.")
+@click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Tokens per cell, where one layer or one position is shown, and in --json; the grid of several of each shows the top-1.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None, help="Also draw a layers x positions heatmap of the top-1 token (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Overwrite the --png file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
@@ -98,11 +98,11 @@ def lens(model, n_ctx, n_gpu_layers, prompt, tensor, layer_spec, token_idx, top,
         result = logit_lens(s, prompt, tensor, parse_layers(layer_spec, s.n_layer), list(token_idx) or None, top)
         if png:
             plot_lens(result, s, png, title=f"logit lens of {tensor}: {prompt!r}")
-        cells = [[[{"token": s.piece_text(t), "id": int(t), "logit": round(float(z), 3), "p": round(float(p), 4)}
+        cells = [[[{"token": s.piece_text(t, special=True), "id": int(t), "logit": round(float(z), 3), "p": round(float(p), 4)}
                    for t, z, p in zip(result.ids[i, j], result.logits[i, j], result.probs[i, j])]
                   for j in range(len(result.positions))] for i in range(len(result.layers))]
         payload = {"prompt": prompt, "tensor": tensor, "layers": result.layers,
-                   "positions": [{"index": p, "piece": s.piece_text(result.tokens[p])} for p in result.positions], "top": cells}
+                   "positions": [{"index": p, "piece": s.piece_text(result.tokens[p], special=True)} for p in result.positions], "top": cells}
         emit(as_json, payload, lens_lines(result, s) + ([f"heatmap -> {png}"] if png else []))
 
 
@@ -143,7 +143,7 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
         if against and np.array_equal(rows[0], rows[1]):
             raise FvpatchError(f"{vector} and {against} hold the same row: their difference promotes no token")
         ids, logits = decode_vector(load_unembed(mf.path), rows[0], top, rows[1] if against else None)
-        toks = [{"token": mf.piece_text(t), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
+        toks = [{"token": mf.piece_text(t, special=True), "id": int(t), "logit": round(float(z), 3)} for t, z in zip(ids, logits)]
         what = "logit difference" if against else "logit"
         emit(as_json, {"vector": vector, "against": against, "top": toks},
              [f"{t['token']!r:<20} {t['logit']:>8.2f}" for t in toks] + [f"({what}; {len(toks)} tokens)"])

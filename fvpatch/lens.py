@@ -133,5 +133,5 @@ def plot_lens(lens: Lens, model: ModelFile, path: str | Path, title: str = ""):
 
 def token_label(model: ModelFile, token: int, width: int = 8) -> str:
     """A token as a short visible label: spaces and newlines shown, long pieces cut."""
-    s = model.piece_text(token).replace("\n", "\\n").replace(" ", "␣")
+    s = model.piece_text(token, special=True).replace("\n", "\\n").replace(" ", "␣")
     return s if len(s) <= width else s[: width - 1] + "…"

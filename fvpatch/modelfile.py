@@ -176,9 +176,10 @@ class ModelFile:
         t = ll.llama_vocab_eos(self._vocab)
         return None if t < 0 else t
 
-    def piece_text(self, token: int) -> str:
-        """One token as text (a piece that is only part of a UTF-8 character shows as U+FFFD)."""
-        return self.piece(int(token)).decode("utf-8", "replace")
+    def piece_text(self, token: int, special: bool = False) -> str:
+        """One token as text (a piece that is only part of a UTF-8 character shows as U+FFFD); `special` shows a control
+        token by its text (<bos>), which in generated text is nothing."""
+        return self.piece(int(token), special).decode("utf-8", "replace")
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
