@@ -175,6 +175,11 @@ CASES = {
     # training and evaluation: refused before any weights load
     "ffv --steps 0": ([*FFV, "--steps", "0"], "--steps"),
     "ffv --n-train -1": ([*FFV, "--n-train", "-1"], "--n-train"),
+    "fv with more prompts than train pairs": (["train", "fv", *MODEL, "--task", "{thirty}", "-o", "{o}/f"],
+                                              "has 18 train pairs (its 30 distinct pairs split 60/10/30 into train/valid/test), fewer than the 25 prompts asked for, one query each; give --n-prompts 18 or fewer"),
+    "sweep taskvec with more prompts than train pairs": (["eval", "sweep", *MODEL, "--task", "{thirty}", "--method", "taskvec", "--k", "5"],
+                                                         "give --n-prompts 18 or fewer"),
+    "sweep --n-prompts with a vector": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{v}", "--n-prompts", "5"], "--n-prompts sets the demo sets of --method taskvec"),
     "ffv --lr inf": ([*FFV, "--lr", "inf"], "not a finite number"),
     "ffv --lr 0": ([*FFV, "--lr", "0"], "not above 0"),
     "ffv --l2 nan": ([*FFV, "--l2", "nan"], "not a finite number"),

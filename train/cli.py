@@ -205,12 +205,15 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
                            f"({len(t.train)} train, {len(t.test)} test); give more pairs, or --layer{' and --heads' if method == 'cma' else ''}")
     out = Path(out or f"{t.name}.{'fv' if method == 'cma' else 'taskvec'}.safetensors")
     check_outputs([out, heatmap], force)
+    check_prompts_first(t, n_prompts, task)
     tpl = template(template_name)
     _check_layer_first(layer, model)
     lm = load_model(model, device, dtype, cli_threads())
     check_layer(layer, lm.n_layer)  # a Hugging Face directory's, now that it is loaded
     if n_heads is not None and n_heads > lm.n_layer * lm.n_head:
         raise click.BadParameter(f"{n_heads} is more than the model's {lm.n_layer * lm.n_head} heads", param_hint="--heads")
+    if layer is None or method == "cma" and n_heads is None:  # chosen on the valid pairs: say how many there are
+        click.echo(f"choosing the {'layer' if layer is None else 'number of heads'} on {min(n_valid, len(t.valid))} valid pairs of {t.name}", err=True)
     predict = torch_predictor(lm)
     if method == "cma":
         vf, hm, grid = train_fv(lm, t, tpl, predict, k, n_prompts, n_heads, layer, n_valid, seed)
@@ -232,6 +235,18 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
 
         plot_head_maps({t.name: hm.aie.numpy()}, heatmap, {t.name: heads})
         click.echo(f"head map -> {heatmap}")
+
+
+def check_prompts_first(t, n_prompts: int, task: str):
+    """`--n-prompts` prompts (demo sets) have one train pair each as their query: a task with fewer is refused before any
+    model loads, naming the split and the fix."""
+    from fvpatch.errors import FvpatchError
+    from fvpatch.tasks import split_percentages
+
+    if len(t.train) < n_prompts:
+        n = len(t.train) + len(t.valid) + len(t.test)
+        raise FvpatchError(f"task {t.name!r} has {len(t.train)} train pairs (its {n} distinct pairs split {split_percentages()}), fewer than "
+                           f"the {n_prompts} prompts asked for, one query each; give --n-prompts {len(t.train)} or fewer, or more pairs in {task}")
 
 
 def _check_split_first(t, pairs_file: str | None, n_train: int):

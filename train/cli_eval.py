@@ -8,7 +8,7 @@ from click.core import ParameterSource
 
 from fvpatch.atomic import check_outputs
 from fvpatch.cli import MODEL_HELP, SEED, cli_threads, gpu_layers_option, threads_option
-from train.cli import _torch_options
+from train.cli import _torch_options, check_prompts_first
 
 @click.group(name="eval")
 def eval_cmd():
@@ -141,6 +141,10 @@ def _torch_unused(unused: bool, dtype: str, device: str):
                                "(llama.cpp offloads with --n-gpu-layers)")
 
 
+def _p_text(p: float) -> str:
+    return "< 0.01" if p < 0.01 else f"= {p:.2f}"  # 0.0018 printed as 0.00 read as impossible
+
+
 def _split_of(t) -> str:
     """How a task's pairs were split, for a message: '10 distinct pairs split 60/10/30 into train/valid/test: 6, 1, 3'."""
     from fvpatch.tasks import split_percentages
@@ -230,7 +234,7 @@ def _write_json(out, payload):
               help="Score every pair of this .json/.jsonl/.csv as a test item (e.g. pairs held out from a vector's training) instead of a split of --task, "
                    "with demonstrations from --task's train split (the pairs the vector was trained on); pairs whose input --task also holds are left out, and said so.")
 @click.option("--n", "n_items", type=click.IntRange(1), default=100, show_default=True, help="Queries scored (the first of the split; with --test-pairs: all of the file's unless given).")
-@click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
+@click.option("--demos", type=click.Choice(["per-query", "shared"]), default="per-query", show_default=True, help="Each query its own draw of demonstrations (Todd et al.'s protocol, the README's tables, which also score one prompt per decode: --one-at-a-time), or one draw for all (a prefix batched llama.cpp decodes once: many times faster).")
 @click.option("--one-at-a-time", is_flag=True, help="llama.cpp: one prompt per decode, as `fvpatch patch` runs, instead of batched (slower; logits can differ by about one on a 4-bit model).")
 def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, split, test_pairs, n_items, demos, one_at_a_time):
     """Top-1 accuracy of the answer's first token on a relation task: zero-shot, k-shot ICL, shuffled-label
@@ -281,7 +285,8 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
         click.echo(note, err=True)
     first = next(iter(results.values()))
     scored = f"{test_pairs}: {first['n']} held-out items, demonstrations from the {len(t.train)} train pairs of {task}" if test_pairs else f"{t.name}, {split} split: {first['n']} items"
-    click.echo(f"{scored}, {first['n_icl_solved']} solved by {k}-shot ICL; template {tpl.name!r}" + (f"; vector {vf.tensor} ({vf.mode}, {'every token' if vf.meta.get('fvpatch.apply_at') == 'all' else 'last prompt token'})" if vf else ""))
+    solved = " / ".join(f"{r['n_icl_solved']}" for r in results.values()) + (f" ({' / '.join(results)})" if len(results) > 1 else "")
+    click.echo(f"{scored}, {solved} solved by {k}-shot ICL; template {tpl.name!r}" + (f"; vector {vf.tensor} ({vf.mode}, {'every token' if vf.meta.get('fvpatch.apply_at') == 'all' else 'last prompt token'})" if vf else ""))
     click.echo("| condition | " + " | ".join(f"{e}: all | {e}: ICL-solved" for e in results) + " |")
     click.echo("|---|" + "---:|---:|" * len(results))
     for cond in first["all"]:
@@ -291,23 +296,26 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
         for name, r in results.items():
             r["vector_vs_icl"] = c = compare(r["correct"]["zero_shot+vector"], r["correct"]["icl"])
             click.echo(f"{name}: zero-shot + vector − ICL = {100 * (c['ffv'] - c['icl']) / c['n']:+.1f} points (95% CI {100 * c['ci'][0]:+.1f} to "
-                       f"{100 * c['ci'][1]:+.1f}); {c['only_ffv']} items only the vector gets, {c['only_icl']} only ICL (sign test p = {c['p']:.2f})")
+                       f"{100 * c['ci'][1]:+.1f}); {c['only_ffv']} items only the vector gets, {c['only_icl']} only ICL (sign test p {_p_text(c['p'])})")
     pairs = lambda ps: [{"input": x, "output": y} for x, y in ps]
     held = {"test_pairs": test_pairs, "left_out": pairs(dropped)} if test_pairs else {}
     # items: what was scored, in the order of every `correct` list (a pairs file's own layout, so the failures can be fed back)
+    settings = {"model": str(model or "default"), "engine": engine, "seed": seed, "one_at_a_time": one_at_a_time,
+                **({"dtype": dtype, "device": device} if engine != "llamacpp" else {})}  # two runs' files tell apart
     _write_json(out, {"task": t.name, "split": "test" if test_pairs else split, **held, "k": k, "demos": demos, "template": tpl.text, "vector": vector,
-                      "items": pairs(queries), "results": results})
+                      "settings": settings, "items": pairs(queries), "results": results})
 
 
 @eval_cmd.command()
 @_eval_options
 @click.option("--vector", default=None, metavar="NAME|FILE|BANK#RELATION", help="A function vector (add mode) to move across layers: a file, a shipped vector's name or one relation of a bank, BANK#RELATION.")
 @click.option("--method", type=click.Choice(["taskvec"]), default=None, help="Instead of --vector: compute the task vector of every layer (needs torch).")
+@click.option("--n-prompts", type=click.IntRange(1), default=25, show_default=True, help="--method taskvec: demo sets averaged, one train pair each as their query.")
 @click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True, help="Which split's queries to score.")
 @click.option("--n", "n_items", type=click.IntRange(1), default=50, show_default=True, help="Queries scored per layer.")
 @click.option("--condition", type=click.Choice(["zero_shot", "shuffled"]), default="zero_shot", show_default=True, help="Which prompts get the vector.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Also draw accuracy against layer to this PNG.")
-def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, method, split, n_items, condition, plot):
+def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, dtype, device, vector, method, n_prompts, split, n_items, condition, plot):
     """Accuracy with the vector placed at each layer in turn (a function vector is added there unchanged;
     task vectors are recomputed per layer), next to the zero-shot and ICL baselines.
 
@@ -324,12 +332,16 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
 
     if (vector is None) == (method is None):
         raise click.UsageError("give exactly one of --vector FILE or --method taskvec")
+    if method is None and click.get_current_context().get_parameter_source("n_prompts") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--n-prompts sets the demo sets of --method taskvec; a --vector is moved across layers as it is")
     _torch_unused(engine == "llamacpp" and method is None, dtype, device)
     check_outputs([out, plot], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     queries = _queries(t, split, n_items)
     _check_pool(t, task, queries, k)
+    if method:
+        check_prompts_first(t, n_prompts, task)
     lm = None
     if vf is not None:
         if not vf.model.get("n_layer"):
@@ -340,7 +352,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
         from train.taskvec import task_vectors
 
         lm = load_model(model, device, dtype, cli_threads())
-        rows = task_vectors(lm, t, tpl, k, seed=seed).cpu().numpy()
+        rows = task_vectors(lm, t, tpl, k, n_prompts, seed=seed).cpu().numpy()
         files = {L: vectorfile.VectorFile(f"l_out-{L}", rows[L], [-1], lm.fingerprint, mode="replace") for L in range(lm.n_layer)}
     results = {}
     with _engines(engine, model, vf.model if vf else None, lm, dtype, device, n_gpu_layers=n_gpu_layers, force=force) as engines:
