@@ -326,52 +326,6 @@ def patch(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, as_
         emit(as_json, payload, lines)
 
 
-@main.command()
-@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
-@prompt_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def tokenize(model, prompt, as_json):
-    """Show the prompt's tokens with the absolute indices that --token-idx and --to-token-idx take (a
-    control token such as BOS by its text, <bos>). Only the vocabulary is read, not the weights.
-
-    \b
-    Example:
-      fvpatch tokenize -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->"
-    """
-    from fvpatch.modelfile import ModelFile
-
-    with ModelFile(resolve_model(model), vocab_only=True) as mf:
-        toks = mf.tokenize(prompt)
-        n = len(toks)
-        rows = [{"index": i, "from_end": i - n, "id": t, "piece": mf.piece_text(t, special=True)} for i, t in enumerate(toks)]
-        emit(as_json, {"tokens": rows}, [f"{r['index']:>4} {r['from_end']:>5}  {r['id']:>7}  {r['piece']!r}" for r in rows])
-
-
-@main.command()
-@model_options
-@click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Only the tensors of this layer.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
-    """List the graph tensor names a decode computes, in order, with their row width: the names --save and
-    --patch accept, and the length a vector for each must have (the residual stream's is the model's width).
-    A tensor shown without a width cannot be saved or patched: it is not one row per token (a per-head view),
-    or several nodes share its name.
-
-    \b
-    Example:
-      fvpatch tensors --layer 0
-    """
-    # The names and widths do not depend on the context, which llama.cpp makes 256 tokens at the least anyway; but its
-    # batch shrinks with a smaller --n-ctx, and a batch of 1 token cannot tell a one-head view from a row
-    with open_session(model, max(n_ctx, 256), n_gpu_layers) as s:
-        check_layer(layer, s.n_layer)
-        widths = s.graph_tensors()
-    if layer is not None:
-        widths = {n: w for n, w in widths.items() if n.endswith(f"-{layer}")}
-    emit(as_json, {"tensors": list(widths), "widths": widths},
-         [f"{n:<24} {'- (not one row per token, or a name several nodes share)' if w is None else w}" for n, w in widths.items()])
-
-
 def file_row(name: str, vf: vectorfile.VectorFile, idx: int | None, option: str = "--from-token-idx") -> np.ndarray:
     """The row of vector file `name` saved at token `idx`, given with `option` (negative: from the end of the prompt
     it was saved from); a refusal names the file."""
@@ -412,7 +366,7 @@ def parse_layers(spec: str, n_layer: int) -> list[int]:
 
 
 from fvpatch import cli_catalog  # noqa: E402 - registers its commands on `main`
-from fvpatch import cli_look  # noqa: E402 - registers `inspect`, `lens` and `decode` on `main`
+from fvpatch import cli_look  # noqa: E402 - registers `inspect`, `lens`, `decode`, `tokenize` and `tensors` on `main`
 from fvpatch import cli_experiments  # noqa: E402 - registers `sweep` and `reversal` on `main`
 from fvpatch import cli_exchange  # noqa: E402 - registers `export` and `import` on `main`
 from fvpatch import cli_serve  # noqa: E402 - registers `serve` on `main`

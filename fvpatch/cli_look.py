@@ -1,4 +1,5 @@
-"""`fvpatch inspect`, `fvpatch lens` and `fvpatch decode`: look at vector files and at what layers predict."""
+"""`fvpatch inspect`, `lens`, `decode`, `tokenize` and `tensors`: look at vector files, at what layers predict, at a
+prompt's tokens and at the graph's tensors."""
 
 import json
 
@@ -9,7 +10,8 @@ from fvpatch import vectorfile
 from fvpatch.bank import NAMES_KEY
 from fvpatch.atomic import check_outputs
 from fvpatch.errors import FvpatchError
-from fvpatch.cli import emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers, prompt_option, vector_path
+from fvpatch.cli import (INT32_MAX, MODEL_HELP, check_layer, emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers,
+                         prompt_option, vector_path)
 from fvpatch.lens import HEAD_SPACE, Lens, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model
@@ -147,3 +149,47 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
         what = "logit difference" if against else "logit"
         emit(as_json, {"vector": vector, "against": against, "top": toks},
              [f"{t['token']!r:<20} {t['logit']:>8.2f}" for t in toks] + [f"({what}; {len(toks)} tokens)"])
+
+
+@main.command()
+@click.option("--model", "-m", default=None, metavar="NAME|FILE", help=MODEL_HELP)
+@prompt_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def tokenize(model, prompt, as_json):
+    """Show the prompt's tokens with the absolute indices that --token-idx and --to-token-idx take (a
+    control token such as BOS by its text, <bos>). Only the vocabulary is read, not the weights.
+
+    \b
+    Example:
+      fvpatch tokenize -p "Egypt -> Cairo, Norway -> Oslo, Estonia ->"
+    """
+    with ModelFile(resolve_model(model), vocab_only=True) as mf:
+        toks = mf.tokenize(prompt)
+        n = len(toks)
+        rows = [{"index": i, "from_end": i - n, "id": t, "piece": mf.piece_text(t, special=True)} for i, t in enumerate(toks)]
+        emit(as_json, {"tokens": rows}, [f"{r['index']:>4} {r['from_end']:>5}  {r['id']:>7}  {r['piece']!r}" for r in rows])
+
+
+@main.command()
+@model_options
+@click.option("--layer", type=click.IntRange(0, INT32_MAX), default=None, help="Only the tensors of this layer.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def tensors(model, n_ctx, n_gpu_layers, layer, as_json):
+    """List the graph tensor names a decode computes, in order, with their row width: the names --save and
+    --patch accept, and the length a vector for each must have (the residual stream's is the model's width).
+    A tensor shown without a width cannot be saved or patched: it is not one row per token (a per-head view),
+    or several nodes share its name.
+
+    \b
+    Example:
+      fvpatch tensors --layer 0
+    """
+    # The names and widths do not depend on the context, which llama.cpp makes 256 tokens at the least anyway; but its
+    # batch shrinks with a smaller --n-ctx, and a batch of 1 token cannot tell a one-head view from a row
+    with open_session(model, max(n_ctx, 256), n_gpu_layers) as s:
+        check_layer(layer, s.n_layer)
+        widths = s.graph_tensors()
+    if layer is not None:
+        widths = {n: w for n, w in widths.items() if n.endswith(f"-{layer}")}
+    emit(as_json, {"tensors": list(widths), "widths": widths},
+         [f"{n:<24} {'- (not one row per token, or a name several nodes share)' if w is None else w}" for n, w in widths.items()])
