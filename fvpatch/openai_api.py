@@ -9,7 +9,7 @@ from pathlib import Path
 from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.models import check_fingerprint
-from fvpatch.session import Patch, Session, check_fits
+from fvpatch.session import Patch, Session, check_fits, check_overlaps
 from fvpatch.shipped import find_vector, vector_path
 
 MAX_BODY = 1 << 20
@@ -93,10 +93,9 @@ def read_request(session: Session, body: dict, chat: bool, graph: dict[str, int 
         stop=stop, top_logprobs=_top_logprobs(body, chat), echo=echo, stream=stream,
         include_usage=_flag(options or {}, "include_usage"),
     )
-    for p in req.patches:
-        if not p.all_tokens:
-            for tokens in prompts:
-                session.resolve_position(p.token, len(tokens))  # a token index outside a prompt is the request's fault
+    for tokens in prompts:  # what Slots.submit would refuse is the request's fault: a 400 before any job is queued
+        placed = [(p, pos) for p in req.patches for pos in session.patch_positions(p, len(tokens), range(len(tokens)))]
+        check_overlaps([*placed, *((p, "each generated token") for p in req.patches if p.generated or p.all_tokens)])
     return req
 
 

@@ -67,9 +67,17 @@ class Generator:
     def submit(self, req: Request) -> list[Job]:
         """One job per choice, all at once, so free slots take them together; each choice draws with its own seed
         (the request's plus the choice's index)."""
-        return [self.slots.submit(tokens, req.patches, max(req.max_tokens, 1), req.temperature, req.top_p,
-                                  None if req.seed is None else req.seed + i * req.n + j, req.top_logprobs, req.echo)
-                for i, tokens in enumerate(req.prompts) for j in range(req.n)]
+        jobs = []
+        try:
+            for i, tokens in enumerate(req.prompts):
+                for j in range(req.n):
+                    jobs.append(self.slots.submit(tokens, req.patches, max(req.max_tokens, 1), req.temperature, req.top_p,
+                                                  None if req.seed is None else req.seed + i * req.n + j, req.top_logprobs, req.echo))
+        except Exception:
+            for job in jobs:  # queued before one was refused: nobody would read them, and they would hold slots
+                job.cancel()
+            raise
+        return jobs
 
     def collect(self, job: Job, req: Request, emit=None, gone=lambda: False) -> Generated:
         """The job's completion, calling emit(text, steps, offsets) as text arrives, with the log-probabilities of
@@ -281,7 +289,10 @@ def make_handler(gen: Generator):
                 self._internal_error(e)
 
         def _complete(self, base: dict, req: Request):
-            jobs = gen.submit(req)
+            try:
+                jobs = gen.submit(req)
+            except FvpatchError as e:  # read_request checks all that submit does; a refusal here is still the request's
+                return self._error(400, str(e).splitlines()[0])
             try:
                 got = [gen.collect(job, req, gone=self._gone) for job in jobs]
             except FvpatchError as e:  # found only while decoding

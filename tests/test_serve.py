@@ -402,6 +402,9 @@ def test_sampling_fields(server):
     ({"stream_options": {"include_usage": True}}, "stream_options goes with"),
     ({"max_tokens": 0}, "max_tokens must be an integer from 1 to"),
     ({"vectors": [{"vector": "antonym.ffv", "scale": 1e300}]}, "overflows float32"),
+    # one row written twice, replaced: refused at submit, which used to be a 500 that left the other prompts' jobs running
+    ({"vectors": [{"vector": "antonym.taskvec", "positions": [2, 2]}]}, "two patches write l_out-"),
+    ({"prompt": ["Q: a b c d e f g h\nA:", PROMPT], "vectors": [{"vector": "antonym.taskvec", "positions": [2, -5]}]}, "two patches write l_out-"),  # only the second prompt collides
     ({"vectors": [{"vector": "antonym.ffv", "scale": 1e20}]}, "logits are not finite, or all equal"),
 ])
 def test_fields_it_cannot_honour_are_a_400(server, fields, message):
