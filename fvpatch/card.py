@@ -52,14 +52,15 @@ def pairs_file(meta: dict) -> str | None:
 
 
 def sources(vf: vectorfile.VectorFile) -> list[dict]:
-    """The vectors an imported control vector was exported from (`fvpatch.vectors`, fvpatch's own exports only)."""
+    """The vectors an imported control vector's layer was exported from (`fvpatch.vectors`, fvpatch's own exports
+    only): the file records the sources of every layer, and each source its tensor."""
     from fvpatch.controlvector import FVPATCH_KEY
 
     try:
         value = json.loads(vf.meta.get(FVPATCH_KEY, "[]"))
     except json.JSONDecodeError:
         return []
-    return [s for s in value if isinstance(s, dict)] if isinstance(value, list) else []
+    return [s for s in value if isinstance(s, dict) and s.get("tensor", vf.tensor) == vf.tensor] if isinstance(value, list) else []
 
 
 def _task(vf: vectorfile.VectorFile, relation: str | None = None) -> str | None:
@@ -132,7 +133,8 @@ def front_matter(named: list[tuple[vectorfile.VectorFile, str | None]]) -> str:
 def _yaml(tag: str) -> str:
     """A tag as YAML reads it back: plain words as they are, anything YAML would read as something else (`a: b`,
     `#x`, `[x]`) quoted."""
-    return tag if re.fullmatch(r"\w[\w.+-]*( [\w.+-]+)*", tag) else json.dumps(tag, ensure_ascii=False)
+    plain = re.fullmatch(r"\w[\w.+-]*( [\w.+-]+)*", tag) and not re.fullmatch(r"[-+.\d].*|(?i:null|true|false|yes|no|on|off|y|n|~)", tag)
+    return tag if plain else json.dumps(tag, ensure_ascii=False)  # 2024, null, yes: YAML reads numbers and booleans
 
 
 def _pct(meta: dict, key: str) -> str | None:

@@ -3,8 +3,8 @@
 A row of a residual-stream tensor (l_out, ffn_out, attn_out / attn_post_norm, ...) goes through the
 model's own final RMSNorm and unembedding (fvpatch.unembed), giving the tokens it promotes. Attention
 tensors before the output projection (kqv_out, Qcur, ...) are refused, as is any row not n_embd wide:
-kqv_out's projection into the residual stream is a graph tensor of its own (attn_out in llama,
-attn_post_norm in gemma3), which the lens reads directly, so fvpatch never re-implements that step.
+kqv_out's projection into the residual stream is a graph tensor of its own in most graphs (attn_out in llama,
+attn_post_norm in gemma3; qwen2 names none), which the lens reads directly, so fvpatch never re-implements that step.
 """
 
 import warnings
@@ -76,7 +76,10 @@ def _head_space_error(session: Session, tensor: str) -> str:
     if tensor == "kqv_out":
         # the next named tensor of the layer is the output projection where the graph names it (attn_out in llama,
         # attn_post_norm in gemma2/3); qwen2 names none, and its next one is ffn_inp, the residual with the attention added
-        graph = list(session.graph_tensors())
+        try:
+            graph = list(session.graph_tensors())
+        except FvpatchError:  # a context too small to list the graph: the refusal stands without the hint
+            return msg
         name = layered(tensor, 0)
         after = [t for t in graph[graph.index(name) + 1 :] if layer_of(t) == 0]
         base = after[0].rsplit("-", 1)[0] if after else None

@@ -46,6 +46,8 @@ class ModelFile:
             keep_going = ll.llama_progress_callback(lambda progress, user: not noted)  # False: llama.cpp stops loading
             mparams.progress_callback = keep_going
             self._model_ptr = ll.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model_ptr and noted:  # a handler that did not raise: the load stopped, the file is not at fault
+            raise FvpatchError(f"loading {self.path} was interrupted")
         if not self._model_ptr:
             raise FvpatchError(f"llama.cpp could not load {self.path} as a GGUF model")
         self._vocab_ptr = ll.llama_model_get_vocab(self._model_ptr)

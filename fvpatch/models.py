@@ -213,7 +213,7 @@ def check_fingerprint(vector_model: dict[str, str], model: dict[str, str], force
 
 
 # types llama.cpp's quantizer refuses to make without an importance matrix
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K_S")
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "Q2_K_S")
 
 
 def quant_ftype(kind: str) -> int:

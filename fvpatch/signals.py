@@ -21,7 +21,8 @@ def held():
         yield []
         return
     noted: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in SIGNALS}
+    # a signal the process ignores (a background job's SIGINT) stays ignored: it must not stop a load
+    previous = {sig: signal.signal(sig, lambda signum, frame: noted.append(signum)) for sig in SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield noted
     finally:

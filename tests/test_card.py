@@ -218,3 +218,23 @@ def test_a_foreign_steering_vectors_card_scores_no_task(tmp_path, tiny_gguf):
     assert r.exit_code == 0, r.output
     assert "A steering direction, not a relation's function vector" in r.stdout and "Its norm is 1," in r.stdout
     assert "fvpatch eval task" not in r.stdout and "- function-vector" not in r.stdout and "- control-vector" in r.stdout
+
+
+def test_a_layer_of_an_imported_multi_layer_export_credits_only_its_own_source(tmp_path, tiny_session, tiny_gguf):
+    """Each file `import` writes records every layer's sources; a layer's card names the one exported at its layer."""
+    fp = tiny_session.fingerprint()
+    for name, layer in (("a", 1), ("b", 2)):
+        vectorfile.save(vectorfile.VectorFile(f"l_out-{layer}", np.ones(tiny_session.n_embd), [-1], fp, "add", meta={"fvpatch.task": "antonym" if name == "a" else "capitalize"}),
+                        tmp_path / f"{name}.safetensors")
+    run = lambda *args: CliRunner().invoke(main, [*map(str, args)])
+    assert run("export", tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "two.gguf").exit_code == 0
+    assert run("import", tmp_path / "two.gguf", f"{tmp_path / 'two'}/", "--model", tiny_gguf).exit_code == 0
+    r = run("vectors", "card", tmp_path / "two" / "l_out-1.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "a.safetensors" in r.stdout and "b.safetensors" not in r.stdout and "--task antonym" in r.stdout
+
+
+def test_tags_yaml_would_read_as_numbers_or_booleans_are_quoted():
+    from fvpatch.card import _yaml
+
+    assert [_yaml(t) for t in ("fvpatch", "2024", "null", "yes", "a: b")] == ["fvpatch", '"2024"', '"null"', '"yes"', '"a: b"']

@@ -171,6 +171,10 @@ def test_evaluate_solve_and_commands(tmp_path, tiny_session, tiny_gguf, tiny_ban
     r = runner.invoke(main, ["eval", "analogy", "--data", str(data), "--model", str(tiny_gguf), "--bank", str(bank_file), "--out", str(tmp_path / "r.json")])
     assert r.exit_code == 0, r.output
     assert "| CFV, learned map |" in r.output and json.loads((tmp_path / "r.json").read_text())["n"] == 2
+    folder = tmp_path / "ffvs"
+    save_bank(tiny_bank, folder / "analogy.bank.safetensors")  # where `train cfv --bank FOLDER` writes its map
+    r = runner.invoke(main, ["eval", "analogy", "--data", str(data), "--model", str(tiny_gguf), "--bank", str(folder)])
+    assert r.exit_code == 0 and "| CFV, learned map |" in r.output, r.output
     r = runner.invoke(main, ["eval", "analogy", "--data", str(data), "--model", str(tiny_gguf), "--bank", str(bank_file), "--leave-own-out"])
     assert r.exit_code == 0 and "| CFV, learned map |" in r.output and "oracle" not in r.output, r.output
     r = runner.invoke(main, ["analogy", "hot:cold", "--model", str(tiny_gguf), "--bank", str(bank_file)])

@@ -54,3 +54,14 @@ def test_held_notes_signals_and_raises_the_first_on_leaving():
     with signals.held() as noted:
         pass
     assert noted == []
+
+
+def test_held_leaves_an_ignored_signal_ignored():
+    """A background job runs with SIGINT ignored: such a signal must not stop a load, nor be raised after it."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with signals.held() as noted:
+            signal.raise_signal(signal.SIGINT)
+        assert noted == [] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -2,6 +2,7 @@
 inside the commands, never at import time."""
 
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
@@ -54,6 +55,8 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_g
     with Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()) as s:
         shipped = bank_path is None
         bank_path = bank_path or model_folder(s.fingerprint()) / BANK_NAME
+        if Path(bank_path).is_dir() and (Path(bank_path) / BANK_NAME).is_file():  # where `train cfv --bank FOLDER` writes its map
+            bank_path = Path(bank_path) / BANK_NAME
         bank = load_bank(bank_path)
         check_fingerprint(bank.model, s.fingerprint(), force)
         if analogies is None and (own := own_relations(bank.names, bank.trained_on)):
