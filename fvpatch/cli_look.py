@@ -1,21 +1,18 @@
 """`fvpatch inspect`, `lens`, `decode`, `tokenize` and `tensors`: look at vector files, at what layers predict, at a
 prompt's tokens and at the graph's tensors."""
 
-import json
-
 import click
 import numpy as np
 
 from fvpatch import vectorfile
-from fvpatch.bank import NAMES_KEY
+from fvpatch.bank import relation_names
 from fvpatch.atomic import check_outputs
 from fvpatch.errors import FvpatchError
 from fvpatch.cli import (INT32_MAX, MODEL_HELP, check_layer, emit, file_row, fits, load_vector, main, model_options, open_session, parse_layers,
                          prompt_option, vector_path)
-from fvpatch.lens import HEAD_SPACE, Lens, decode_vector, logit_lens, plot_lens, token_label
+from fvpatch.lens import Lens, check_residual, decode_vector, logit_lens, plot_lens, token_label
 from fvpatch.modelfile import ModelFile
 from fvpatch.models import resolve_model
-from fvpatch.names import layer_of
 from fvpatch.session import Session
 from fvpatch.unembed import load_unembed
 
@@ -38,20 +35,19 @@ def inspect(file, as_json):
              f"mode      {vf.mode}, scale {vf.scale}",
              f"model     {vf.model.get('name') or vf.model.get('arch')}  {vf.model.get('quant', '')}  {vf.model.get('file')}  vocab {vf.model.get('vocab', '?')}"]
     lines += [f"{k:<9} {short(str(v))}" for k, v in vf.meta.items()]
-    labels = bank_names(vf) or [f"{pos:>4}" for pos in vf.positions]
+    labels = bank_names(vf, file) or [f"{pos:>4}" for pos in vf.positions]
     width = max(len(label) for label in labels)
     lines += [f"row {label:<{width}}  norm {n}" for label, n in zip(labels, norms)]
     emit(as_json, payload, lines)
 
 
-def bank_names(vf: vectorfile.VectorFile) -> list[str] | None:
+def bank_names(vf: vectorfile.VectorFile, path: str) -> list[str] | None:
     """A bank's relation names, one per row (its rows all sit at one token), or None for another file."""
     try:
-        names = json.loads(vf.meta.get(NAMES_KEY, "null"))
-    except ValueError:  # inspect shows a damaged bank too
+        names = relation_names(vf, path)
+    except FvpatchError:  # inspect shows a damaged bank too
         return None
-    ok = isinstance(names, list) and len(names) == len(vf.rows) and all(isinstance(n, str) for n in names)
-    return names if ok else None
+    return names if names and len(names) == len(vf.rows) else None
 
 
 def short(text: str, most: int = 160) -> str:
@@ -133,12 +129,10 @@ def decode(model, n_ctx, n_gpu_layers, vector, top, token_idx, against, against_
         for path, idx, option in [(vector, token_idx, "--token-idx")] + ([(against, against_token_idx, "--against-token-idx")] if against else []):
             vf = load_vector(path, fp)
             fits(path, vf.model, fp, force)
-            base = vf.tensor.rsplit("-", 1)[0] if layer_of(vf.tensor) is not None else vf.tensor
-            if base in HEAD_SPACE:  # as the lens refuses them: the unembedding reads the residual stream
-                raise FvpatchError(f"{path}: {vf.tensor} rows live in the attention heads' space, not the residual stream, even where the "
-                                   f"widths agree; decode reads residual-stream vectors such as l_out and ffn_out")
-            if vf.width != mf.n_embd:
-                raise FvpatchError(f"{path}: {vf.tensor} rows are {vf.width} wide, not the residual width {mf.n_embd} that the unembedding takes")
+            try:
+                check_residual(vf.tensor, vf.width, mf.n_embd)
+            except FvpatchError as e:
+                raise FvpatchError(f"{path}: {e}") from None
             rows.append(file_row(path, vf, idx, option))
             if not rows[-1].any():  # the final norm leaves it zero: every logit 0, the order of the ties arbitrary
                 raise FvpatchError(f"{path}: the row is all zeros, which promotes no token")

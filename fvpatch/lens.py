@@ -60,14 +60,23 @@ def logit_lens(
     unembed = unembed or load_unembed(session.path)
     names = [layered(tensor, L) for L in layers]
     r = session.run(prompt, saves=[Save(name, tuple(positions)) for name in names])
-    width = r.saved[names[0]].shape[1]
-    if width != session.n_embd:
-        raise FvpatchError(f"{tensor} rows are {width} wide, not the residual width {session.n_embd} that the unembedding takes; "
-                         f"the lens reads residual-stream tensors such as l_out and ffn_out")
+    check_residual(tensor, r.saved[names[0]].shape[1], session.n_embd)
     rows = np.concatenate([r.saved[name] for name in names])
     ids, logits, probs = unembed.top(rows, top)
     shape = (len(layers), len(positions), ids.shape[1])
     return Lens(tensor, layers, positions, r.prompt_tokens, ids.reshape(shape), logits.reshape(shape), probs.reshape(shape))
+
+
+def check_residual(tensor: str, width: int, n_embd: int):
+    """Refuse rows the unembedding cannot read: an attention-head tensor's (even where the widths agree), or any row
+    that is not the residual width."""
+    base = tensor.rsplit("-", 1)[0] if layer_of(tensor) is not None else tensor
+    if base in HEAD_SPACE:
+        raise FvpatchError(f"{tensor} rows live in the attention heads' space, not the residual stream, even where the widths agree; "
+                           f"the lens and decode read residual-stream tensors such as l_out and ffn_out")
+    if width != n_embd:
+        raise FvpatchError(f"{tensor} rows are {width} wide, not the residual width {n_embd} that the unembedding takes; "
+                           f"the lens and decode read residual-stream tensors such as l_out and ffn_out")
 
 
 def _head_space_error(session: Session, tensor: str) -> str:
