@@ -110,6 +110,13 @@ def split_percentages() -> str:
     return f"{round(100 * (1 - VALID_FRACTION - TEST_FRACTION))}/{round(100 * VALID_FRACTION)}/{round(100 * TEST_FRACTION)} into train/valid/test"
 
 
+def split_summary(task: "Task") -> str:
+    """How a task's pairs were split, for a message: '10 distinct pairs split 60/10/30 into train/valid/test: 6 train,
+    1 valid, 3 test'."""
+    sizes = (len(task.train), len(task.valid), len(task.test))
+    return f"{sum(sizes)} distinct pairs split {split_percentages()}: {sizes[0]} train, {sizes[1]} valid, {sizes[2]} test"
+
+
 def pairs_needed(n_train: int) -> int:
     """The fewest distinct pairs whose train split holds `n_train` pairs (a larger file's never holds fewer)."""
     n = n_train

@@ -176,7 +176,7 @@ CASES = {
     "ffv --steps 0": ([*FFV, "--steps", "0"], "--steps"),
     "ffv --n-train -1": ([*FFV, "--n-train", "-1"], "--n-train"),
     "fv with more prompts than train pairs": (["train", "fv", *MODEL, "--task", "{thirty}", "-o", "{o}/f"],
-                                              "has 18 train pairs (its 30 distinct pairs split 60/10/30 into train/valid/test), fewer than the 25 prompts asked for, one query each; give --n-prompts 18 or fewer"),
+                                              "has 18 train pairs (its 30 distinct pairs split 60/10/30 into train/valid/test: 18 train, 3 valid, 9 test), fewer than the 25 prompts asked for, one query each; give --n-prompts 18 or fewer"),
     "sweep taskvec with more prompts than train pairs": (["eval", "sweep", *MODEL, "--task", "{thirty}", "--method", "taskvec", "--k", "5"],
                                                          "give --n-prompts 18 or fewer"),
     "sweep --n-prompts with a vector": (["eval", "sweep", *MODEL, "--task", "antonym", "--vector", "{v}", "--n-prompts", "5"], "--n-prompts sets the demo sets of --method taskvec"),
@@ -205,9 +205,9 @@ CASES = {
     # counted before the PyTorch model loads (it would be converted into the folder the snapshot covers)
     "ffv --pairs too few for --n-train": (["train", "ffv", *MODEL, "--pairs", "{thirty}", "-o", "{o}/f"],
                                           "task 'thirty' has 18 train pairs, fewer than --n-train 20 (its 30 distinct pairs split 60/10/30 into "
-                                          "train/valid/test give 18 train, 3 valid, 9 test); give --n-train 18 or less, or 33 or more distinct pairs in "),
+                                          "train/valid/test: 18 train, 3 valid, 9 test); give --n-train 18 or less, or 33 or more distinct pairs in "),
     "ffv --pairs with no valid pairs": (["train", "ffv", *MODEL, "--pairs", "{five}", "--n-train", "2", "-o", "{o}/f"],
-                                        "task 'five' has no valid pairs for early stopping (its 5 distinct pairs split 60/10/30 into train/valid/test give "
+                                        "task 'five' has no valid pairs for early stopping (its 5 distinct pairs split 60/10/30 into train/valid/test: "
                                         "3 train, 0 valid, 2 test); give 6 or more distinct pairs in "),
     "ffv a folder that is no model": (["train", "ffv", "-m", "{o}/folder", "--task", "antonym", "-o", "{o}/f"], "is a folder but not a Hugging Face model"),
     "cfv --lr 1e300": ([*CFV, "--lr", "1e300"], "is not at most 100"),
@@ -227,10 +227,10 @@ CASES = {
     "eval task a template placeholder nothing fills": ([*TASK, "--template", "{{x}} {{y}} {{z}}"], "has placeholders {z} that nothing fills"),
     "eval task a bank relation not in it": ([*TASK, "--vector", "{bank}#nope"], "the bank has no relation 'nope'"),
     "eval task an empty valid split": (["eval", "task", *MODEL, "--task", "{five}", "--split", "valid", "--n", "2", "--k", "2"],
-                                       "five: the valid split is empty: its 5 distinct pairs split into 3 train, 0 valid, 2 test"),
+                                       "five: the valid split is empty: its 5 distinct pairs split 60/10/30 into train/valid/test: 3 train, 0 valid, 2 test"),
     "eval task a pool smaller than --k": (["eval", "task", *MODEL, "--task", "{five}", "--k", "4"],
                                           "4-shot prompts need 4 demonstrations, but their pool, the train split of {five} (5 distinct pairs split 60/10/30 into "
-                                          "train/valid/test: 3, 0, 2), holds only 3; give --k 3 or less, or more pairs in {five} (to score a held-out file against "
+                                          "train/valid/test: 3 train, 0 valid, 2 test), holds only 3; give --k 3 or less, or more pairs in {five} (to score a held-out file against "
                                           "the pairs a vector was trained on: --task TRAINING-PAIRS --test-pairs HELD-OUT-FILE)"),
     "eval sweep a pool smaller than --k": (["eval", "sweep", *MODEL, "--task", "{five}", "--split", "test", "--vector", "{v}", "--k", "4"],
                                            "holds only 3; give --k 3 or less, or more pairs in {five}"),

@@ -206,7 +206,7 @@ def test_cli_scores_a_held_out_file_against_the_training_pairs(tiny_gguf, pairs_
     assert r.exit_code == 0, r.output
     test = load_task(pairs_file).test
     assert json.loads(result.read_text())["items"] == [{"input": x, "output": y} for x, y in test]
-    assert notes(r) == [f"note: {pairs_file} holds 36 distinct pairs split 60/10/30 into train/valid/test: 21, 4, 11; its test "
+    assert notes(r) == [f"note: {pairs_file} holds 36 distinct pairs split 60/10/30 into train/valid/test: 21 train, 4 valid, 11 test; its test "
                                              f"split is scored (-o lists the items; --test-pairs FILE scores every pair of a held-out file)"]
 
 

@@ -4,7 +4,7 @@ import click
 
 from fvpatch.atomic import check_outputs
 from fvpatch.cli import INT32_MAX, MODEL_HELP, SEED, FiniteFloat, check_layer, cli_threads, threads_option
-from fvpatch.tasks import pairs_needed, split_percentages
+from fvpatch.tasks import pairs_needed, split_percentages, split_summary
 
 # Adam moves each coordinate by about lr a step: far beyond 1 the run only diverges, and far enough (lr times the
 # residual's scale) it overflows float32 inside the optimizer
@@ -241,11 +241,9 @@ def check_prompts_first(t, n_prompts: int, task: str):
     """`--n-prompts` prompts (demo sets) have one train pair each as their query: a task with fewer is refused before any
     model loads, naming the split and the fix."""
     from fvpatch.errors import FvpatchError
-    from fvpatch.tasks import split_percentages
 
     if len(t.train) < n_prompts:
-        n = len(t.train) + len(t.valid) + len(t.test)
-        raise FvpatchError(f"task {t.name!r} has {len(t.train)} train pairs (its {n} distinct pairs split {split_percentages()}), fewer than "
+        raise FvpatchError(f"task {t.name!r} has {len(t.train)} train pairs (its {split_summary(t)}), fewer than "
                            f"the {n_prompts} prompts asked for, one query each; give --n-prompts {len(t.train)} or fewer, or more pairs in {task}")
 
 
@@ -256,7 +254,7 @@ def _check_split_first(t, pairs_file: str | None, n_train: int):
     from fvpatch.tasks import split_sizes
 
     n = len(t.train) + len(t.valid) + len(t.test)
-    split = f"its {n} distinct pairs split {split_percentages()} give {len(t.train)} train, {len(t.valid)} valid, {len(t.test)} test"
+    split = f"its {split_summary(t)}"
     if len(t.train) < n_train:
         more = f", or {pairs_needed(n_train)} or more distinct pairs in {pairs_file}" if pairs_file else ""
         raise FvpatchError(f"task {t.name!r} has {len(t.train)} train pairs, fewer than --n-train {n_train} ({split}); "

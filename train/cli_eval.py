@@ -9,6 +9,7 @@ from click.core import ParameterSource
 
 from fvpatch.atomic import check_outputs
 from fvpatch.cli import MODEL_HELP, SEED, cli_threads, gpu_layers_option, threads_option
+from fvpatch.tasks import split_summary
 from train.cli import _torch_options, check_prompts_first
 
 @click.group(name="eval")
@@ -148,14 +149,6 @@ def _p_text(p: float) -> str:
     return "< 0.01" if p < 0.01 else f"= {p:.2f}"  # 0.0018 printed as 0.00 read as impossible
 
 
-def _split_of(t) -> str:
-    """How a task's pairs were split, for a message: '10 distinct pairs split 60/10/30 into train/valid/test: 6, 1, 3'."""
-    from fvpatch.tasks import split_percentages
-
-    sizes = [len(t.split(name)) for name in ("train", "valid", "test")]
-    return f"{sum(sizes)} distinct pairs split {split_percentages()}: {', '.join(map(str, sizes))}"
-
-
 def _check_pool(t, task: str, queries, k: int, hint: str = ""):
     """The k demonstrations of every query's ICL and shuffled prompts come from the task's train split, less the query
     itself: one too small is refused before any model loads, naming that pool and what to give."""
@@ -164,7 +157,7 @@ def _check_pool(t, task: str, queries, k: int, hint: str = ""):
     fewest = min(sum(p[0] != x for p in t.train) for x, _ in queries)
     if fewest < k:
         fix = f"give --k {fewest} or less, or more pairs in {task}" if fewest >= 2 else f"give more pairs in {task} (--k is at least 2)"
-        raise FvpatchError(f"{k}-shot prompts need {k} demonstrations, but their pool, the train split of {task} ({_split_of(t)}), "
+        raise FvpatchError(f"{k}-shot prompts need {k} demonstrations, but their pool, the train split of {task} ({split_summary(t)}), "
                            f"holds only {fewest}; {fix}{hint}")
 
 
@@ -196,10 +189,8 @@ def _queries(t, split: str, n_items: int):
 
     queries = t.split(split)[:n_items]
     if not queries:
-        sizes = {name: len(t.split(name)) for name in ("train", "valid", "test")}
-        raise FvpatchError(f"{t.name}: the {split} split is empty: its {sum(sizes.values())} distinct pairs split into "
-                           + ", ".join(f"{n} {name}" for name, n in sizes.items())
-                           + f"; add pairs to the file or score another split (--split {'test' if split == 'valid' else 'valid'})")
+        raise FvpatchError(f"{t.name}: the {split} split is empty: its {split_summary(t)}; "
+                           f"add pairs to the file or score another split (--split {'test' if split == 'valid' else 'valid'})")
     return queries
 
 
@@ -277,7 +268,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
         queries, dropped = _queries(t, split, n_items), []
         _check_pool(t, task, queries, k, " (to score a held-out file against the pairs a vector was trained on: --task TRAINING-PAIRS --test-pairs HELD-OUT-FILE)"
                     if own_file else "")
-        note = (f"note: {task} holds {_split_of(t)}; its {split} split is scored (-o lists the items; --test-pairs FILE scores every pair of a held-out file)"
+        note = (f"note: {task} holds {split_summary(t)}; its {split} split is scored (-o lists the items; --test-pairs FILE scores every pair of a held-out file)"
                 if own_file else None)
     results = {}
     with _engines(engine, model, vf.model if vf else None, dtype=dtype, device=device, batched=not one_at_a_time, n_gpu_layers=n_gpu_layers, force=force) as engines:
