@@ -9,7 +9,8 @@ from pathlib import Path
 from fvpatch import vectorfile
 from fvpatch.errors import FvpatchError, NotFound
 from fvpatch.models import check_fingerprint
-from fvpatch.session import Patch, Session, check_fits, check_overlaps
+from fvpatch.session import Patch, Session, check_fits
+from fvpatch.specs import check_overlaps
 from fvpatch.shipped import find_vector, vector_path
 
 MAX_BODY = 1 << 20

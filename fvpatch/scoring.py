@@ -14,7 +14,7 @@ import numpy as np
 from fvpatch.errors import FvpatchError
 from fvpatch.exclusive import exclusive
 from fvpatch.names import layer_of
-from fvpatch.specs import Patch
+from fvpatch.specs import Patch, check_overlaps
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -72,14 +72,17 @@ class BatchedScoring:
                 tokens = list(prompt) + list(fed)
                 base = len(entries)
                 entries += [(tok, pos, seq) for pos, tok in enumerate(tokens)]
+                placed = []
                 for p in patches:
                     self.check_tensor_name(p.tensor)
                     at = self.patch_positions(p, len(prompt), range(len(prompt) - 1, len(tokens)))
                     at += list(range(len(prompt), len(tokens))) if p.generated or p.all_tokens else []
+                    placed += [(p, pos) for pos in at]
                     for pos in at:
                         plan.setdefault(p.tensor.encode(), []).append(("patch", p, base + pos, pos))
                     if layer_of(p.tensor) in (None, self.n_layer - 1):  # llama.cpp keeps only output rows past the last block
                         acted |= {base + pos for pos in at}
+                check_overlaps(placed)  # as run refuses them: the later write would undo the earlier
                 rows[i] = range(base + len(prompt) - 1, base + len(tokens))
             if plan:
                 self.check_hooks("patches need")
@@ -110,6 +113,8 @@ class BatchedScoring:
             self.check_hooks("patches need")
         for p in patches:
             self.check_tensor_name(p.tensor)
+        for n in {len(q) for q in prompts}:  # the positions patches land on depend on the prompt's length only
+            check_overlaps([(p, pos) for p in patches for pos in self.patch_positions(p, n, range(n))])
         shared = min(len(p) for p in prompts) - 1  # every prompt keeps at least its last token to decode
         for p in prompts[1:]:
             shared = next((i for i in range(shared) if p[i] != prompts[0][i]), shared)

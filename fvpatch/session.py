@@ -20,7 +20,7 @@ from fvpatch.modelfile import ModelFile
 from fvpatch.names import layer_of
 from fvpatch.scoring import BatchedScoring, sample
 from fvpatch.threads import MAX_THREADS, configured_threads, default_threads
-from fvpatch.specs import Patch, Result, Save, check_generation, is_index  # noqa: F401 - Patch, Save, Result: the API names them `from fvpatch.session`
+from fvpatch.specs import Patch, Result, Save, check_generation, check_overlaps, is_index  # noqa: F401 - Patch, Save, Result: the API names them `from fvpatch.session`
 
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: it refuses a context of more sequences
@@ -368,17 +368,6 @@ def _check_fired(never: set[bytes]):
             f"tensor {names} never appeared in this model's compute graph "
             f"(names look like l_out-N, attn_norm-N, kqv_out-N, ffn_out-N; `fvpatch tensors` lists them)"
         )
-
-
-def check_overlaps(placed: list[tuple[Patch, int | str]]):
-    """Refuse two patches on one row of one tensor where either replaces it: the later would undo the earlier, silently.
-    Added patches on one row sum, as llama.cpp sums control vectors."""
-    seen: dict[tuple[str, int | str], Patch] = {}
-    for p, pos in placed:
-        other = seen.setdefault((p.tensor, pos), p)
-        if other is not p and "replace" in (p.mode, other.mode):
-            raise FvpatchError(f"two patches write {p.tensor} at {'position ' + str(pos) if isinstance(pos, int) else pos}, and one replaces "
-                               f"the row, which undoes the other; give one of them, or add both (mode add)")
 
 
 def check_fits(tensor: str, width: int, graph: dict[str, int | None]):

@@ -18,8 +18,8 @@ import numpy as np
 
 from fvpatch.errors import FvpatchError
 from fvpatch.scoring import log_softmax, sample
-from fvpatch.session import Patch, Session, check_fits, check_overlaps, token_plan
-from fvpatch.specs import check_generation, is_index
+from fvpatch.session import Patch, Session, check_fits, token_plan
+from fvpatch.specs import check_generation, check_overlaps, is_index
 
 _END = object()
 

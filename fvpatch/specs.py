@@ -81,3 +81,14 @@ def check_generation(max_tokens, temperature, top_p=1.0, least: int = 0):
         raise FvpatchError(f"temperature must be a finite number of 0 or more, got {temperature!r}")
     if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         raise FvpatchError(f"top_p must be above 0 and at most 1, got {top_p!r}")
+
+
+def check_overlaps(placed: list[tuple[Patch, int | str]]):
+    """Refuse two patches on one row of one tensor where either replaces it: the later would undo the earlier, silently.
+    Added patches on one row sum, as llama.cpp sums control vectors."""
+    seen: dict[tuple[str, int | str], Patch] = {}
+    for p, pos in placed:
+        other = seen.setdefault((p.tensor, pos), p)
+        if other is not p and "replace" in (p.mode, other.mode):
+            raise FvpatchError(f"two patches write {p.tensor} at {'position ' + str(pos) if isinstance(pos, int) else pos}, and one replaces "
+                               f"the row, which undoes the other; give one of them, or add both (mode add)")
