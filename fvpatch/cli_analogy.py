@@ -2,12 +2,12 @@
 
 import click
 
-from fvpatch.cli import INT32_MAX, emit, fits, main, model_options, open_session, vector_path
+from fvpatch.cli import INT32_MAX, PromptText, emit, fits, main, model_options, open_session, vector_path
 
 
 @main.command()
 @model_options
-@click.argument("question", metavar="A:B::C:?")
+@click.argument("question", metavar="A:B::C:?", type=PromptText("an analogy A:B::C:?"))
 @click.option("--bank", "bank_path", default=None, metavar="NAME|FILE", help="Bank file with a learned map, or a shipped bank's name (default: the one shipped for the model).")
 @click.option("--top", type=click.IntRange(1), default=5, show_default=True, help="Relation weights to show.")
 @click.option("--max-tokens", "-n", type=click.IntRange(1, INT32_MAX), default=8, show_default=True, help="Tokens to generate.")

@@ -205,7 +205,7 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
                            f"({len(t.train)} train, {len(t.test)} test); give more pairs, or --layer{' and --heads' if method == 'cma' else ''}")
     out = Path(out or f"{t.name}.{'fv' if method == 'cma' else 'taskvec'}.safetensors")
     check_outputs([out, heatmap], force)
-    check_prompts_first(t, n_prompts, task)
+    check_prompts_first(t, n_prompts, k, task)
     tpl = template(template_name)
     _check_layer_first(layer, model)
     lm = load_model(model, device, dtype, cli_threads())
@@ -237,14 +237,17 @@ def fv(task, method, layer, n_heads, n_prompts, k, n_valid, template_name, seed,
         click.echo(f"head map -> {heatmap}")
 
 
-def check_prompts_first(t, n_prompts: int, task: str):
-    """`--n-prompts` prompts (demo sets) have one train pair each as their query: a task with fewer is refused before any
-    model loads, naming the split and the fix."""
+def check_prompts_first(t, n_prompts: int, k: int, task: str):
+    """`--n-prompts` prompts (demo sets) have one train pair each as their query and `k` other train pairs as their
+    demonstrations: a task with too few is refused before any model loads, naming the split and the fix."""
     from fvpatch.errors import FvpatchError
 
     if len(t.train) < n_prompts:
         raise FvpatchError(f"task {t.name!r} has {len(t.train)} train pairs (its {split_summary(t)}), fewer than "
                            f"the {n_prompts} prompts asked for, one query each; give --n-prompts {len(t.train)} or fewer, or more pairs in {task}")
+    if len(t.train) - 1 < k:
+        raise FvpatchError(f"{k}-shot prompts need {k} demonstrations besides their query, and task {t.name!r} has {len(t.train)} train pairs "
+                           f"(its {split_summary(t)}); give --k {len(t.train) - 1} or less, or more pairs in {task}")
 
 
 def _check_split_first(t, pairs_file: str | None, n_train: int):

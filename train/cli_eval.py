@@ -335,7 +335,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
     queries = _queries(t, split, n_items)
     _check_pool(t, task, queries, k)
     if method:
-        check_prompts_first(t, n_prompts, task)
+        check_prompts_first(t, n_prompts, k, task)
     lm = None
     if vf is not None:
         if not vf.model.get("n_layer"):
