@@ -10,7 +10,7 @@ import numpy as np
 
 from fvpatch import vectorfile
 from fvpatch.atomic import check_outputs, write_text
-from fvpatch.bank import relation_names
+from fvpatch.bank import NAMES_KEY, relation_names
 from fvpatch.cfvmap import MAP_KEYS
 from fvpatch.errors import FvpatchError
 from fvpatch.models import KNOWN
@@ -119,7 +119,9 @@ def name_of(vf: vectorfile.VectorFile, file_name: str, name: str | None = None) 
 def front_matter(named: list[tuple[vectorfile.VectorFile, str | None]]) -> str:
     """Front matter of a card for (vector, the name it does its task by, or None) items."""
     known = {_known(vf) for vf, _ in named} - {None}
-    kinds = ["function-vector"] if any(not _steering(vf) for vf, _ in named) else ["control-vector"]
+    # a vector of a task (a bank, or an export of one) is a function vector; a saved activation is neither kind
+    kinds = [kind for kind, has in (("function-vector", lambda vf: _task(vf) or NAMES_KEY in vf.meta), ("control-vector", _steering))
+             if any(has(vf) for vf, _ in named)]
     tags = ["fvpatch", *kinds, "steering-vector", "llama.cpp", "gguf"]
     tags += sorted({name for _, name in named if name})
     lines = ["---", "library_name: fvpatch"]

@@ -238,3 +238,10 @@ def test_tags_yaml_would_read_as_numbers_or_booleans_are_quoted():
     from fvpatch.card import _yaml
 
     assert [_yaml(t) for t in ("fvpatch", "2024", "null", "yes", "a: b")] == ["fvpatch", '"2024"', '"null"', '"yes"', '"a: b"']
+
+
+def test_a_saved_activation_is_not_tagged_a_function_vector(tmp_path, tiny_gguf):
+    r = CliRunner().invoke(main, ["save", "-m", str(tiny_gguf), "-p", "a b c", "--save", "l_out-1", str(tmp_path / "a.safetensors"), "--token-idx", "-1", "-n", "0"])
+    assert r.exit_code == 0, r.output
+    card = CliRunner().invoke(main, ["vectors", "card", str(tmp_path / "a.safetensors")]).stdout
+    assert "- steering-vector" in card and "- function-vector" not in card and "- control-vector" not in card
