@@ -192,7 +192,7 @@ def test_cli_scores_a_held_out_file_against_the_training_pairs(tiny_gguf, pairs_
     assert r.stdout.startswith(f"{heldout}: 7 held-out items, demonstrations from the {len(train)} train pairs of {pairs_file}, ")
     out = json.loads(result.read_text())
     assert out["items"] == [{"input": w, "output": w.upper()} for w in held]  # the file's order, what each `correct` list follows
-    assert out["left_out"] == [{"input": "ab", "output": "AB"}] and out["test_pairs"] == str(heldout)
+    assert out["left_out"] == [{"input": "ab", "output": "AB"}] and out["test_pairs"] == str(heldout) and out["split"] is None  # no split of --task scored
     for engine in ("llama.cpp", "torch"):
         assert out["results"][engine]["n"] == 7 and all(len(c) == 7 for c in out["results"][engine]["correct"].values())
     assert out["results"]["llama.cpp"]["correct"] == out["results"]["torch"]["correct"]

@@ -296,7 +296,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     # items: what was scored, in the order of every `correct` list (a pairs file's own layout, so the failures can be fed back)
     settings = {"model": str(model or "default"), "engine": engine, "seed": seed, "one_at_a_time": one_at_a_time,
                 **({"dtype": dtype, "device": device} if engine != "llamacpp" else {})}  # two runs' files tell apart
-    _write_json(out, {"task": t.name, "split": "test" if test_pairs else split, **held, "k": k, "demos": demos, "template": tpl.text, "vector": vector,
+    _write_json(out, {"task": t.name, "split": None if test_pairs else split, **held, "k": k, "demos": demos, "template": tpl.text, "vector": vector,
                       "settings": settings, "items": pairs(queries), "results": results})
 
 
