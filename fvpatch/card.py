@@ -85,6 +85,12 @@ def eval_command(vf: vectorfile.VectorFile, vector: str, relation: str | None = 
     return f"fvpatch eval task --task {task_arg(vf, relation) or 'TASK'} -m {model_arg(vf)} --vector {vector}"
 
 
+def gguf_name(vector: str) -> str:
+    """The control vector's file name for a vector file or BANK#RELATION: `x.safetensors` -> `x.gguf`,
+    `bank.safetensors#antonym` -> `bank-antonym.gguf`."""
+    return Path(vector.replace("#", "-")).name.removesuffix(".safetensors") + ".gguf"
+
+
 def every_token_file(control_vector: str) -> str:
     """Where the commands that measure a control vector import it: beside the user, named after the GGUF."""
     return Path(control_vector).name.removesuffix(".gguf") + ".every-token.safetensors"

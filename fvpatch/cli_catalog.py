@@ -110,15 +110,15 @@ def vectors_card(vector, out, name, force):
       fvpatch vectors card lang.ffv.safetensors --name country-language -o lang.md
     """
     from fvpatch.atomic import check_outputs
-    from fvpatch.card import card, command_vector, write_card
+    from fvpatch.card import card, command_vector, gguf_name, write_card
 
     if name is not None and (not name.strip() or "\n" in name):
         raise click.BadParameter("is empty" if not name.strip() else "must be one line", param_hint="'--name'")
     check_outputs([out], force)
     vf = vectorfile.load(vector_path(vector))
     spec = command_vector(vf, vector)  # the name as given runs in the card's commands, from here
-    gguf_name = Path(spec.replace("#", "-")).name.removesuffix(".safetensors") + ".gguf"
-    text = card([(vf, vector, gguf_name if _control_vector(load_vector(spec), spec) else None)], exported=True,
+    gguf = gguf_name(spec)
+    text = card([(vf, vector, gguf if _control_vector(load_vector(spec), spec) else None)], exported=True,
                 names=[name.strip() if name else None])
     if out is None:
         click.echo(text)
@@ -141,7 +141,7 @@ def vectors_pack(folder, sources, force):
     """
     from fvpatch import controlvector
     from fvpatch.atomic import check_outputs, together
-    from fvpatch.card import card, write_card
+    from fvpatch.card import card, gguf_name, write_card
     from fvpatch.cli_exchange import position_note
     from fvpatch.errors import FvpatchError
 
@@ -157,8 +157,8 @@ def vectors_pack(folder, sources, force):
         cv = _control_vector(vf, path.name)
         if cv:
             cvs[path.name] = cv
-        items.append((vf, path.name, path.name.removesuffix(".safetensors") + ".gguf" if cv else None))
-    written = [*(name for _, file_name, gguf_name in items for name in (file_name, gguf_name) if name), "README.md"]
+        items.append((vf, path.name, gguf_name(path.name) if cv else None))
+    written = [*(name for _, file_name, cv_name in items for name in (file_name, cv_name) if name), "README.md"]
     check_outputs([folder / name for name in written], force=True)
     # vectors of an earlier pack that the new README.md would not describe: refused, never deleted
     stale = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".gguf") and p.name not in written) if folder.is_dir() else []
@@ -166,12 +166,12 @@ def vectors_pack(folder, sources, force):
         raise FvpatchError(f"{folder} holds {', '.join(stale)}, which this pack does not write and its README.md would not describe; "
                            f"remove them or pack into another folder")
     text = card(items)
-    notes = [position_note(vf, name, str(folder / gguf_name)) for vf, name, gguf_name in items if gguf_name]
+    notes = [position_note(vf, name, str(folder / cv_name)) for vf, name, cv_name in items if cv_name]
     with together():
-        for vf, name, gguf_name in items:
+        for vf, name, cv_name in items:
             vectorfile.save(vf, folder / name, overwrite=True)
-            if gguf_name:
-                controlvector.save(cvs[name], folder / gguf_name, overwrite=True)
+            if cv_name:
+                controlvector.save(cvs[name], folder / cv_name, overwrite=True)
         write_card(folder / "README.md", text, overwrite=True)
     for note in filter(None, notes):
         click.echo(note, err=True)

@@ -54,7 +54,7 @@ def position_note(vf: vectorfile.VectorFile, origin: str, control_vector: str | 
     adds at every token: what that costs where it was measured, else the commands that measure it, for any vector.
     `control_vector`: the GGUF that holds this vector alone; None when it is summed with others (the commands export
     it alone first). None for a vector made for every token."""
-    from fvpatch.card import TASK_HINT, every_token_commands, task_arg
+    from fvpatch.card import TASK_HINT, every_token_commands, gguf_name, task_arg
 
     if vf.meta.get("fvpatch.apply_at", "last") == "all":
         return None
@@ -63,7 +63,7 @@ def position_note(vf: vectorfile.VectorFile, origin: str, control_vector: str | 
     if counts is not None:
         n, last, every = counts["n"], counts["last"], counts["all"]
         return f"{head} (held-out top-1 on {n} test pairs: {last / n:.0%} at the last token, {every / n:.0%} at every token)"
-    alone = control_vector or Path(origin.replace("#", "-")).name.removesuffix(".safetensors") + ".gguf"
+    alone = control_vector or gguf_name(origin)
     commands = every_token_commands(vf, alone, export=None if control_vector else origin)  # a bank's relation names its task
     hint = f" {TASK_HINT}" if task_arg(vf) is None else ""
     return f"{head}, where its accuracy has not been measured; to measure it: {' && '.join(commands)}{hint}"
