@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fvpatch.atomic import write_text
 from fvpatch.errors import FvpatchError, NotFound
-from fvpatch.tasks import Pair, load_task
+from fvpatch.tasks import Pair, is_vendored, load_task
 
 
 @dataclass
@@ -102,12 +102,10 @@ def own_relations(relations: list[str], trained_on: dict[str, list[Pair]]) -> di
     """The relations of a bank that are a user's own pairs, each with the pairs its vector was trained on (what the
     bank records of it): those not a vendored task, and those named like one whose vector was trained on other pairs
     (a pairs file called `antonym.json`), which would otherwise be drawn from the vendored task's pairs."""
-    from fvpatch.tasks import list_tasks
-
-    vendored, own = set(list_tasks()), {}
+    own = {}
     for r in relations:
         trained = [tuple(p) for p in trained_on.get(r, [])]
-        if r in vendored:
+        if is_vendored(r):
             task = load_task(r)
             if not trained or set(trained) <= set(task.train + task.valid + task.test):
                 continue

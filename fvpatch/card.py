@@ -15,6 +15,7 @@ from fvpatch.cfvmap import MAP_KEYS
 from fvpatch.errors import FvpatchError
 from fvpatch.models import KNOWN
 from fvpatch.prompts import template
+from fvpatch.tasks import is_vendored
 
 DATA_SOURCE = ("the relation pairs of Todd et al., *Function Vectors in Large Language Models* (ICLR 2024), "
                "github.com/ericwtodd/function_vectors, MIT licence, vendored in fvpatch")
@@ -34,12 +35,6 @@ def model_arg(vf: vectorfile.VectorFile) -> str:
     """`-m` for the model a vector was made on: a known model's name, else the GGUF file's name."""
     known = _known(vf)
     return known.name if known else shlex.quote(str(vf.model.get("file")))
-
-
-def _vendored(task: str | None) -> bool:
-    from fvpatch.tasks import task_files
-
-    return bool(task) and task in task_files()
 
 
 def pairs_file(meta: dict) -> str | None:
@@ -74,7 +69,7 @@ def task_arg(vf: vectorfile.VectorFile, relation: str | None = None) -> str | No
     """What `fvpatch eval task --task` takes to score this vector on pairs it never saw: a vendored task's name, or
     the pairs file its training recorded (the same split, so its test pairs are held out); None when it records neither."""
     task = _task(vf, relation)
-    if _vendored(task):
+    if is_vendored(task):
         return task
     path = pairs_file(vf.meta)
     return shlex.quote(path) if path else None
@@ -113,7 +108,7 @@ def name_of(vf: vectorfile.VectorFile, file_name: str, name: str | None = None) 
     if name:
         return name
     task = _task(vf)
-    if _vendored(task) or (task and not pairs_file(vf.meta) and not sources(vf)):
+    if is_vendored(task) or (task and not pairs_file(vf.meta) and not sources(vf)):
         return task
     stem = Path(file_name.partition("#")[0]).name.removesuffix(".safetensors")
     for suffix in KIND_SUFFIXES:
@@ -167,7 +162,7 @@ def _source(s: dict) -> str:
     except (TypeError, ValueError):
         scale = 1.0
     task = s.get("task")
-    task = (f" of the task `{task}`" if _vendored(task) else f" trained on its maker's own pairs, task `{task}`") if task else ""
+    task = (f" of the task `{task}`" if is_vendored(task) else f" trained on its maker's own pairs, task `{task}`") if task else ""
     return (f"`{s.get('vector')}`" + (f" at scale {scale:g}" if scale != 1 else "")
             + f" (a {s.get('method') or 'vector'}{task}, made for {_made_for(s.get('positions', 'last'))})")
 
@@ -340,7 +335,7 @@ def _held_out_input(task: str | None) -> str | None:
     from fvpatch.tasks import load_task
 
     try:
-        return load_task(task).test[0][0] if _vendored(task) else None
+        return load_task(task).test[0][0] if is_vendored(task) else None
     except (ValueError, OSError):
         return None
 

@@ -44,6 +44,11 @@ def list_tasks() -> list[str]:
     return list(task_files())
 
 
+def is_vendored(name) -> bool:
+    """Whether `name` is a vendored task's (not a user's pairs file)."""
+    return bool(name) and str(name) in task_files()
+
+
 def read_pairs(path: str | Path) -> list[Pair]:
     """Input/output pairs from .json (a list of objects), .jsonl (one object a line) or .csv (header input,output)."""
     path = Path(path)

@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from fvpatch.atomic import check_outputs
 from fvpatch.cli import MODEL_HELP, SEED, cli_threads, gpu_layers_option, threads_option
-from fvpatch.tasks import split_summary
+from fvpatch.tasks import is_vendored, split_summary
 from train.cli import _torch_options, check_prompts_first
 
 @click.group(name="eval")
@@ -249,7 +249,6 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     """
     from fvpatch.evaluate import build_items, evaluate
     from fvpatch.paired import compare
-    from fvpatch.tasks import task_files
 
     _torch_unused(engine == "llamacpp", dtype, device)
     if test_pairs and click.get_current_context().get_parameter_source("split") is not ParameterSource.DEFAULT:
@@ -257,7 +256,7 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     check_outputs([out], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
-    own_file = str(task) not in task_files()
+    own_file = not is_vendored(task)
     if test_pairs:
         given_n = click.get_current_context().get_parameter_source("n_items") is not ParameterSource.DEFAULT
         kept, dropped = _test_pairs(t, task, test_pairs)
