@@ -61,8 +61,8 @@ def main():
 
     Token indices are absolute positions in the prompt (0 is the BOS token where the model adds one;
     Qwen models add none); negative ones count from the end of the prompt. `fvpatch tokenize` shows
-    them. --model takes a GGUF file or a known model's name (`fvpatch models`); without it, the default
-    model (Gemma 3 270M base, Q4_K_M) is fetched into models/ on first use.
+    them. --model takes a GGUF file, a known model's name (`fvpatch models`) or the name of a .gguf in
+    models/; without it, the default model (Gemma 3 270M base, Q4_K_M) is fetched into models/ on first use.
     """
 
 
