@@ -181,9 +181,14 @@ def generate(model, n_ctx, n_gpu_layers, prompt, max_tokens, temperature, seed, 
         emit(as_json, {"prompt": prompt, "completion": r.text, "top": top_tokens(s, r.logits)}, [f"{prompt}{r.text}"])
 
 
+def given(name: str) -> bool:
+    """Whether the current command's parameter `name` was given, not left at its default."""
+    return click.get_current_context().get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+
+
 def check_seed(temperature: float):
     """Refuse a --seed given with greedy decoding, which it would not change."""
-    if temperature == 0 and click.get_current_context().get_parameter_source("seed") is not click.core.ParameterSource.DEFAULT:
+    if temperature == 0 and given("seed"):
         raise click.UsageError("--seed only shapes sampling; give --temperature above 0 too, or leave --seed out (greedy decoding uses no seed)")
 
 

@@ -5,10 +5,9 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
 from fvpatch.atomic import check_outputs
-from fvpatch.cli import MODEL_HELP, SEED, cli_threads, gpu_layers_option, threads_option
+from fvpatch.cli import MODEL_HELP, SEED, cli_threads, given, gpu_layers_option, threads_option
 from fvpatch.tasks import is_vendored, split_summary
 from train.cli import _torch_options, check_prompts_first
 
@@ -47,10 +46,9 @@ def analogy(data, n_test, seed, bank_path, model, out, leave_own_out, force, n_g
     from fvpatch.session import Session
     from fvpatch.shipped import model_folder
 
-    ctx = click.get_current_context()
-    given = [option for option, name in (("--n", "n_test"), ("--seed", "seed")) if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
-    if data and given:
-        raise click.UsageError(f"{' and '.join(given)} only shape{'s' if len(given) == 1 else ''} generated analogies; with --data every item of the file is scored")
+    asked = [option for option, name in (("--n", "n_test"), ("--seed", "seed")) if given(name)]
+    if data and asked:
+        raise click.UsageError(f"{' and '.join(asked)} only shape{'s' if len(asked) == 1 else ''} generated analogies; with --data every item of the file is scored")
     check_outputs([out], force)
     analogies = read_analogies(data) if data else None
     with Session(resolve_model(model), n_gpu_layers=n_gpu_layers, n_threads=cli_threads()) as s:
@@ -251,16 +249,15 @@ def task(task, engine, k, template_name, seed, model, out, force, n_gpu_layers, 
     from fvpatch.paired import compare
 
     _torch_unused(engine == "llamacpp", dtype, device)
-    if test_pairs and click.get_current_context().get_parameter_source("split") is not ParameterSource.DEFAULT:
+    if test_pairs and given("split"):
         raise click.UsageError("--split chooses the split of --task to score; with --test-pairs every pair of that file is scored instead")
     check_outputs([out], force)
     vf = _load_vector(vector, model)
     t, tpl = _task_and_template(task, template_name, vf)
     own_file = not is_vendored(task)
     if test_pairs:
-        given_n = click.get_current_context().get_parameter_source("n_items") is not ParameterSource.DEFAULT
         kept, dropped = _test_pairs(t, task, test_pairs)
-        queries = kept[:n_items] if given_n else kept
+        queries = kept[:n_items] if given("n_items") else kept
         _check_pool(t, task, queries, k)
         note = _left_out_note(task, test_pairs, len(kept), dropped) if dropped else None
     else:
@@ -325,7 +322,7 @@ def sweep(task, engine, k, template_name, seed, model, out, force, n_gpu_layers,
 
     if (vector is None) == (method is None):
         raise click.UsageError("give exactly one of --vector FILE or --method taskvec")
-    if method is None and click.get_current_context().get_parameter_source("n_prompts") is not ParameterSource.DEFAULT:
+    if method is None and given("n_prompts"):
         raise click.UsageError("--n-prompts sets the demo sets of --method taskvec; a --vector is moved across layers as it is")
     _torch_unused(engine == "llamacpp" and method is None, dtype, device)
     check_outputs([out, plot], force)
